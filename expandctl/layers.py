@@ -1,0 +1,477 @@
+"""Expanded layers: a chain of linear factors standing in for one ``nn.Linear`` / ``nn.ConvNd``.
+
+Every kind has the same two verbs:
+
+* :meth:`ExpandedLayer.equivalent` -- the chain's ``(weight, bias)``, differentiable in the factors;
+* :meth:`ExpandedLayer.contract` -- a module of the original class and attributes holding them.
+
+and two forward modes with the same function: ``"explicit"`` runs the factors one after the other
+on the activations (the paper's code), ``"fused"`` (default) composes the kernel and runs a single
+layer, so training costs close to the compact layer (OREPA-style online re-parameterisation).
+
+Exactness rules (PAPER.md): padding is applied once, to the input, with the original mode and amount;
+later factors pad nothing. The stride sits on the k x k factor (CL) or the last factor (CK); every
+spatial factor keeps the dilation; every factor keeps ``groups`` and has a bias iff the original has.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import algebra
+from .errors import PreserveFitError, UsageError
+
+__all__ = [
+    "ExpandedLayer",
+    "ExpandedLinear",
+    "ExpandedConv",
+    "ExpandedConvCL",
+    "ExpandedConvCK",
+    "FORWARD_MODES",
+    "INIT_MODES",
+    "EXPANSIONS",
+    "register_expansion",
+]
+
+FORWARD_MODES = ("fused", "explicit")
+INIT_MODES = ("scratch", "preserve")
+CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: Relative residual above which a CK ``preserve`` fit counts as failed.
+PRESERVE_TOL = 1e-6
+
+
+def _template_of(module: nn.Module) -> nn.Module:
+    """A parameter-free deep copy of ``module``: same class, attributes and hooks, no tensors.
+
+    Pre-seeding deepcopy's memo maps each parameter to ``None``, so nothing is copied.
+    """
+    memo = {id(p): None for p in module.parameters(recurse=False)}
+    return copy.deepcopy(module, memo)
+
+
+def _orthonormal(rows: int, cols: int, groups: int, like: torch.Tensor) -> torch.Tensor:
+    """``groups`` random blocks of shape ``(rows, cols)`` with orthonormal columns (rows >= cols)
+    or rows (rows < cols), stacked along dim 0: ``(groups * rows, cols)``."""
+    g = torch.randn(groups, max(rows, cols), min(rows, cols), dtype=torch.float64)
+    q, _ = torch.linalg.qr(g)
+    if rows < cols:
+        q = q.transpose(1, 2)
+    return q.reshape(groups * rows, cols).to(like)
+
+
+class ExpandedLayer(nn.Module):
+    """Base class: ``factors`` (an ``nn.ModuleList``) applied first to last."""
+
+    kind: ClassVar[str] = ""
+    #: Higher runs first when several kinds accept the same layer (ck before cl).
+    priority: ClassVar[int] = 0
+    source_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def __init__(self, template: nn.Module, factors: Sequence[nn.Module], groups: int, forward: str):
+        super().__init__()
+        # Stored outside the module tree: the template must not show up in state_dict/modules().
+        object.__setattr__(self, "_template", template)
+        self.factors = nn.ModuleList(factors)
+        self.groups = groups
+        self.forward_mode = forward
+        self.fit_residual: float | None = None
+        self._order = algebra.chain_order(tuple(tuple(f.weight.shape) for f in self.factors))
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, module: nn.Module, pointwise: bool = False) -> str | None:
+        """``None`` if this kind can expand ``module``, else the reason it cannot."""
+        raise NotImplementedError
+
+    @classmethod
+    def hidden_for(cls, module: nn.Module, rate: float) -> list[int]:
+        """Hidden widths of the chain at expansion rate ``rate``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, hidden: Sequence[int], init: str = "scratch", forward: str = "fused"
+    ) -> ExpandedLayer:
+        raise NotImplementedError
+
+    # --- the two verbs ------------------------------------------------------------------------
+    def equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chain's single ``(weight, bias)``; differentiable in the factors.
+
+        Without autograd (evaluation, export, contraction) the result is cached until a factor
+        changes (tracked by tensor version counters), so validation loops compose once.
+        """
+        weights = [f.weight for f in self.factors]
+        biases = [f.bias for f in self.factors] if self.factors[0].bias is not None else None
+        grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        if not grad:
+            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.parameters())
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        result = algebra.compose_chain(weights, biases, self.groups, self._order)
+        self._cache = None if grad else (key, result)
+        return result
+
+    @torch.no_grad()
+    def contract(self) -> nn.Module:
+        """A module of the original class and attributes computing exactly this chain."""
+        weight, bias = self.equivalent()
+        layer = copy.deepcopy(self._template)
+        layer.weight = nn.Parameter(weight.detach().clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone())
+        return layer.train(self.training)
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "fused":
+            weight, bias = self.equivalent()
+            return self._single(x, weight, bias)
+        return self._chain(x)
+
+    def _single(self, x, weight, bias):
+        raise NotImplementedError
+
+    def _chain(self, x):
+        for f in self.factors:
+            x = f(x)
+        return x
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Composed weight, for code that reads ``layer.weight`` directly (e.g. attention)."""
+        return self.equivalent()[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.equivalent()[1]
+
+    def set_forward(self, mode: str) -> None:
+        if mode not in FORWARD_MODES:
+            raise UsageError(f"unknown forward mode {mode!r}; use one of {', '.join(FORWARD_MODES)}")
+        self.forward_mode = mode
+
+    def config(self) -> dict:
+        """What is needed to rebuild this layer's structure from the original layer."""
+        return {"kind": self.kind, "hidden": [f.weight.shape[0] for f in self.factors[:-1]]}
+
+    def __getstate__(self):
+        # The no-grad cache is derived data tied to this instance's tensors; never pickle it.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+
+EXPANSIONS: dict[str, type[ExpandedLayer]] = {}
+
+
+def register_expansion(cls: type[ExpandedLayer]) -> type[ExpandedLayer]:
+    """Class decorator adding an expansion kind to the registry; duplicate names are refused."""
+    if not cls.kind or cls.kind in EXPANSIONS:
+        raise ValueError(f"expansion kind {cls.kind!r} is empty or already registered")
+    EXPANSIONS[cls.kind] = cls
+    return cls
+
+
+def _plain_forward_reason(module: nn.Module, base: type[nn.Module], methods: Sequence[str]) -> str | None:
+    """Subclasses that change how the layer computes (weight standardisation, runtime padding,
+    fake quantisation) cannot be expanded without knowing their meaning."""
+    cls = type(module)
+    for name in methods:
+        if getattr(cls, name) is not getattr(base, name):
+            return f"{cls.__name__} overrides {name}() of {base.__name__}; its meaning is unknown"
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+        return "lazy module is not initialised yet; run one forward pass first"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------------
+@register_expansion
+class ExpandedLinear(ExpandedLayer):
+    """FC expansion: ``Linear(m, n)`` -> ``Linear(m, h1)``, ``Linear(h1, h2)``, ``Linear(h2, n)``,
+    with ``h1 = ceil(r m)``, ``h2 = ceil(r n)``; ``W = W3 W2 W1``, ``b = W3 (W2 b1 + b2) + b3``."""
+
+    kind = "fc"
+    source_types = (nn.Linear,)
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        if not isinstance(module, nn.Linear):
+            return f"{type(module).__name__} is not a Linear layer"
+        return _plain_forward_reason(module, nn.Linear, ("forward",))
+
+    @classmethod
+    def hidden_for(cls, module, rate):
+        return [algebra.hidden_width(module.in_features, rate), algebra.hidden_width(module.out_features, rate)]
+
+    @classmethod
+    def from_module(cls, module, hidden, init="scratch", forward="fused"):
+        _check_modes(init, forward)
+        widths = [module.in_features, *hidden, module.out_features]
+        has_bias = module.bias is not None
+        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+        factors = [nn.Linear(a, b, bias=has_bias, **kw) for a, b in zip(widths[:-1], widths[1:])]
+        layer = cls(_template_of(module), factors, 1, forward)
+        if init == "preserve":
+            _preserve_exact(layer, module.weight, module.bias)
+        return layer.train(module.training)
+
+    def _single(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self):
+        widths = [self.factors[0].in_features] + [f.out_features for f in self.factors]
+        return f"fc {' -> '.join(map(str, widths))}, forward={self.forward_mode}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolutions
+# --------------------------------------------------------------------------------------------------
+def input_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
+    """Amounts for ``F.pad`` (last dim first, left/right) that the original conv applies to its input."""
+    dims = len(conv.kernel_size)
+    if conv.padding == "valid":
+        return [0] * (2 * dims)
+    if conv.padding == "same":
+        pads: list[int] = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]  # torch puts the odd extra on the right
+        return pads
+    return [p for p in reversed(conv.padding) for _ in range(2)]
+
+
+class ExpandedConv(ExpandedLayer):
+    """Shared machinery of CL and CK: a chain of ``ConvNd`` factors, padding applied once to the input."""
+
+    source_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def __init__(self, template, factors, groups, forward):
+        super().__init__(template, factors, groups, forward)
+        t = template
+        self.padding = t.padding
+        self.padding_mode = t.padding_mode
+        self.stride = t.stride
+        self.dilation = t.dilation
+        self._pad = input_padding(t)
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return "transposed convolutions are not supported"
+        if type(module) not in cls.source_types and not any(isinstance(module, t) for t in cls.source_types):
+            return f"{type(module).__name__} is not a Conv1d/2d/3d"
+        return _plain_forward_reason(module, _conv_base(module), ("forward", "_conv_forward"))
+
+    @classmethod
+    def _factor_specs(cls, module, hidden) -> list[dict]:
+        """Per factor: out channels, kernel size, stride, dilation."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, module, hidden, init="scratch", forward="fused"):
+        _check_modes(init, forward)
+        dims = len(module.kernel_size)
+        conv_t = CONV_TYPES[dims]
+        has_bias = module.bias is not None
+        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+        factors, c_in = [], module.in_channels
+        for spec in cls._factor_specs(module, hidden):
+            dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
+            factors.append(
+                conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=0,
+                       dilation=dilation, groups=module.groups, bias=has_bias, **kw)
+            )
+            c_in = spec["out"]
+        layer = cls(_template_of(module), factors, module.groups, forward)
+        if init == "preserve":
+            layer._preserve(module)
+        return layer.train(module.training)
+
+    def _preserve(self, module):
+        _preserve_exact(self, module.weight, module.bias)
+
+    def _single(self, x, weight, bias):
+        conv = _CONV_FN[len(self.stride)]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _chain(self, x):
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        return super()._chain(x)
+
+    def extra_repr(self):
+        parts = []
+        for f in self.factors:
+            k = "x".join(map(str, f.kernel_size))
+            parts.append(f"{f.in_channels}->{f.out_channels} {k}" + (f" s{f.stride}" if max(f.stride) > 1 else ""))
+        return f"{self.kind} [{', '.join(parts)}], groups={self.groups}, forward={self.forward_mode}"
+
+
+def _conv_base(module: nn.Module) -> type[nn.Module]:
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(module, t):
+            return t
+    raise TypeError(type(module).__name__)
+
+
+@register_expansion
+class ExpandedConvCL(ExpandedConv):
+    """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
+
+    The stride sits on the k-kernel factor (a 1x1 conv commutes with subsampling). Contraction
+    multiplies the channel matrices at every kernel tap (DiverseBranchBlock's 1x1-kxk merge).
+    """
+
+    kind = "cl"
+    priority = 1
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        reason = super().accepts(module, pointwise)
+        if reason is None and max(module.kernel_size) == 1 and not pointwise:
+            return "1x1 convolution (pass pointwise=True / --pointwise to expand it)"
+        return reason
+
+    @classmethod
+    def hidden_for(cls, module, rate):
+        g = module.groups
+        return [algebra.hidden_width(module.in_channels, rate, g), algebra.hidden_width(module.out_channels, rate, g)]
+
+    @classmethod
+    def _factor_specs(cls, module, hidden):
+        ones = (1,) * len(module.kernel_size)
+        h1, h2 = hidden
+        return [
+            {"out": h1, "kernel_size": ones, "stride": 1},
+            {"out": h2, "kernel_size": module.kernel_size, "stride": module.stride},
+            {"out": module.out_channels, "kernel_size": ones, "stride": 1},
+        ]
+
+
+@register_expansion
+class ExpandedConvCK(ExpandedConv):
+    """CK expansion: a ``ConvNd`` with a kernel dimension > 3 -> a chain of small kernels
+    (3-tap steps, a 2-tap step for even sizes) whose sizes add up to the original, widths
+    ``m -> h1 -> ... -> n``. Kernels compose by full convolution; the stride sits on the last
+    factor; ``preserve`` initialisation is a least-squares fit that reports its residual.
+    """
+
+    kind = "ck"
+    priority = 2
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        reason = super().accepts(module, pointwise)
+        if reason is None and max(module.kernel_size) <= 3:
+            return "kernel is 3 or smaller in every dimension (ck needs a dimension > 3)"
+        return reason
+
+    @classmethod
+    def hidden_for(cls, module, rate):
+        steps = len(algebra.kernel_steps(module.kernel_size))
+        g = module.groups
+        first = algebra.hidden_width(module.in_channels, rate, g)
+        rest = algebra.hidden_width(module.out_channels, rate, g)
+        return [first] + [rest] * (steps - 2)
+
+    @classmethod
+    def _factor_specs(cls, module, hidden):
+        steps = algebra.kernel_steps(module.kernel_size)
+        if len(hidden) != len(steps) - 1:
+            raise UsageError(f"ck chain for kernel {module.kernel_size} needs {len(steps) - 1} hidden widths")
+        outs = [*hidden, module.out_channels]
+        last = len(steps) - 1
+        return [
+            {"out": o, "kernel_size": k, "stride": module.stride if j == last else 1}
+            for j, (o, k) in enumerate(zip(outs, steps))
+        ]
+
+    def _preserve(self, module):
+        from .fit import fit_chain
+
+        with torch.no_grad():
+            result = fit_chain(module.weight.detach(), [f.weight.detach() for f in self.factors], self.groups)
+            for f, w in zip(self.factors, result.weights):
+                f.weight.copy_(w)
+            _set_biases(self, module.bias)
+        self.fit_residual = result.residual
+        if result.residual > PRESERVE_TOL:
+            params = sum(f.weight.numel() for f in self.factors)
+            raise PreserveFitError(
+                f"init='preserve' cannot represent this {'x'.join(map(str, module.kernel_size))} kernel "
+                f"at these widths ({[f.out_channels for f in self.factors[:-1]]}): best relative residual "
+                f"{result.residual:.2g} > {PRESERVE_TOL:g} ({params} factor weights for "
+                f"{module.weight.numel()} kernel entries); use a larger rate or init='scratch'"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Preserve initialisation (exact for FC and CL)
+# --------------------------------------------------------------------------------------------------
+def _set_biases(layer: ExpandedLayer, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        return
+    for f in layer.factors[:-1]:
+        f.bias.zero_()
+    layer.factors[-1].bias.copy_(bias)
+
+
+@torch.no_grad()
+def _preserve_exact(layer: ExpandedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Three-factor chain ``P3 K P1`` equal to ``weight``: ``P1`` has orthonormal columns, ``P3``
+    orthonormal rows (per group), and ``K = P3ᵀ W P1ᵀ`` at every tap, so ``P3 K P1 = W`` exactly
+    (needs h1 >= m and h2 >= n, i.e. rate >= 1). Biases: zero, zero, original."""
+    first, mid, last = layer.factors
+    g = layer.groups
+    h1, m_g = first.weight.shape[:2]
+    n, h2_g = last.weight.shape[:2]
+    taps = weight.shape[2:]
+    p1 = _orthonormal(h1 // g, m_g, g, weight).reshape(g, h1 // g, m_g)
+    p3 = _orthonormal(n // g, h2_g, g, weight).reshape(g, n // g, h2_g)
+    w = weight.reshape(g, n // g, m_g, -1)
+    k = torch.einsum("gnh,gnmt,gim->ghit", p3, w, p1)  # per tap: P3ᵀ W P1ᵀ
+    first.weight.copy_(p1.reshape(first.weight.shape))
+    mid.weight.copy_(k.reshape(g * h2_g, h1 // g, *taps).reshape(mid.weight.shape))
+    last.weight.copy_(p3.reshape(last.weight.shape))
+    _set_biases(layer, bias)
+
+
+def _check_modes(init: str, forward: str) -> None:
+    if init not in INIT_MODES:
+        raise UsageError(f"unknown init {init!r}; use one of {', '.join(INIT_MODES)}")
+    if forward not in FORWARD_MODES:
+        raise UsageError(f"unknown forward mode {forward!r}; use one of {', '.join(FORWARD_MODES)}")
+
+
+def factor_parameters(cls: type[ExpandedLayer], module: nn.Module, hidden: Sequence[int]) -> tuple[list[str], int]:
+    """Descriptions and total parameter count of the factors, without building them."""
+    if cls is ExpandedLinear:
+        widths = [module.in_features, *hidden, module.out_features]
+        bias = module.bias is not None
+        descs = [f"Linear {a}->{b}" for a, b in zip(widths[:-1], widths[1:])]
+        return descs, sum(a * b + (b if bias else 0) for a, b in zip(widths[:-1], widths[1:]))
+    g, c_in, total, descs = module.groups, module.in_channels, 0, []
+    for spec in cls._factor_specs(module, hidden):
+        k = spec["kernel_size"]
+        total += spec["out"] * (c_in // g) * math.prod(k) + (spec["out"] if module.bias is not None else 0)
+        stride = spec["stride"] if isinstance(spec["stride"], tuple) else (spec["stride"],)
+        descs.append(f"{c_in}->{spec['out']} {'x'.join(map(str, k))}" + (f" s{stride[0]}" if max(stride) > 1 else ""))
+        c_in = spec["out"]
+    return descs, total

@@ -1,0 +1,353 @@
+"""Plan, expand and contract any module tree, replacing layers by dotted path.
+
+Nothing here mutates the caller's model unless ``inplace=True``. Modules shared by several
+paths stay shared: they are expanded (or contracted) once and put back at every path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .errors import AlreadyExpandedError, NothingToExpandError, UsageError
+from .layers import EXPANSIONS, FORWARD_MODES, ExpandedLayer, factor_parameters
+
+__all__ = [
+    "PlanEntry",
+    "Plan",
+    "parse_strategy",
+    "plan",
+    "expand",
+    "contract",
+    "set_forward",
+    "expanded_layers",
+    "layout",
+    "apply_layout",
+]
+
+_CANDIDATE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass
+class PlanEntry:
+    """One candidate layer: what would happen to it, and why."""
+
+    path: str
+    layer: str
+    shape: str
+    kind: str | None
+    factors: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """The list of candidate layers, in module order, with the settings that produced it."""
+
+    entries: list[PlanEntry]
+    strategy: str
+    rate: float
+    pointwise: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def expanded(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.kind is not None]
+
+    @property
+    def params_before(self) -> int:
+        return sum(e.params_before for e in self.expanded)
+
+    @property
+    def params_after(self) -> int:
+        return sum(e.params_after for e in self.expanded)
+
+    def __iter__(self) -> Iterator[PlanEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "rate": self.rate,
+            "pointwise": self.pointwise,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "layers": [e.to_dict() for e in self.entries],
+        }
+
+
+def parse_strategy(strategy: str | Iterable[str]) -> tuple[str, ...]:
+    """``"ck+fc"`` -> ``("ck", "fc")``, validated against the registry."""
+    parts = strategy.split("+") if isinstance(strategy, str) else list(strategy)
+    parts = [p.strip().lower() for p in parts if p.strip()]
+    unknown = [p for p in parts if p not in EXPANSIONS]
+    if unknown or not parts:
+        raise UsageError(
+            f"unknown strategy {'+'.join(unknown) or repr(strategy)}; "
+            f"use a '+'-joined set of {', '.join(sorted(EXPANSIONS))} (e.g. ck+fc)"
+        )
+    return tuple(dict.fromkeys(parts))
+
+
+def _check_rate(rate: float) -> float:
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise UsageError(f"rate must be a number >= 1, got {rate!r}") from None
+    if not rate >= 1 or rate != rate or rate == float("inf"):
+        raise UsageError(f"rate must be >= 1 (got {rate:g}): a narrower chain restricts the rank of the layer")
+    return rate
+
+
+def _walk(model: nn.Module) -> list[tuple[nn.Module, list[str], str | None]]:
+    """Every candidate module once, with all its paths and, if it sits inside an expanded layer,
+    that layer's path. Does not descend into expanded layers' factors beyond recording them."""
+    found: dict[int, tuple[nn.Module, list[str], str | None]] = {}
+
+    def visit(module: nn.Module, prefix: str, inside: str | None, seen: set[int]):
+        if isinstance(module, (*_CANDIDATE_TYPES, ExpandedLayer)) or _is_quantized(module):
+            entry = found.setdefault(id(module), (module, [], inside))
+            entry[1].append(prefix)
+        if id(module) in seen:
+            return
+        seen = seen | {id(module)}
+        if isinstance(module, ExpandedLayer) and inside is None:
+            inside = prefix
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}.{name}" if prefix else name, inside, seen)
+
+    visit(model, "", None, set())
+    return list(found.values())
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+
+
+def _describe(module: nn.Module) -> tuple[str, str]:
+    name = type(module).__name__
+    if isinstance(module, nn.Linear) and not isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return name, f"{module.in_features}->{module.out_features}"
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
+        module.weight, nn.parameter.UninitializedParameter
+    ):
+        parts = [f"{module.in_channels}->{module.out_channels}", "x".join(map(str, module.kernel_size))]
+        if max(module.stride) > 1:
+            parts.append(f"s{'x'.join(map(str, module.stride)) if len(set(module.stride)) > 1 else module.stride[0]}")
+        if max(module.dilation) > 1:
+            parts.append(f"d{module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}")
+        if module.groups > 1:
+            parts.append("dw" if module.groups == module.in_channels == module.out_channels else f"g{module.groups}")
+        if module.padding_mode != "zeros":
+            parts.append(module.padding_mode)
+        return name, " ".join(parts)
+    return name, ""
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False) if not isinstance(p, nn.parameter.UninitializedParameter))
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[str | None, str | None]:
+    """The highest-priority kind in ``kinds`` that accepts ``module``, else the reason none does."""
+    if isinstance(module, ExpandedLayer):
+        return None, "already expanded"
+    if _is_quantized(module):
+        return None, "quantized layers are not supported"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None, "transposed convolutions are not supported"
+    relevant = [EXPANSIONS[k] for k in kinds if isinstance(module, EXPANSIONS[k].source_types)]
+    if not relevant:
+        needs = "fc" if isinstance(module, nn.Linear) else "cl or ck"
+        return None, f"not selected by the strategy (a {type(module).__name__} needs {needs})"
+    reasons = []
+    for cls in sorted(relevant, key=lambda c: -c.priority):
+        reason = cls.accepts(module, pointwise)
+        if reason is None:
+            return cls.kind, None
+        reasons.append(reason)
+    return None, "; ".join(dict.fromkeys(reasons))
+
+
+def plan(
+    model: nn.Module,
+    strategy: str | Iterable[str] = "ck+fc",
+    rate: float = 4,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    pointwise: bool = False,
+) -> Plan:
+    """What :func:`expand` would do to each candidate layer, and the reason for any left alone."""
+    kinds = parse_strategy(strategy)
+    rate = _check_rate(rate)
+    include, exclude = tuple(include), tuple(exclude)
+    entries = []
+    for module, paths, inside in _walk(model):
+        if inside is not None:
+            continue
+        path = paths[0]
+        name, shape = _describe(module)
+        entry = PlanEntry(path or "<root>", name, shape, None, params_before=_params(module), aliases=paths[1:])
+        entry.params_after = entry.params_before
+        if include and not any(_matches(p, include) for p in paths):
+            entry.reason = "not matched by --include"
+        elif exclude and any(_matches(p, exclude) for p in paths):
+            entry.reason = "excluded by --exclude"
+        else:
+            kind, entry.reason = _choose(module, kinds, pointwise)
+            if kind is not None:
+                cls = EXPANSIONS[kind]
+                entry.kind = kind
+                entry.hidden = cls.hidden_for(module, rate)
+                entry.factors, entry.params_after = factor_parameters(cls, module, entry.hidden)
+        entries.append(entry)
+    return Plan(entries, "+".join(kinds), rate, pointwise, include, exclude)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted ``path``; returns the new root (``path == ""`` replaces the root)."""
+    if path in ("", "<root>"):
+        return new
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+    return model
+
+
+def _check_already_expanded(model, kinds, include, exclude, pointwise):
+    for module, paths, inside in _walk(model):
+        if inside is None:
+            continue
+        if include and not any(_matches(p, include) for p in paths):
+            continue
+        if exclude and any(_matches(p, exclude) for p in paths):
+            continue
+        if not isinstance(module, ExpandedLayer) and _choose(module, kinds, pointwise)[0] is not None:
+            raise AlreadyExpandedError(
+                f"layer {paths[0]!r} is a factor of the expanded layer {inside!r}; contract the model first "
+                f"or exclude it (--exclude '{inside}.*')"
+            )
+
+
+def expand(
+    model: nn.Module,
+    strategy: str | Iterable[str] = "ck+fc",
+    rate: float = 4,
+    init: str = "scratch",
+    forward: str = "fused",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    pointwise: bool = False,
+    inplace: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Replace the layers selected by ``strategy`` with expanded chains (see :func:`plan`).
+
+    ``init="scratch"`` initialises each factor as a fresh layer of its shape (the paper's
+    setting); ``"preserve"`` makes the expanded model compute the same function as ``model``.
+    Raises :class:`NothingToExpandError` if no layer is selected.
+    """
+    kinds = parse_strategy(strategy)
+    p = plan(model, kinds, rate, include, exclude, pointwise)
+    _check_already_expanded(model, kinds, tuple(include), tuple(exclude), pointwise)
+    if not p.expanded:
+        raise NothingToExpandError(
+            f"strategy {p.strategy!r} selects no layer of this {type(model).__name__} "
+            f"({len(p.entries)} candidate layers, none accepted); see the plan for the reasons"
+        )
+    return _apply(model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed)
+
+
+def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Module:
+    if not inplace:
+        model = copy.deepcopy(model)
+    by_path = {paths[0] or "<root>": (module, paths) for module, paths, inside in _walk(model) if inside is None}
+    with _seeded(seed):
+        for path, cfg in spec.items():
+            if path not in by_path:
+                raise UsageError(f"the model has no layer {path!r} to expand")
+            module, paths = by_path[path]
+            if cfg["kind"] not in EXPANSIONS:
+                raise UsageError(f"unknown expansion kind {cfg['kind']!r} for layer {path!r}")
+            cls = EXPANSIONS[cfg["kind"]]
+            reason = cls.accepts(module, pointwise=True)
+            if reason is not None:
+                raise UsageError(f"layer {path!r} cannot take a {cls.kind} expansion: {reason}")
+            new = cls.from_module(module, cfg["hidden"], init=init, forward=forward)
+            for q in paths:
+                model = _set(model, q, new)
+    return model
+
+
+def expanded_layers(model: nn.Module) -> Iterator[tuple[str, ExpandedLayer]]:
+    """``(path, layer)`` for every expanded layer (shared ones once)."""
+    for module, paths, inside in _walk(model):
+        if isinstance(module, ExpandedLayer) and inside is None:
+            yield paths[0] or "<root>", module
+
+
+def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Multiply every expanded chain out into a layer of the original class. A model with no
+    expanded layer comes back unchanged (a copy unless ``inplace``)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module, paths, inside in _walk(model):
+        if isinstance(module, ExpandedLayer) and inside is None:
+            new = module.contract()
+            for q in paths:
+                model = _set(model, q, new)
+    return model
+
+
+def set_forward(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every expanded layer to ``"fused"`` or ``"explicit"``; returns ``model``."""
+    if mode not in FORWARD_MODES:
+        raise UsageError(f"unknown forward mode {mode!r}; use one of {', '.join(FORWARD_MODES)}")
+    for _, layer in expanded_layers(model):
+        layer.set_forward(mode)
+    return model
+
+
+def layout(model: nn.Module) -> dict[str, dict]:
+    """``{path: {"kind", "hidden"}}`` for every expanded layer: with :func:`apply_layout` it rebuilds
+    the same structure on a fresh compact model (how checkpoints are loaded)."""
+    return {path: layer.config() for path, layer in expanded_layers(model)}
+
+
+def apply_layout(
+    model: nn.Module, spec: dict[str, dict], forward: str = "fused", inplace: bool = False, seed: int | None = None
+) -> nn.Module:
+    """Expand exactly the layers named in ``spec`` (from :func:`layout`), with scratch init."""
+    return _apply(model, spec, "scratch", forward, inplace, seed)
