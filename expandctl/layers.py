@@ -183,13 +183,19 @@ def register_expansion(cls: type[ExpandedLayer]) -> type[ExpandedLayer]:
     return cls
 
 
+#: Subclasses known to compute exactly what their base class computes (qualified class names).
+#: ``timm.layers.Linear`` only casts the weight to the input's dtype for TorchScript.
+KNOWN_PLAIN_SUBCLASSES = {"timm.layers.linear.Linear"}
+
+
 def _plain_forward_reason(module: nn.Module, base: type[nn.Module], methods: Sequence[str]) -> str | None:
     """Subclasses that change how the layer computes (weight standardisation, runtime padding,
     fake quantisation) cannot be expanded without knowing their meaning."""
     cls = type(module)
+    qualname = f"{cls.__module__}.{cls.__qualname__}"
     for name in methods:
-        if getattr(cls, name) is not getattr(base, name):
-            return f"{cls.__name__} overrides {name}() of {base.__name__}; its meaning is unknown"
+        if getattr(cls, name) is not getattr(base, name) and qualname not in KNOWN_PLAIN_SUBCLASSES:
+            return f"{qualname} overrides {name}() of torch's {base.__name__}; its meaning is unknown"
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
         return "lazy module is not initialised yet; run one forward pass first"
     return None
@@ -291,8 +297,17 @@ class ExpandedConv(ExpandedLayer):
         for spec in cls._factor_specs(module, hidden):
             dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
             factors.append(
-                conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=0,
-                       dilation=dilation, groups=module.groups, bias=has_bias, **kw)
+                conv_t(
+                    c_in,
+                    spec["out"],
+                    spec["kernel_size"],
+                    stride=spec["stride"],
+                    padding=0,
+                    dilation=dilation,
+                    groups=module.groups,
+                    bias=has_bias,
+                    **kw,
+                )
             )
             c_in = spec["out"]
         layer = cls(_template_of(module), factors, module.groups, forward)

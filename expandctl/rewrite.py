@@ -163,7 +163,9 @@ def _describe(module: nn.Module) -> tuple[str, str]:
 
 
 def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False) if not isinstance(p, nn.parameter.UninitializedParameter))
+    return sum(
+        p.numel() for p in module.parameters(recurse=False) if not isinstance(p, nn.parameter.UninitializedParameter)
+    )
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -182,13 +184,12 @@ def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[s
     if not relevant:
         needs = "fc" if isinstance(module, nn.Linear) else "cl or ck"
         return None, f"not selected by the strategy (a {type(module).__name__} needs {needs})"
-    reasons = []
+    reason = None
     for cls in sorted(relevant, key=lambda c: -c.priority):
         reason = cls.accepts(module, pointwise)
         if reason is None:
             return cls.kind, None
-        reasons.append(reason)
-    return None, "; ".join(dict.fromkeys(reasons))
+    return None, reason  # the most general kind's reason (e.g. "1x1 convolution", not "kernel <= 3")
 
 
 def plan(
@@ -287,7 +288,9 @@ def expand(
             f"strategy {p.strategy!r} selects no layer of this {type(model).__name__} "
             f"({len(p.entries)} candidate layers, none accepted); see the plan for the reasons"
         )
-    return _apply(model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed)
+    return _apply(
+        model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed
+    )
 
 
 def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Module:
