@@ -118,7 +118,10 @@ class ExpandedLayer(nn.Module):
             key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.parameters())
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        result = algebra.compose_chain(weights, biases, self.groups, self._order)
+        # Composition runs at the factors' precision even under autocast: rounding the product of
+        # a chain in bf16 loses far more than rounding the one convolution that follows.
+        with torch.autocast(weights[0].device.type, enabled=False):
+            result = algebra.compose_chain(weights, biases, self.groups, self._order)
         self._cache = None if grad else (key, result)
         return result
 

@@ -268,3 +268,14 @@ def test_registry_rejects_duplicates():
 def test_chain_order_is_cheapest_for_cl():
     big = expandctl.expand(nn.Conv2d(64, 128, 7, padding=3), strategy="cl", rate=4)
     assert big._order == algebra.chain_order(tuple(tuple(f.weight.shape) for f in big.factors))
+
+
+def test_composition_ignores_autocast():
+    big = expandctl.expand(nn.Conv2d(4, 6, 5, padding=2), strategy="ck", rate=2).eval()
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            w_auto, _ = big.equivalent()
+            assert big(x).dtype == torch.bfloat16
+        assert w_auto.dtype == torch.float32
+        assert big(x).dtype == torch.float32  # the cache never hands a bf16 kernel to a float32 call
