@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
 from .errors import (  # noqa: E402
     AlreadyExpandedError,
     CheckFailed,
@@ -64,4 +65,8 @@ __all__ = [
     "NothingToExpandError",
     "AlreadyExpandedError",
     "PreserveFitError",
+    "load",
+    "save",
+    "Checkpoint",
+    "load_checkpoint",
 ]

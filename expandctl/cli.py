@@ -1,12 +1,884 @@
-"""Command-line entry point (the full CLI lands with the checkpoint format)."""
+"""``expandctl``: expand, contract, verify, export and inspect models on safe checkpoints.
 
+This module parses arguments, calls the library and prints; nothing else. Every command takes
+``--json`` (exactly one JSON object on stdout, also on error), ``--quiet`` (no progress) and
+``--debug`` (tracebacks). Exit codes: see :data:`EXIT_CODES` and docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shlex
 import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
 
 from . import __version__
+from . import checkpoint as ckpt_io
+from .console import UI, fmt_count, kv_table, layers_table, plan_table, report_settings, report_table
+from .errors import CheckFailed, ExpandctlError, NothingToExpandError, UsageError
+
+#: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
+EXIT_CODES = {
+    0: "success",
+    1: "check failed: an equivalence or ONNX export check did not pass (nothing was written)",
+    2: "usage error or bad input: missing/corrupt/unknown file, bad option, weights that do not fit --arch",
+    3: "unsafe input refused: a pickle naming classes outside torch/torchvision (use --trust-pickle)",
+    4: "unsupported model or layer: nothing to expand, a layer that cannot be expanded or exported",
+    5: "I/O error: a file could not be read or written (permissions, disk full)",
+    70: "internal error: a bug in expandctl or a library it calls (rerun with --debug and report it)",
+    130: "interrupted (Ctrl-C)",
+}
+EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
+
+app = typer.Typer(
+    name="expandctl",
+    help="Train compact CNNs as linear over-parameterised chains (ExpandNets), contract them back exactly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# --- shared options --------------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        metavar="SPEC",
+        help="Architecture: a torchvision name (resnet18), smallnet, or module:callable "
+        "(mypkg.models:MyNet). "
+        "Needed for plain state dicts; overrides what a checkpoint records.",
+    ),
+]
+ArchKwOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        metavar="C,H,W",
+        help="Per-sample input shape C,H,W (no batch). Default: recorded in the checkpoint, or inferred "
+        "(3,224,224 for torchvision classifiers; SmallNet from its arguments).",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        envvar="EXPANDCTL_TRUST_PICKLE",
+        help="Allow pickles that name classes outside torch/torchvision (runs code from the file: "
+        "only for files you trust). Also EXPANDCTL_TRUST_PICKLE=1.",
+    ),
+]
+AtolOpt = Annotated[
+    float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
+]
+RtolOpt = Annotated[
+    float | None,
+    typer.Option("--rtol", metavar="X", help="Tolerance relative to the largest output (default by dtype)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"expandctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Expand a model for training, contract it back exactly, verify and export it."""
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _guard(ui: UI) -> Iterator[None]:
+    """Turn every failure into ``error: <sentence>`` on stderr (JSON on stdout) and an exit code."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ExpandctlError as e:
+        ui.error(str(e), e.exit_code, getattr(e, "details", None), e)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt as e:
+        ui.error("interrupted; no output was written", EXIT_INTERRUPTED, exc=e)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as e:
+        where = f" {str(e.filename)!r}" if e.filename else ""
+        ui.error(f"cannot access{where}: {e.strerror or e}; check permissions and free space", EXIT_IO, exc=e)
+        raise typer.Exit(EXIT_IO) from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        ui.error(
+            f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it",
+            EXIT_INTERNAL,
+            exc=e,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+@contextlib.contextmanager
+def _running_model(shape: Sequence[int]) -> Iterator[None]:
+    """A model that fails on the check inputs almost always means a wrong input shape."""
+    try:
+        yield
+    except ExpandctlError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"the model failed on random inputs of shape (batch, {', '.join(map(str, shape))}) ({first}); "
+            "check --input-shape"
+        ) from e
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"--input-shape {text!r} is not a list of positive integers like 3,224,224 (no batch size)")
+    return shape
+
+
+def _parse_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"--arch-kwargs is not valid JSON ({e.msg} at character {e.pos}); e.g. '{{\"num_classes\": 10}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--arch-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
+    return value
+
+
+_ARGV: list[str] | None = None  # set by main(): the exact command line, for provenance
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command line as typed (through :func:`main`), else rebuilt from the parsed parameters
+    (when called in-process, e.g. by CliRunner, where ``sys.argv`` belongs to someone else)."""
+    if _ARGV is not None:
+        return shlex.join(["expandctl", *_ARGV])
+    parts = ["expandctl", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == [] or value == ():
+            continue
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [param.opts[0], str(v)]
+    return shlex.join(parts)
+
+
+def _load(ui: UI, path: str, arch, arch_kwargs, trust: bool) -> ckpt_io.Checkpoint:
+    with ui.step(f"loading {path}"):
+        ckpt = ckpt_io.load_checkpoint(path, arch, _parse_kwargs(arch_kwargs), trust)
+    from .verify import check_finite
+
+    try:
+        check_finite(ckpt.model)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    return ckpt
+
+
+def _input_shape(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None) -> tuple[int, ...]:
+    shape = _parse_shape(override) or ckpt.input_shape or fallback
+    if not shape:
+        raise UsageError(
+            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
+        )
+    return tuple(shape)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_failed(message: str, reports: Sequence, **details) -> CheckFailed:
+    err = CheckFailed(message)
+    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
+    return err
+
+
+def _show_reports(ui: UI, reports: Sequence, title: str) -> None:
+    if not reports:
+        return
+    table = report_table(reports)
+    table.title = title
+    ui.print(table)
+    ui.print(report_settings(reports))
+    for n in dict.fromkeys(n for r in reports for n in r.notes):
+        ui.note(f"note: {n}")
+
+
+def _failed(reports: Sequence) -> list:
+    return [r for r in reports if not r.passed]
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "float64": torch.float64, "fp32": torch.float32, "fp64": torch.float64}
+    if name.lower() not in table:
+        raise UsageError(f"--dtype must be float32 or float64, got {name!r}")
+    return table[name.lower()]
+
+
+def _onnx_metadata(ctx: typer.Context, ckpt: ckpt_io.Checkpoint, shape, folded: Sequence) -> dict[str, str]:
+    """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
+    return {
+        "expandctl.plan": json.dumps(ckpt.plan),
+        "expandctl.source_sha256": ckpt.sha256 or "",
+        "expandctl.source": ckpt.path.name if ckpt.path else "",
+        "expandctl.arch": json.dumps({"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs}),
+        "expandctl.input_shape": json.dumps(list(shape)),
+        "expandctl.folded_bn": json.dumps(list(folded)),
+        "expandctl.source_provenance": json.dumps(ckpt.provenance, default=str),
+        "expandctl.command": _command_line(ctx),
+    }
+
+
+def _contract_checked(ui: UI, ckpt: ckpt_io.Checkpoint, shape, atol, rtol, **check_kw) -> tuple[torch.nn.Module, list]:
+    """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
+    from .rewrite import contract as contract_model
+    from .verify import check_contraction
+
+    with ui.step("contracting expanded layers"):
+        compact = contract_model(ckpt.model)
+    with (
+        ui.step("checking the contracted model against the expanded one (float64, float32)"),
+        _running_model(shape),
+    ):
+        reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
+    if _failed(reports):
+        _show_reports(ui, reports, "expanded (explicit) vs contracted")
+        raise _check_failed(
+            "the contracted model does not match the expanded one "
+            f"({'; '.join(r.summary() for r in _failed(reports))}); "
+            "nothing was written. Loosen --atol/--rtol only if the errors are rounding",
+            reports,
+        )
+    return compact, reports
+
+
+# --- expand ----------------------------------------------------------------------------------------
+@app.command()
+def expand(
+    ctx: typer.Context,
+    src: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="SRC", help="Checkpoint, state dict or pickled model; omit to build --arch from scratch."
+        ),
+    ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    input_shape: ShapeOpt = None,
+    strategy: Annotated[
+        str, typer.Option(metavar="KINDS", help="'+'-joined expansions: ck (k>3 kernels), cl (convs), fc (linears).")
+    ] = "ck+fc",
+    rate: Annotated[float, typer.Option(metavar="R", help="Expansion rate r >= 1 (hidden widths r*m, r*n).")] = 4.0,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", metavar="GLOB", help="Only layers whose path matches this glob (repeatable)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="Leave layers whose path matches this glob (repeatable)."),
+    ] = None,
+    pointwise: Annotated[bool, typer.Option("--pointwise", help="Also expand 1x1 convolutions with cl.")] = False,
+    init: Annotated[
+        str,
+        typer.Option(
+            metavar="scratch|preserve",
+            help="scratch (fresh factors, the paper) or preserve (same function as the input).",
+        ),
+    ] = "scratch",
+    seed: Annotated[
+        int | None, typer.Option(metavar="N", help="Seed for the scratch initialisation (and a fresh --arch model).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    output: Annotated[
+        str | None,
+        typer.Option("-o", "--output", metavar="OUT", help="Output .pt/.safetensors (default <SRC stem>.expanded.pt)."),
+    ] = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Replace layers by linear chains for training; write an expanded checkpoint."""
+    from .layers import INIT_MODES
+    from .models import build_arch, resolve_arch
+    from .rewrite import expand as expand_model
+    from .rewrite import plan as make_plan
+
+    ui = UI("expand", as_json, quiet, debug)
+    with _guard(ui):
+        kwargs = _parse_kwargs(arch_kwargs)
+        shape = _parse_shape(input_shape)
+        if init not in INIT_MODES:
+            raise UsageError(f"--init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+        if src is None and arch is None:
+            raise UsageError("give a checkpoint to expand, or --arch to build a fresh model (e.g. --arch resnet18)")
+        out = None
+        if not dry_run:
+            if output:
+                out = Path(output)
+            elif src is not None:
+                out = Path(src).with_name(f"{Path(src).stem}.expanded.pt")
+            else:
+                out = Path(f"{arch.rpartition(':')[2]}.expanded.pt")
+            ckpt_io.check_output_path(out, [src] if src else [], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES)
+        if src is not None:
+            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+        else:
+            spec = resolve_arch(arch)[0]
+            with ui.step(f"building {spec}"), torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model = build_arch(spec, kwargs)
+            ckpt = ckpt_io.Checkpoint(
+                model,
+                spec,
+                dict(kwargs or {}),
+                ckpt_io.infer_input_shape(spec, kwargs, model),
+                format="fresh",
+            )
+        with ui.step("planning"):
+            plan = make_plan(ckpt.model, strategy, rate, include or (), exclude or (), pointwise)
+        before = _params(ckpt.model)
+        if dry_run:
+            ui.print(plan_table(plan))
+            ui.print(
+                f"{len(plan.expanded)} of {len(plan.entries)} candidate layers would be expanded: "
+                f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
+                "nothing written"
+            )
+            if not plan.expanded:
+                raise NothingToExpandError(
+                    f"strategy {plan.strategy!r} selects no layer of this model "
+                    f"({len(plan.entries)} candidates; "
+                    "see the reasons above); try another --strategy, --pointwise or --include"
+                )
+            ui.emit(
+                {
+                    "dry_run": True,
+                    "source": src,
+                    "arch": {"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs},
+                    "params_before": before,
+                    "params_after": before - plan.params_before + plan.params_after,
+                    "expanded_layers": [e.path for e in plan.expanded],
+                    "plan": plan.to_dict(),
+                }
+            )
+            return
+        if not plan.expanded:
+            raise NothingToExpandError(
+                f"strategy {plan.strategy!r} selects no layer of this model "
+                f"({len(plan.entries)} candidates); "
+                "run with --dry-run to see why each was left alone"
+            )
+        if ckpt.arch is None:
+            raise UsageError(
+                f"{src} holds a pickled {ckpt.provenance.get('pickled_class', 'model')} "
+                "whose builder cannot be "
+                "inferred, and an expandctl checkpoint must be rebuildable; pass --arch (and --arch-kwargs)"
+            )
+        with ui.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, rate {plan.rate:g})"):
+            expanded = expand_model(
+                ckpt.model,
+                strategy,
+                rate,
+                init=init,
+                include=include or (),
+                exclude=exclude or (),
+                pointwise=pointwise,
+                seed=seed,
+            )
+        shape = shape or ckpt.input_shape
+        plan_dict = plan.to_dict()
+        if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
+            plan_dict["previous"] = ckpt.plan
+        with ui.step(f"writing {out}"):
+            ckpt_io.save(
+                expanded,
+                out,
+                arch=ckpt.arch,
+                arch_kwargs=ckpt.arch_kwargs,
+                input_shape=shape,
+                plan=plan_dict,
+                parent_sha256=ckpt.sha256,
+                command=_command_line(ctx),
+                folded_bn=ckpt.folded_bn,
+            )
+        after = _params(expanded)
+        if not ui.quiet:
+            ui.print(plan_table(plan, only_expanded=True))
+        ui.print(
+            f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
+            f"({plan.strategy}, rate {plan.rate:g}, "
+            f"init {init}): {fmt_count(before)} -> {fmt_count(after)} parameters"
+        )
+        if shape is None:
+            ui.warn("the input shape is unknown; pass --input-shape to contract, verify or export this checkpoint")
+        ui.print(f"wrote {out}")
+        ui.emit(
+            {
+                "output": str(out),
+                "source": src,
+                "arch": {"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs},
+                "input_shape": list(shape) if shape else None,
+                "strategy": plan.strategy,
+                "rate": plan.rate,
+                "init": init,
+                "seed": seed,
+                "params_before": before,
+                "params_after": after,
+                "expanded_layers": [e.path for e in plan.expanded],
+                "plan": plan_dict,
+            }
+        )
+
+
+# --- contract --------------------------------------------------------------------------------------
+@app.command()
+def contract(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Expanded checkpoint.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output .pt, .safetensors or .onnx.")],
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn", help="Also fold eval-mode BatchNorm into the preceding conv.")
+    ] = False,
+    input_shape: ShapeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Multiply every chain back into one layer, check it against the chain, write the compact model."""
+    from .export import export_onnx
+    from .rewrite import expanded_layers
+    from .verify import compare_models
+
+    ui = UI("contract", as_json, quiet, debug)
+    with _guard(ui):
+        out = ckpt_io.check_output_path(
+            output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
+        )
+        to_onnx = out.suffix.lower() == ".onnx"
+        ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+        if ckpt.arch is None and not to_onnx:
+            raise UsageError(
+                f"{src} holds a pickled model whose builder cannot be inferred; pass --arch to write a checkpoint"
+            )
+        shape = _input_shape(ckpt, input_shape)
+        layers = [p for p, _ in expanded_layers(ckpt.model)]
+        reports: list = []
+        if layers:
+            compact, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
+        else:
+            compact = copy.deepcopy(ckpt.model)
+            ui.warn(f"{src} is already compact (no expanded layers): nothing to contract; writing it as it is")
+        folded: list = []
+        if fold_bn:
+            with ui.step("folding BatchNorm"):
+                unfolded = compact
+                compact, folded = ckpt_io.fold_batchnorm(compact)
+            with ui.step("checking the folded model"), _running_model(shape):
+                fold_reports = [
+                    compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
+                    for d in (torch.float64, torch.float32)
+                ]
+            reports += fold_reports
+            if _failed(fold_reports):
+                _show_reports(ui, reports, "checks")
+                raise _check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
+        if to_onnx:
+            with ui.step(f"exporting {out} and checking it with onnxruntime"), _running_model(shape):
+                try:
+                    _, export_report = export_onnx(
+                        compact,
+                        out,
+                        shape,
+                        metadata=_onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn + folded),
+                        atol=atol,
+                        rtol=rtol,
+                    )
+                except CheckFailed as e:
+                    if getattr(e, "report", None) is not None:
+                        reports.append(e.report)
+                        _show_reports(ui, reports, "checks")
+                        raise _check_failed(str(e) + "; nothing was written", reports) from None
+                    raise
+            if export_report is not None:
+                reports.append(export_report)
+        else:
+            with ui.step(f"writing {out}"):
+                ckpt_io.save(
+                    compact,
+                    out,
+                    arch=ckpt.arch,
+                    arch_kwargs=ckpt.arch_kwargs,
+                    input_shape=shape,
+                    plan=ckpt.plan,
+                    parent_sha256=ckpt.sha256,
+                    command=_command_line(ctx),
+                    folded_bn=ckpt.folded_bn + folded,
+                )
+        _show_reports(ui, reports, "checks")
+        before, after = _params(ckpt.model), _params(compact)
+        summary = f"contracted {len(layers)} expanded layers: {fmt_count(before)} -> {fmt_count(after)} parameters"
+        if fold_bn:
+            summary += f"; folded {len(folded)} BatchNorm layers into their convs"
+        ui.print(summary)
+        ui.print(f"wrote {out}")
+        ui.emit(
+            {
+                "output": str(out),
+                "source": src,
+                "format": "onnx" if to_onnx else out.suffix.lstrip("."),
+                "already_compact": not layers,
+                "contracted_layers": layers,
+                "folded_bn": folded,
+                "input_shape": list(shape),
+                "params_before": before,
+                "params_after": after,
+                "passed": True,
+                "checks": [r.to_dict() for r in reports],
+            }
+        )
+
+
+# --- verify ----------------------------------------------------------------------------------------
+@app.command()
+def verify(
+    ctx: typer.Context,
+    a: Annotated[str, typer.Argument(metavar="A", help="Expanded checkpoint, or the reference checkpoint.")],
+    b: Annotated[
+        str | None, typer.Argument(metavar="B", help="Second checkpoint or ONNX file to compare with A.")
+    ] = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    samples: Annotated[int, typer.Option(metavar="N", help="Random input batches.")] = 4,
+    batch: Annotated[int, typer.Option(metavar="N", help="Batch size of each random input.")] = 2,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            metavar="float32|float64",
+            help="float32 or float64 (default: both for one file, float64 for two checkpoints, float32 for ONNX).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the random inputs.")] = 0,
+    input_shape: ShapeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check that A's expanded chains equal their contraction, or that A and B compute the same outputs."""
+    from .rewrite import contract as contract_model
+    from .rewrite import expanded_layers
+    from .verify import check_contraction, compare_models, compare_onnx
+
+    ui = UI("verify", as_json, quiet, debug)
+    with _guard(ui):
+        want = _dtype(dtype)
+        fa = ckpt_io.sniff_format(a)
+        fb = ckpt_io.sniff_format(b) if b is not None else None
+        if fa == "onnx" and fb is not None and fb != "onnx":
+            a, b, fa, fb = b, a, fb, fa  # the torch model is always the reference
+        if fa == "onnx":
+            raise UsageError(
+                "verify needs a PyTorch checkpoint as reference; to check an ONNX file give it with its "
+                "checkpoint "
+                "(expandctl verify model.pt model.onnx)"
+            )
+        if fb == "onnx" and want == torch.float64:
+            raise UsageError("onnxruntime runs the exported model in float32; drop --dtype float64")
+        ckpt_a = _load(ui, a, arch, arch_kwargs, trust_pickle)
+        onnx_shape = None
+        if fb == "onnx":
+            meta = ckpt_io.describe_onnx(b)["metadata"]
+            with contextlib.suppress(ValueError, TypeError):
+                onnx_shape = json.loads(meta.get("expandctl.input_shape", "null"))
+        shape = _input_shape(ckpt_a, input_shape, onnx_shape)
+        check = {"samples": samples, "batch": batch, "seed": seed, "atol": atol, "rtol": rtol}
+        if b is None:
+            if not list(expanded_layers(ckpt_a.model)):
+                raise UsageError(
+                    f"{a} has no expanded layers, so there is nothing to contract and compare; "
+                    "give a second file "
+                    f"(expandctl verify {a} other.pt|other.onnx)"
+                )
+            compact = contract_model(ckpt_a.model)
+            with ui.step("comparing the expanded model with its contraction"), _running_model(shape):
+                reports = check_contraction(
+                    ckpt_a.model,
+                    compact,
+                    shape,
+                    dtypes=(want,) if want else (torch.float64, torch.float32),
+                    **check,
+                )
+            title = f"{a}: expanded (explicit) vs contracted"
+        elif fb == "onnx":
+            with ui.step(f"comparing {a} with {b} in onnxruntime"), _running_model(shape):
+                reports = [compare_onnx(ckpt_a.model, b, shape, **check)]
+            title = f"{a} vs {b} (onnxruntime)"
+        else:
+            ckpt_b = _load(ui, b, arch, arch_kwargs, trust_pickle)
+            with ui.step(f"comparing {a} with {b}"), _running_model(shape):
+                reports = [compare_models(ckpt_a.model, ckpt_b.model, shape, dtype=want or torch.float64, **check)]
+            title = f"{a} vs {b}"
+        _show_reports(ui, reports, title)
+        details = {"files": [a, b] if b else [a], "input_shape": list(shape)}
+        if _failed(reports):
+            raise _check_failed(
+                "outputs differ beyond the tolerances: " + "; ".join(r.summary() for r in _failed(reports)),
+                reports,
+                **details,
+            )
+        ui.print("[green]passed[/green]")
+        ui.emit({"passed": True, **details, "checks": [r.to_dict() for r in reports]})
+
+
+# --- export ----------------------------------------------------------------------------------------
+@app.command()
+def export(
+    ctx: typer.Context,
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="Checkpoint (expanded ones are contracted and checked first).")
+    ],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output .onnx file.")],
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (default: the exporter's).")] = None,
+    dynamic_batch: Annotated[
+        bool,
+        typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension (default) or batch 1."),
+    ] = True,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    input_shape: ShapeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a single-file ONNX model, checked against torch with onnxruntime, with provenance metadata."""
+    from .export import export_onnx
+    from .rewrite import expanded_layers
+
+    ui = UI("export", as_json, quiet, debug)
+    with _guard(ui):
+        out = ckpt_io.check_output_path(output, [src], (".onnx",))
+        ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+        shape = _input_shape(ckpt, input_shape)
+        reports: list = []
+        model = ckpt.model
+        if list(expanded_layers(model)):
+            model, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
+        with ui.step(f"exporting {out} and checking it with onnxruntime"), _running_model(shape):
+            try:
+                _, report = export_onnx(
+                    model,
+                    out,
+                    shape,
+                    opset=opset,
+                    dynamic_batch=dynamic_batch,
+                    metadata=_onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn),
+                    atol=atol,
+                    rtol=rtol,
+                )
+            except CheckFailed as e:
+                if getattr(e, "report", None) is not None:
+                    reports.append(e.report)
+                    _show_reports(ui, reports, "checks")
+                    raise _check_failed(str(e) + "; nothing was written", reports) from None
+                raise
+        if report is not None:
+            reports.append(report)
+        _show_reports(ui, reports, "checks")
+        ui.print(f"wrote {out} ({'dynamic' if dynamic_batch else 'static'} batch)")
+        ui.emit(
+            {
+                "output": str(out),
+                "source": src,
+                "input_shape": list(shape),
+                "dynamic_batch": dynamic_batch,
+                "opset": opset,
+                "passed": True,
+                "checks": [r.to_dict() for r in reports],
+            }
+        )
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Checkpoint, state dict, pickled model or ONNX file.")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a file is: format, architecture, input shape, expanded layers, parameters, provenance."""
+    from .rewrite import contract as contract_model
+    from .rewrite import expanded_layers
+
+    ui = UI("inspect", as_json, quiet, debug)
+    with _guard(ui):
+        fmt = ckpt_io.sniff_format(src)
+        if fmt == "onnx":
+            info = ckpt_io.describe_onnx(src)
+            meta = info.pop("metadata")
+            ui.print(kv_table(list(info.items()), title=src))
+            if meta:
+                ui.print(kv_table([(k, _short_meta(k, v)) for k, v in meta.items()], title="metadata_props"))
+            ui.emit({**info, "metadata": meta})
+            return
+        try:
+            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+        except ckpt_io.NeedsArchError:
+            info = ckpt_io.describe_state_dict(src)
+            if info is None:
+                raise
+            ui.print(kv_table(list(info.items()), title=src))
+            ui.note("a plain state dict: pass --arch (and --arch-kwargs) to see the model")
+            ui.emit({**info, "arch": None})
+            return
+        rows = []
+        for path, layer in expanded_layers(ckpt.model):
+            rows.append(
+                {
+                    "path": path,
+                    "kind": layer.kind,
+                    "factors": layer.extra_repr(),
+                    "params": sum(p.numel() for p in layer.parameters()),
+                    "compact_params": sum(p.numel() for p in layer.contract().parameters()),
+                }
+            )
+        total = _params(ckpt.model)
+        compact = _params(contract_model(ckpt.model)) if rows else total
+        header = ckpt.header()
+        ui.print(
+            kv_table(
+                [
+                    (
+                        "format",
+                        f"{ckpt.format}" + (f" v{ckpt.format_version}" if ckpt.format_version else ""),
+                    ),
+                    (
+                        "architecture",
+                        f"{ckpt.arch or 'unknown (pass --arch)'} {json.dumps(ckpt.arch_kwargs)}",
+                    ),
+                    (
+                        "input shape",
+                        ",".join(map(str, ckpt.input_shape)) if ckpt.input_shape else "unknown (pass --input-shape)",
+                    ),
+                    (
+                        "parameters",
+                        f"{fmt_count(total)}" + (f" (compact: {fmt_count(compact)})" if rows else ""),
+                    ),
+                    ("expanded layers", len(rows)),
+                    ("plan", f"{ckpt.plan['strategy']}, rate {ckpt.plan['rate']:g}" if ckpt.plan else None),
+                    ("folded BatchNorm", len(ckpt.folded_bn) if ckpt.folded_bn else None),
+                    ("extra", ", ".join(sorted(ckpt.extra)) or None),
+                    ("sha256", ckpt.sha256),
+                ],
+                title=src,
+            )
+        )
+        if rows:
+            ui.print(layers_table(rows))
+        if ckpt.provenance:
+            ui.print(kv_table(list(ckpt.provenance.items()), title="provenance"))
+        ui.emit({**header, "params": total, "compact_params": compact, "expanded_layers": rows})
+
+
+def _register_train() -> None:
+    """``expandctl train`` lives in :mod:`expandctl.train.command` (it uses this module's ``_guard``)."""
+    try:
+        from .train.command import train
+    except ImportError:  # a build without the training package still has the pipeline commands
+        return
+    app.command("train")(train)
+
+
+_register_train()
+
+
+def _short_meta(key: str, value: str) -> str:
+    """The plan and provenance are long JSON: summarise them (``--json`` has them whole)."""
+    try:
+        data = json.loads(value) if key in ("expandctl.plan", "expandctl.source_provenance") else None
+    except ValueError:
+        return value
+    if key == "expandctl.plan" and isinstance(data, dict):
+        done = [e["path"] for e in data.get("layers", []) if e.get("kind")]
+        rate = data.get("rate")
+        return f"{data.get('strategy')}, rate {rate}, {len(done)} layers expanded (whole plan: --json)"
+    if key == "expandctl.source_provenance" and isinstance(data, dict):
+        return ", ".join(f"{k}={v}" for k, v in data.items() if k in ("command", "time", "expandctl_version"))
+    return value
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("--version", "-V", "version"):
-        print(f"expandctl {__version__}")
-        return
-    print(f"expandctl {__version__}")
+    """Console-script entry point: click's own usage errors also honour ``--json``."""
+    global _ARGV
+    _ARGV = sys.argv[1:]
+    try:
+        rv = app(prog_name="expandctl", standalone_mode=False)
+    except typer.TyperException as e:  # click's usage errors (missing option, bad value...)
+        if "--json" in sys.argv[1:]:
+            sys.stdout.write(json.dumps({"ok": False, "error": e.format_message(), "exit_code": e.exit_code}) + "\n")
+        e.show()
+        rv = e.exit_code
+    except typer.Abort:
+        rv = EXIT_INTERRUPTED
+    finally:
+        _ARGV = None
+    sys.exit(rv if isinstance(rv, int) else 0)
