@@ -1,0 +1,29 @@
+"""Training expanded models: data specs, objectives, the loop (``expandctl train``; docs/train.md).
+
+>>> from expandctl.train import TrainConfig, train
+>>> summary = train(TrainConfig(src="run/expanded.pt", data="digits", epochs=5, out="run"))
+
+The Typer command lives in :mod:`expandctl.train.command` (imported by the CLI only, so the library
+does not pull in the console code).
+"""
+
+from .data import DATA_SPECS, DataSplits, TensorImages, load_data, parse_spec
+from .loop import Callbacks, EpochContext, TrainConfig, TrainingDiverged, learning_rate, train
+from .losses import kd_loss, product_l2, split_decay_parameters
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "Callbacks",
+    "EpochContext",
+    "TrainingDiverged",
+    "learning_rate",
+    "load_data",
+    "parse_spec",
+    "DataSplits",
+    "TensorImages",
+    "DATA_SPECS",
+    "kd_loss",
+    "product_l2",
+    "split_decay_parameters",
+]

@@ -1,0 +1,281 @@
+"""``expandctl train``: parse the options, run :func:`expandctl.train.loop.train`, print progress.
+
+The main app registers it with ``app.command("train")(train)``; ``python -m expandctl.train.command``
+runs it standalone (e.g. under ``torchrun``). Output follows the other commands (:mod:`expandctl.console`):
+
+* at a terminal: a rich progress bar per epoch on stderr, one line per epoch and a summary table on stdout;
+* in a pipe or CI log: the same lines and table, no bars;
+* ``--quiet``: only the summary table; ``--json``: exactly one JSON object on stdout at the end (the
+  summary and every epoch's metrics; also on error). ``metrics.jsonl`` streams the epochs either way.
+
+Under ``torchrun`` only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..console import UI, fmt_count, kv_table
+from ..errors import ExpandctlError, UsageError
+from .loop import Callbacks, TrainConfig
+from .loop import train as run_training
+
+__all__ = ["train", "ConsoleReporter", "epoch_line"]
+
+_BASE_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def epoch_line(m: dict, epochs: int, is_best: bool) -> str:
+    """``epoch  3/150  lr 0.01  train loss 0.5210 acc 84.10%  val loss ...  4.1s  5120 img/s  best``."""
+    parts = [
+        f"epoch {m['epoch']:>{len(str(epochs))}}/{epochs}",
+        f"lr {m['lr']:.3g}",
+        f"train loss {m['train_loss']:.4f} acc {_pct(m['train_acc'])}",
+        f"val loss {m['val_loss']:.4f} acc {_pct(m['val_acc'])}",
+        f"{m['seconds']:.1f}s",
+        f"{m['images_per_s']:.0f} img/s",
+    ]
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if k not in _BASE_KEYS]
+    return "  ".join(parts) + ("  best" if is_best else "")
+
+
+class ConsoleReporter(Callbacks):
+    """Turns the loop's callbacks into output on a :class:`~expandctl.console.UI`."""
+
+    def __init__(self, ui: UI):
+        self.ui = ui
+        self.lines = not (ui.json or ui.quiet)
+        self.progress: Progress | None = None
+        self.task = None
+        self.epochs = 0
+
+    def on_start(self, info: dict) -> None:
+        self.epochs = info["epochs"]
+        if not self.lines:
+            return
+        what = f"{info['expanded_layers']} expanded layers" if info["expanded_layers"] else "no expanded layer"
+        procs = f" x {info['world_size']} processes" if info["world_size"] > 1 else ""
+        self.ui.print(
+            escape(
+                f"train {info['src']} ({what}, {fmt_count(info['params'])} parameters) on {info['data']} "
+                f"({fmt_count(info['train_size'])} train / {fmt_count(info['val_size'])} val, "
+                f"{'x'.join(map(str, info['input_shape']))}, {info['num_classes']} classes) "
+                f"on {info['device']}{procs}"
+            )
+        )
+        if info["resumed"]:
+            self.ui.print(escape(f"resuming {info['out']}/last.pt after epoch {info['start_epoch']}"))
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if not self.ui.progress:
+            return
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=self.ui.err,
+            transient=True,
+        )
+        self.task = self.progress.add_task("train", total=steps, loss="-")
+        self.progress.start()
+
+    def on_step(self, step: int, steps: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def on_epoch_end(self, metrics: dict, is_best: bool) -> None:
+        self.stop()
+        if self.lines:
+            self.ui.print(escape(epoch_line(metrics, self.epochs, is_best)))
+
+    def on_end(self, summary: dict) -> None:
+        self.stop()
+        final = summary["final"] or {}
+        epochs = str(summary["epochs"])
+        if summary["start_epoch"]:
+            epochs += f" (resumed after {summary['start_epoch']}, ran {summary['epochs_run']})"
+        rows = [
+            ("epochs", epochs),
+            ("best val acc", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']})"),
+            ("final val acc", _pct(final.get("val_acc"))),
+            ("final val loss", f"{final['val_loss']:.4f}" if final else "-"),
+            ("final train acc", _pct(final.get("train_acc"))),
+            ("time", f"{summary['seconds']:.1f}s on {summary['device']}"),
+            *summary["files"].items(),
+        ]
+        self.ui.print(kv_table(rows, title="expandctl train"))
+
+
+def _json_dict(text: str | None, option: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"{option} is not valid JSON ({e.msg} at character {e.pos}); e.g. '{{\"num_classes\": 10}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{option} must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
+    return value
+
+
+class TrainingInterrupted(ExpandctlError):
+    """Ctrl-C during training (exit 130): the run folder is consistent and resumable."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _guard(ui: UI) -> Iterator[None]:
+    """The main CLI's error handling (one ``error:`` line, exit codes of docs/cli.md) when it is there."""
+    try:
+        from ..cli import _guard as cli_guard
+    except ImportError:  # pragma: no cover - the CLI module always ships with the package
+        cli_guard = None
+    if cli_guard is not None:
+        with cli_guard(ui):
+            yield
+        return
+    try:  # pragma: no cover
+        yield
+    except ExpandctlError as e:
+        ui.error(str(e), e.exit_code, exc=e)
+        raise typer.Exit(e.exit_code) from None
+
+
+def train(
+    src: Annotated[Path, typer.Argument(help="Checkpoint to train (expanded or compact), any file expandctl loads.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="digits | mnist5k | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | "
+            "imagefolder:DIR | synthetic[:CxHxW] (see docs/train.md).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.jsonl, curves.png.")] = Path(
+        "run"
+    ),
+    epochs: Annotated[int, typer.Option(help="Epochs in all.")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size per process.")] = 128,
+    lr: Annotated[float, typer.Option(help="Base learning rate.")] = 0.01,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")] = False,
+    schedule: Annotated[
+        str,
+        typer.Option(help="paper (lr, lr/10, lr/100 for a third each), step (/10 at 50% and 75%), cosine."),
+    ] = "paper",
+    weight_decay: Annotated[float, typer.Option(help="L2 strength.")] = 0.0,
+    decay_on: Annotated[
+        str,
+        typer.Option(
+            help="factors: L2 on every factor (normal L2); product: on each expanded layer's contracted "
+            "weight and bias (product L2)."
+        ),
+    ] = "factors",
+    teacher: Annotated[Path | None, typer.Option(help="Distil from this checkpoint (Hinton KD).")] = None,
+    kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term (1 - alpha: labels).")] = 0.9,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    nonlinear_warmup: Annotated[
+        int,
+        typer.Option(metavar="EPOCHS", help="First EPOCHS epochs with a ReLU between factors (nonlinear init)."),
+    ] = 0,
+    forward: Annotated[
+        str, typer.Option(help="fused: compose each chain's kernel per step; explicit: run the chain.")
+    ] = "fused",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (with bf16 autocast).")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every random draw (shuffling, augmentation).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict SRC.")] = None,
+    arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --arch.")] = None,
+    teacher_arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict --teacher.")] = None,
+    teacher_arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --teacher-arch.")] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            envvar="EXPANDCTL_TRUST_PICKLE",
+            help="Allow pickles that name classes outside torch/torchvision (runs code from the file).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout at the end (also on error).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or epoch lines.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Train an expanded (or compact) model; checkpoints stay contractible. Under torchrun: DDP."""
+    ui = UI("train", as_json, quiet, debug)
+    if os.environ.get("RANK", "0") != "0":  # other torchrun ranks stay silent; rank 0 reports
+        ui.json = ui.progress = False
+        ui.out.quiet = ui.err.quiet = True
+    reporter = ConsoleReporter(ui)
+    with _guard(ui):
+        try:
+            config = TrainConfig(
+                src=str(src),
+                data=data,
+                out=str(out),
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                optimizer=optimizer.lower(),
+                momentum=momentum,
+                nesterov=nesterov,
+                schedule=schedule.lower(),
+                weight_decay=weight_decay,
+                decay_on=decay_on.lower(),
+                teacher=str(teacher) if teacher else None,
+                arch=arch,
+                arch_kwargs=_json_dict(arch_kwargs, "--arch-kwargs"),
+                teacher_arch=teacher_arch,
+                teacher_arch_kwargs=_json_dict(teacher_arch_kwargs, "--teacher-arch-kwargs"),
+                kd_alpha=kd_alpha,
+                kd_temperature=kd_temperature,
+                nonlinear_warmup=nonlinear_warmup,
+                forward=forward.lower(),
+                device=device.lower(),
+                workers=workers,
+                seed=seed,
+                resume=resume,
+                trust_pickle=trust_pickle,
+                command=shlex.join(["expandctl", *sys.argv[1:]]),
+            )
+            summary = run_training(config, reporter)
+        except KeyboardInterrupt:
+            reporter.stop()
+            raise TrainingInterrupted(
+                f"interrupted; {out}/last.pt holds the last finished epoch: rerun with --resume to continue"
+            ) from None
+        finally:
+            reporter.stop()  # a live progress bar would swallow the error line
+        ui.emit(summary)
+
+
+if __name__ == "__main__":
+    typer.run(train)

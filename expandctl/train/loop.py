@@ -1,0 +1,774 @@
+"""The training loop: :class:`TrainConfig` in, files in ``out/`` and a summary dict out. Never prints.
+
+Progress goes to a :class:`Callbacks` object (the CLI owns the console); per-epoch analyses (e.g.
+gradient confusion) plug in as ``epoch_hooks`` that see the model and data and add metrics.
+
+Reproducibility: every random draw comes from seeded generators whose states (torch, the loader's
+shuffling generator, Python ``random``, numpy, CUDA) are saved in ``last.pt`` after every epoch, so
+``resume`` after a crash -- even ``kill -9`` mid-epoch -- replays the lost epoch exactly: on CPU the
+final weights equal an uninterrupted run's bit for bit.
+
+Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains a shard with
+DistributedDataParallel (gloo on CPU, nccl on GPU); only rank 0 writes files or reports progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from ..checkpoint import atomic_write, load_checkpoint, save
+from ..errors import ExpandctlError, UsageError
+from ..layers import FORWARD_MODES
+from ..rewrite import contract, expanded_layers, set_forward
+from .data import load_data
+from .losses import kd_loss, product_l2, split_decay_parameters
+
+__all__ = [
+    "TrainConfig",
+    "Callbacks",
+    "EpochContext",
+    "TrainingDiverged",
+    "train",
+    "learning_rate",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "DECAY_MODES",
+    "DEVICES",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("paper", "step", "cosine")
+DECAY_MODES = ("factors", "product")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Options that shape the trajectory: ``resume`` refuses to continue a run if any of them changed.
+TRAJECTORY_FIELDS = (
+    "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "schedule",
+    "weight_decay", "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "seed",
+)  # fmt: skip
+
+
+_OUTPUT_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.jsonl", "curves": "curves.png"}
+
+
+class TrainingDiverged(ExpandctlError):
+    """The loss became NaN or infinite; the last good checkpoint is kept (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``expandctl train`` takes; field names match the command's options."""
+
+    src: str
+    data: str
+    out: str = "run"
+    epochs: int = 150
+    batch_size: int = 128
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "paper"
+    weight_decay: float = 0.0
+    decay_on: str = "factors"
+    teacher: str | None = None
+    #: Architecture of a plain state-dict SRC / teacher (expandctl checkpoints record their own).
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    teacher_arch: str | None = None
+    teacher_arch_kwargs: dict | None = None
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    nonlinear_warmup: int = 0
+    forward: str = "fused"
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    resume: bool = False
+    trust_pickle: bool = False
+    #: The command line, recorded in the checkpoints' provenance.
+    command: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first bad option."""
+        choices = {
+            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "decay_on": DECAY_MODES,
+            "forward": FORWARD_MODES, "device": DEVICES,
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (not (self.nesterov and self.momentum == 0), "--nesterov needs a non-zero --momentum"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0 <= self.kd_alpha <= 1, "--kd-alpha must be in [0, 1]"),
+            (self.kd_temperature > 0, "--kd-temperature must be > 0"),
+            (self.nonlinear_warmup >= 0, "--nonlinear-warmup must be >= 0"),
+            (
+                self.nonlinear_warmup < self.epochs,
+                f"--nonlinear-warmup ({self.nonlinear_warmup}) must be smaller than --epochs "
+                f"({self.epochs}): the ReLUs must come out before training ends",
+            ),
+            (self.workers >= 0, "--workers must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+def learning_rate(schedule: str, base: float, epoch: int, epochs: int) -> float:
+    """The learning rate of 0-based ``epoch``.
+
+    ``paper``: ``base``, ``base/10``, ``base/100`` for a third of the epochs each (ExpandNets: 50 + 50 + 50).
+    ``step``: divided by 10 at 50% and again at 75% of the epochs. ``cosine``: half a cosine to 0.
+    """
+    if schedule == "paper":
+        return base / 10 ** min(2, epoch * 3 // epochs)
+    if schedule == "step":
+        return base / 10 ** (int(epoch >= 0.5 * epochs) + int(epoch >= 0.75 * epochs))
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    raise UsageError(f"unknown schedule {schedule!r}")
+
+
+class Callbacks:
+    """Progress reports from :func:`train` (rank 0 only). Override what you need; all default to no-ops."""
+
+    def on_start(self, info: dict) -> None:
+        """Once, before the first epoch: model, data, device and where training starts."""
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        """``epoch`` is 1-based; ``steps`` mini-batches follow."""
+
+    def on_step(self, step: int, steps: int, loss: float) -> None:
+        """After each optimisation step (1-based)."""
+
+    def on_epoch_end(self, metrics: dict, is_best: bool) -> None:
+        """After the epoch's checkpoints are written; ``metrics`` is its ``metrics.jsonl`` row."""
+
+    def on_end(self, summary: dict) -> None:
+        """Once, after the last epoch and ``curves.png``."""
+
+
+@dataclass
+class EpochContext:
+    """What an epoch hook sees, after validation and before the epoch's checkpoint is written.
+
+    Hooks run on every rank (write files only where ``rank == 0``); a dict they return is merged
+    into the epoch's metrics row. ``model`` is the bare model (not the DDP wrapper), in train mode.
+    Random draws a hook makes come from the generators that ``last.pt`` saves, so resume stays exact.
+    """
+
+    epoch: int
+    model: nn.Module
+    train_data: Dataset
+    val_data: Dataset
+    device: torch.device
+    metrics: dict
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    make_loader: Callable[..., DataLoader]
+    rank: int = 0
+    world_size: int = 1
+
+
+EpochHook = Callable[[EpochContext], "dict | None"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes and devices
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Dist:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    d = _Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return d
+
+
+def _device_kind(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+# --------------------------------------------------------------------------------------------------
+# Reproducibility state
+# --------------------------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(loader_gen: torch.Generator) -> dict:
+    """Every generator's state, as tensors/lists/numbers (the checkpoint is ``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, IndexError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Nonlinear initialisation
+# --------------------------------------------------------------------------------------------------
+def _relu_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return F.relu(output)
+
+
+class _NonlinearWarmup:
+    """The paper's "nonlinear init": a ReLU after every factor but the last, while attached.
+
+    Implemented with forward hooks on the factors (the modules stay purely linear, so a checkpoint
+    saved meanwhile is still contractible); needs the explicit chain, as a fused forward never calls
+    the factors.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def attach(self) -> None:
+        if self.attached:
+            return
+        set_forward(self.model, "explicit")
+        for _, layer in expanded_layers(self.model):
+            for factor in layer.factors[:-1]:
+                self.handles.append(factor.register_forward_hook(_relu_output))
+
+    def detach(self, forward: str) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        set_forward(self.model, forward)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data loading
+# --------------------------------------------------------------------------------------------------
+def _make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler,
+    workers: int,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``sampler``; in-memory sets (``dataset.batched``) are read a batch per index list."""
+    common = {"num_workers": workers, "generator": generator, "persistent_workers": False}
+    if getattr(dataset, "batched", False):
+        batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+        return DataLoader(dataset, sampler=batches, batch_size=None, **common)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
+
+
+def _shard(n: int, d: _Dist) -> list[int]:
+    """This rank's validation indices: every sample exactly once across ranks (no padding)."""
+    return list(range(d.rank, n, d.world_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def _write_metrics(path: Path, history: Sequence[dict]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def _write_curves(path: Path, history: Sequence[dict], title: str) -> None:
+    if not history:
+        return
+    from .curves import plot_curves  # matplotlib is slow to import; only when plotting
+
+    with atomic_write(path) as tmp:
+        plot_curves(history, tmp, title)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files a killed process left behind (``atomic_write`` names them ``.NAME.*.tmp``)."""
+    for name in _OUTPUT_FILES.values():
+        for tmp in out.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """State shared by the epoch functions."""
+
+    config: TrainConfig
+    model: nn.Module  # bare model
+    net: nn.Module  # what the training step calls (the DDP wrapper under torchrun)
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dist: _Dist
+    teacher: nn.Module | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    config: TrainConfig,
+    callbacks: Callbacks | None = None,
+    epoch_hooks: Sequence[EpochHook] = (),
+) -> dict:
+    """Train ``config.src`` on ``config.data`` into ``config.out``; returns the run's summary.
+
+    Raises :class:`UsageError` for bad options, missing files or a model that does not fit the data,
+    and :class:`TrainingDiverged` when the loss stops being finite (``last.pt`` then still holds the
+    last good epoch).
+    """
+    config.validate()
+    callbacks = callbacks or Callbacks()
+    kind = _device_kind(config.device)
+    d = _init_distributed(kind)
+    try:
+        return _train(config, callbacks, epoch_hooks, kind, d)
+    finally:
+        if d.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d: _Dist) -> dict:
+    started = time.perf_counter()
+    out = Path(config.out)
+    last_path = out / "last.pt"
+    device = torch.device(f"cuda:{d.local_rank}" if kind == "cuda" else "cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+
+    # --- the model, and the state to continue from -----------------------------------------------
+    if config.resume:
+        if not last_path.is_file():
+            raise UsageError(f"--resume: {last_path} does not exist; start the run without --resume")
+        ckpt = load_checkpoint(last_path, trust_pickle=config.trust_pickle)
+        state = (ckpt.extra or {}).get("train")
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise UsageError(f"--resume: {last_path} holds no training state (was it written by expandctl train?)")
+        _check_same_run(config, state["config"], last_path)
+        parent_sha = state.get("parent_sha256")
+    else:
+        if last_path.exists():
+            raise UsageError(
+                f"{out} already holds a run ({last_path.name}); continue it with --resume, or pick another --out"
+            )
+        ckpt = load_checkpoint(config.src, config.arch, config.arch_kwargs, trust_pickle=config.trust_pickle)
+        state, parent_sha = None, ckpt.sha256
+    if not ckpt.arch:
+        raise UsageError(f"cannot tell which architecture {config.src} is; pass --arch so checkpoints can be written")
+    model = ckpt.model
+    n_expanded = sum(1 for _ in expanded_layers(model))
+    if config.nonlinear_warmup and not n_expanded:
+        raise UsageError("--nonlinear-warmup needs expanded layers, and this model has none (run expandctl expand)")
+
+    data = load_data(config.data, input_shape=ckpt.input_shape)
+    input_shape = tuple(ckpt.input_shape) if ckpt.input_shape else tuple(data.input_shape)
+    model.to(device)
+    if n_expanded:
+        set_forward(model, config.forward)
+    _probe(model, data, config.data, device)
+
+    # --- seeds and loaders -------------------------------------------------------------------------
+    _seed_everything(config.seed + d.rank)
+    loader_gen = torch.Generator().manual_seed(config.seed)
+    n_local = math.ceil(len(data.train) / d.world_size)
+    # A last batch of one image would crash BatchNorm in train mode; drop it in that case only.
+    drop_last = n_local % config.batch_size == 1
+    if d.active:
+        train_sampler = DistributedSampler(data.train, d.world_size, d.rank, shuffle=True, seed=config.seed)
+    else:
+        train_sampler = RandomSampler(data.train, generator=loader_gen)
+    train_loader = _make_loader(data.train, config.batch_size, train_sampler, config.workers, loader_gen, drop_last)
+    val_loader = _make_loader(data.val, config.batch_size, _shard(len(data.val), d), config.workers, None)
+
+    # --- optimisation ------------------------------------------------------------------------------
+    optimizer = _build_optimizer(model, config)
+    start_epoch, best_acc, best_epoch, history = 0, -1.0, 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_acc, best_epoch = (
+            int(state["epoch"]),
+            float(state["best_val_acc"]),
+            int(state["best_epoch"]),
+        )
+        history = list(state["history"])
+        _set_rng_state(state["rng"], loader_gen)
+        if d.rank > 0:  # only rank 0's generators are saved; give the others fresh, distinct streams
+            torch.manual_seed(config.seed + d.rank + 7919 * start_epoch)
+
+    teacher = _load_teacher(config, device)
+    net = model
+    if d.active:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if kind == "cuda" else None)
+
+    def autocast():
+        if kind == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    run = _Run(config, model, net, optimizer, device, d, teacher, autocast, history)
+    warmup = _NonlinearWarmup(model)
+    meta = {
+        "arch": ckpt.arch,
+        "arch_kwargs": ckpt.arch_kwargs,
+        "input_shape": input_shape,
+        "plan": ckpt.plan,
+        "parent_sha256": parent_sha,
+        "command": config.command,
+    }
+
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        if state is not None:  # lines written after the checkpoint we resume from are replayed
+            _write_metrics(out / "metrics.jsonl", history)
+        callbacks.on_start({
+            "src": config.src, "data": config.data, "train_size": len(data.train), "val_size": len(data.val),
+            "num_classes": data.num_classes, "input_shape": list(input_shape), "device": str(device),
+            "world_size": d.world_size, "expanded_layers": n_expanded,
+            "params": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
+            "epochs": config.epochs, "resumed": state is not None, "out": str(out),
+        })  # fmt: skip
+
+    epochs_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        if epoch < config.nonlinear_warmup:
+            warmup.attach()
+        elif warmup.attached:
+            warmup.detach(config.forward)
+        lr = learning_rate(config.schedule, config.lr, epoch, config.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if isinstance(train_sampler, DistributedSampler):
+            train_sampler.set_epoch(epoch)
+
+        t0 = time.perf_counter()
+        if d.main:
+            callbacks.on_epoch_start(epoch + 1, config.epochs, len(train_loader))
+        try:
+            train_loss, train_acc, seen = _train_epoch(run, train_loader, epoch, callbacks)
+        except TrainingDiverged as e:
+            if d.main:
+                _write_curves(out / "curves.png", history, _title(config))
+            kept = "no checkpoint was written"
+            if last_path.exists():
+                kept = f"{last_path} still holds epoch {start_epoch + epochs_run}"
+            raise TrainingDiverged(f"{e}; stopped, {kept}; try a lower --lr") from None
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc = _evaluate(run, val_loader)
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(seen / max(train_seconds, 1e-9), 1),
+        }
+        if warmup.attached:
+            metrics["nonlinear"] = True
+
+        ctx = EpochContext(
+            epoch + 1, model, data.train, data.val, device, metrics, _ce,
+            lambda ds, batch_size=config.batch_size, sampler=None: _make_loader(
+                ds, batch_size, sampler if sampler is not None else range(len(ds)), 0, None),
+            d.rank, d.world_size,
+        )  # fmt: skip
+        for hook in epoch_hooks:
+            extra = hook(ctx)
+            if extra:
+                metrics.update(extra)
+
+        # Best by validation accuracy, among linear epochs only: during the nonlinear warmup the
+        # validated network has ReLUs the saved (linear) checkpoint does not.
+        is_best = not warmup.attached and val_acc > best_acc
+        if is_best:
+            best_acc, best_epoch = val_acc, epoch + 1
+        history.append(metrics)
+        if d.main:
+            _save_epoch(run, out, meta, epoch + 1, is_best, best_acc, best_epoch, loader_gen, parent_sha)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            callbacks.on_epoch_end(metrics, is_best)
+        epochs_run += 1
+
+    if warmup.attached:
+        warmup.detach(config.forward)
+    summary = {
+        "out": str(out),
+        "epochs": config.epochs,
+        "start_epoch": start_epoch,
+        "epochs_run": epochs_run,
+        "best_val_acc": best_acc if best_epoch else None,
+        "best_epoch": best_epoch or None,
+        "final": history[-1] if history else None,
+        "history": list(history),
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+        "world_size": d.world_size,
+        "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()},
+    }
+    if d.main:
+        _write_curves(out / "curves.png", history, _title(config))
+        callbacks.on_end(summary)
+    return summary
+
+
+def _title(config: TrainConfig) -> str:
+    return f"{Path(config.src).name} on {config.data}"
+
+
+def _check_same_run(config: TrainConfig, saved: dict, path: Path) -> None:
+    ignored = set()
+    if not config.teacher and not saved.get("teacher"):
+        ignored |= {"kd_alpha", "kd_temperature"}  # no distillation: these do nothing
+    if config.weight_decay == 0 and not saved.get("weight_decay"):
+        ignored.add("decay_on")
+    changed = [
+        f"--{name.replace('_', '-')} {getattr(config, name)!r} (the run has {saved.get(name)!r})"
+        for name in TRAJECTORY_FIELDS
+        if name in saved and name not in ignored and getattr(config, name) != saved[name]
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume continues {path} with the options it was started with; these differ: {'; '.join(changed)}"
+        )
+
+
+def _probe(model: nn.Module, data, spec: str, device: torch.device) -> None:
+    """One validation batch through the model before training: shape and class-count mismatches
+    become a one-line error here instead of a stack trace mid-epoch."""
+    x, _ = data.val[[0, 1]] if getattr(data.val, "batched", False) else _stack([data.val[0], data.val[1]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x.to(device))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = "x".join(map(str, data.input_shape))
+        raise UsageError(f"the model cannot take {spec} images ({shape}): {first}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise UsageError(
+            f"the model must return logits of shape (batch, classes) on {spec}; it returned "
+            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
+        )
+    if logits.shape[1] != data.num_classes:
+        raise UsageError(
+            f"the model has {logits.shape[1]} outputs but {spec} has {data.num_classes} classes; "
+            f"build it with num_classes={data.num_classes}"
+        )
+
+
+def _stack(samples):
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+
+
+def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.decay_on == "product" and config.weight_decay > 0:
+        # Product L2 is a loss term (losses.product_l2); the factors get no decay of their own.
+        factors, others = split_decay_parameters(model)
+        groups = [
+            {"params": others, "weight_decay": config.weight_decay},
+            {"params": factors, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
+    if not config.teacher:
+        return None
+    ckpt = load_checkpoint(config.teacher, config.teacher_arch, config.teacher_arch_kwargs, config.trust_pickle)
+    teacher = contract(ckpt.model, inplace=True)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets)
+
+
+def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _train_epoch(run: _Run, loader: DataLoader, epoch: int, callbacks: Callbacks) -> tuple[float, float, int]:
+    """One pass over the training shard: ``(mean loss, accuracy, images seen by all ranks)``."""
+    config, d = run.config, run.dist
+    run.net.train()
+    product = config.decay_on == "product" and config.weight_decay > 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    n = 0
+    steps = len(loader)
+    for step, (x, y) in enumerate(_batches(loader, run.device), start=1):
+        with run.autocast():
+            logits = run.net(x)
+            if run.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = run.teacher(x)
+                loss = kd_loss(logits, teacher_logits, y, config.kd_alpha, config.kd_temperature)
+            else:
+                loss = _ce(logits, y)
+        value = loss.item()
+        bad = 0.0 if math.isfinite(value) else 1.0
+        if d.active:  # every rank must stop at the same step, or the others hang in all-reduce
+            bad = d.all_sum([bad], run.device)[0]
+        if bad:
+            raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step} of {steps}")
+        objective = loss
+        if product:
+            penalty = product_l2(run.model, config.weight_decay)
+            if penalty is not None:
+                objective = loss + penalty
+        run.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        run.optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        n += len(y)
+        if d.main:
+            callbacks.on_step(step, steps, value)
+    total_loss, total_correct, total_n = d.all_sum([loss_sum.item(), float(correct.item()), float(n)], run.device)
+    return total_loss / max(total_n, 1), total_correct / max(total_n, 1), int(total_n)
+
+
+@torch.no_grad()
+def _evaluate(run: _Run, loader: DataLoader) -> tuple[float, float]:
+    """Cross-entropy and accuracy on the validation set (each rank its shard, summed exactly)."""
+    model, d = run.model, run.dist
+    if d.active:  # after the last step other ranks' BN statistics drifted from rank 0's, which is saved
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in _batches(loader, run.device):
+        with run.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train()
+    loss_sum, correct, n = d.all_sum([loss_sum, float(correct), float(n)], run.device)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _save_epoch(
+    run: _Run,
+    out: Path,
+    meta: dict,
+    epoch: int,
+    is_best: bool,
+    best_acc: float,
+    best_epoch: int,
+    loader_gen: torch.Generator,
+    parent_sha: str | None,
+) -> None:
+    """best.pt (if improved) before last.pt: a crash between the two replays this epoch from the
+    previous last.pt, which rewrites best.pt identically; the other order could lose the best."""
+    config = dataclasses.asdict(run.config)
+    if is_best:
+        record = {"epoch": epoch, "val_acc": best_acc, "metrics": run.history[-1], "config": config}
+        save(run.model, out / "best.pt", extra={"train": record}, **meta)
+    state = {
+        "epoch": epoch,
+        "optimizer": run.optimizer.state_dict(),
+        "rng": _rng_state(loader_gen),
+        "best_val_acc": best_acc,
+        "best_epoch": best_epoch,
+        "history": list(run.history),
+        "config": config,
+        "parent_sha256": parent_sha,
+        "world_size": run.dist.world_size,
+    }
+    save(run.model, out / "last.pt", extra={"train": state}, **meta)
