@@ -12,7 +12,8 @@ values, solve for the composite of the rest, recurse into that composite. Only t
 solved: the peel inverts the linear map ``X ↦ Q ⊛ X ⊛ P`` stage by stage, and each stage is exact when its
 ``D`` has at least as many rows as columns (and full rank), e.g. 7x7 -> three 3x3 at rate 4 (6400/3136,
 then 2304/1600). A feasible fit is a few Cholesky factorisations and no iterations. Otherwise alternating
-least squares on the two end factors (monotone in the residual) improves the fit until it stalls.
+least squares on the two end factors (monotone in the residual, with an extrapolation step per sweep)
+improves the fit until it stalls.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _solve_first(target, R, ks, g):
 
 
 def _plan(widths, taps):
-    """Peeling plan maximising the worst rows/cols ratio of the design matrices along the way.
+    """``(score, plan)``: the peeling plan maximising ``score``, the worst rows/cols ratio of its designs.
 
     A step fixes the first ``j`` (``j > 0``) or last ``-j`` factors and solves for the composite of the
     rest. Fixing ``a..j`` of the free ``a..b`` gives ``min_k widths[k+1] * |taps of k+1..b|`` rows over
@@ -143,7 +144,7 @@ def _plan(widths, taps):
             options.append((min(rows / (widths[b + 1] * size), score), (j - b - 1,) + sub))
         return max(options, key=lambda o: o[0])  # of equals: the first (fewest factors fixed, from the left)
 
-    return best(0, len(taps) - 1)[1]
+    return best(0, len(taps) - 1)
 
 
 def _peel(target, ws, g, plan):
@@ -168,21 +169,27 @@ def fit_chain(
     K = target.detach().to(device=ws[0].device, dtype=torch.float64)
     norm = K.norm().item()
 
-    def residual():
+    def residual(ws):
         return (_compose(ws, g) - K).norm().item() / norm if norm > 0 else 0.0
 
     widths = (ws[0].shape[1],) + tuple(w.shape[0] // g for w in ws)
-    ws = _peel(K, ws, g, _plan(widths, tuple(tuple(w.shape[2:]) for w in ws)))
-    res, it = residual(), 0
+    score, plan = _plan(widths, tuple(tuple(w.shape[2:]) for w in ws))
+    if score >= 1:  # otherwise some stage is short of rows: peeling cannot be exact, go straight to ALS
+        ws = _peel(K, ws, g, plan)
+    res, it, beta = residual(ws), 0, 1.0
     while res > tol and it < max_iter:  # alternating least squares on the two end factors
-        it += 1
+        it, old = it + 1, list(ws)
         ws[-1] = _solve_last(K, _compose(ws[:-1], g), tuple(ws[-1].shape[2:]), g)
         ws[0] = _solve_first(K, _compose(ws[1:], g), tuple(ws[0].shape[2:]), g)
-        prev, res = res, residual()
-        if res > prev * (1 - 1e-2):  # < 1 % per sweep: a local optimum, or too narrow to be exact
+        prev, res = res, residual(ws)
+        trial = [w + beta * (w - o) for w, o in zip(ws, old, strict=True)]  # extrapolate along the sweep
+        if (res_trial := residual(trial)) < res:  # (ALS line search: roughly halves the sweeps needed)
+            ws, res, beta = trial, res_trial, beta * 1.5
+        else:
+            beta = max(1.0, beta / 2)
+        if res > 0.95 * prev:  # < 5 % per sweep (0.95 ** 50 = 0.08): too narrow to be exact, or a local optimum
             break
     out = [w.to(dtype=v.dtype, device=v.device) for w, v in zip(ws, init, strict=True)]
-    if out[0].dtype != torch.float64:  # report the residual of what is returned, rounding included
-        ws = [w.to(torch.float64) for w in out]
-        res = residual()
+    if any(w.dtype != torch.float64 for w in out):  # report the residual of what is returned, rounding included
+        res = residual([w.to(torch.float64) for w in out])
     return FitResult(out, res, it, time.perf_counter() - start)
