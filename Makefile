@@ -28,7 +28,7 @@ test-deep: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --hypothesis-profile=deep tests/test_properties.py
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
 bench: $(STAMP)
 	OMP_NUM_THREADS= MKL_NUM_THREADS= $(BIN)/python benchmarks/train_step.py

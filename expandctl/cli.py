@@ -839,12 +839,54 @@ def inspect(
         ui.emit({**header, "params": total, "compact_params": compact, "expanded_layers": rows})
 
 
+# --- evaluate --------------------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Checkpoint (run in torch) or ONNX file (onnxruntime).")],
+    data: Annotated[str, typer.Option("--data", metavar="SPEC", help="Data spec, e.g. digits, cifar10:DIR.")],
+    split: Annotated[str, typer.Option(metavar="val|train", help="Which split to score.")] = "val",
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per batch.")] = 256,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Accuracy and loss of a model on a data split (the held-out split by default)."""
+    from .evaluate import evaluate_onnx, evaluate_torch
+    from .train.data import load_data
+
+    ui = UI("evaluate", as_json, quiet, debug)
+    with _guard(ui):
+        if split not in ("val", "train"):
+            raise UsageError(f"--split must be val or train, not {split!r}")
+        if batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if ckpt_io.sniff_format(src) == "onnx":
+            meta = ckpt_io.describe_onnx(src)["metadata"]
+            shape = None
+            with contextlib.suppress(ValueError, TypeError):
+                shape = json.loads(meta.get("expandctl.input_shape", "null"))
+            sets = load_data(data, shape, augment=False)
+            with ui.step(f"scoring {src} on {data} ({split}) in onnxruntime"):
+                result = evaluate_onnx(src, getattr(sets, split), batch_size)
+        else:
+            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+            sets = load_data(data, ckpt.input_shape, augment=False)
+            with ui.step(f"scoring {src} on {data} ({split})"):
+                result = evaluate_torch(ckpt.model, getattr(sets, split), batch_size)
+        ui.print(
+            f"{src}: accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['samples']}), "
+            f"loss {result['loss']:.4f} on {data} {split} ({result['runtime']})"
+        )
+        ui.emit({"source": src, "data": data, "split": split, **result})
+
+
 def _register_train() -> None:
     """``expandctl train`` lives in :mod:`expandctl.train.command` (it uses this module's ``_guard``)."""
-    try:
-        from .train.command import train
-    except ImportError:  # a build without the training package still has the pipeline commands
-        return
+    from .train.command import train
+
     app.command("train")(train)
 
 

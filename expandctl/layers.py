@@ -415,7 +415,10 @@ class ExpandedConvCK(ExpandedConv):
     def _factor_specs(cls, module, hidden):
         steps = algebra.kernel_steps(module.kernel_size)
         if len(hidden) != len(steps) - 1:
-            raise UsageError(f"ck chain for kernel {module.kernel_size} needs {len(steps) - 1} hidden widths")
+            raise UsageError(
+                f"a ck chain for kernel {'x'.join(map(str, module.kernel_size))} has {len(steps) - 1} hidden widths, "
+                f"not {len(hidden)}"
+            )
         outs = [*hidden, module.out_channels]
         last = len(steps) - 1
         return [

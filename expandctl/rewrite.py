@@ -308,7 +308,11 @@ def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Mod
             reason = cls.accepts(module, pointwise=True)
             if reason is not None:
                 raise UsageError(f"layer {path!r} cannot take a {cls.kind} expansion: {reason}")
-            new = cls.from_module(module, cfg["hidden"], init=init, forward=forward)
+            try:
+                new = cls.from_module(module, cfg["hidden"], init=init, forward=forward)
+            except UsageError as e:
+                name, shape = _describe(module)
+                raise UsageError(f"layer {path!r} ({name} {shape}) does not fit its {cls.kind} layout: {e}") from None
             for q in paths:
                 model = _set(model, q, new)
     return model

@@ -1,11 +1,12 @@
 """Expand a torchvision ResNet-18, contract it back, and show that the two compute the same function.
 
-Run with `make demo`. Prints the expansion plan and the max abs / relative error of the contracted
+The last step of `make demo`. Prints the expansion plan and the max abs / relative error of the contracted
 model against the expanded one run in explicit mode (the chain applied to the activations).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -14,18 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 import expandctl
+from expandctl.console import plan_table
 
-console = Console()
-
-
-def plan_table(plan: expandctl.Plan) -> Table:
-    table = Table(title=f"plan: strategy {plan.strategy}, rate {plan.rate:g}")
-    for col in ("path", "layer", "shape", "expansion", "factors", "params", "reason"):
-        table.add_column(col, overflow="fold")
-    for e in plan:
-        params = f"{e.params_before:,}" + (f" -> {e.params_after:,}" if e.kind else "")
-        table.add_row(e.path, e.layer, e.shape, e.kind or "-", ", ".join(e.factors), params, e.reason or "")
-    return table
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def main() -> None:
