@@ -893,6 +893,17 @@ def _register_train() -> None:
 _register_train()
 
 
+def _register_analysis() -> None:
+    """``expandctl analyze ...`` and ``expandctl plot`` live in :mod:`expandctl.analysis.command`."""
+    from .analysis.command import analyze_app, plot
+
+    app.add_typer(analyze_app, name="analyze")
+    app.command("plot")(plot)
+
+
+_register_analysis()
+
+
 def _short_meta(key: str, value: str) -> str:
     """The plan and provenance are long JSON: summarise them (``--json`` has them whole)."""
     try:

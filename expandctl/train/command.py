@@ -211,6 +211,17 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of every random draw (shuffling, augmentation).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    grad_confusion: Annotated[
+        bool,
+        typer.Option(
+            "--grad-confusion",
+            help="After each epoch, record the min and mean cosine similarity of mini-batch gradient pairs "
+            "on the training set (grad_confusion_min/_mean in metrics.jsonl; docs/analysis.md).",
+        ),
+    ] = False,
+    grad_confusion_pairs: Annotated[
+        int, typer.Option(metavar="N", help="Mini-batch pairs for --grad-confusion.")
+    ] = 100,
     arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict SRC.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --arch.")] = None,
     teacher_arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict --teacher.")] = None,
@@ -264,6 +275,8 @@ def train(
                 seed=seed,
                 resume=resume,
                 trust_pickle=trust_pickle,
+                grad_confusion=grad_confusion,
+                grad_confusion_pairs=grad_confusion_pairs,
                 command=shlex.join(["expandctl", *sys.argv[1:]]),
             )
             summary = run_training(config, reporter)

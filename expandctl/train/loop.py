@@ -106,6 +106,10 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     trust_pickle: bool = False
+    #: Record the minimum and mean gradient confusion on the training set after every epoch
+    #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
+    grad_confusion: bool = False
+    grad_confusion_pairs: int = 100
     #: The command line, recorded in the checkpoints' provenance.
     command: str | None = None
 
@@ -135,6 +139,7 @@ class TrainConfig:
                 f"({self.epochs}): the ReLUs must come out before training ends",
             ),
             (self.workers >= 0, "--workers must be >= 0"),
+            (self.grad_confusion_pairs >= 1, "--grad-confusion-pairs must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -485,6 +490,11 @@ def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    if config.grad_confusion:  # measured from its own generator: the trajectory does not change
+        from ..analysis.confusion import grad_confusion_hook
+
+        hook = grad_confusion_hook(config.grad_confusion_pairs, config.batch_size, config.seed)
+        epoch_hooks = [*epoch_hooks, hook]
     run = _Run(config, model, net, optimizer, device, d, teacher, autocast, history)
     warmup = _NonlinearWarmup(model)
     meta = {
