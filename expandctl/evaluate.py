@@ -7,7 +7,7 @@ onnxruntime on the exported file measures the artefact itself, not the training 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,44 +19,79 @@ from torch.utils.data import Dataset
 from .errors import UsageError
 from .rewrite import set_forward
 
-__all__ = ["evaluate_torch", "evaluate_onnx", "evaluate"]
+__all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx", "evaluate"]
 
 
-def _batches(dataset: Dataset, batch_size: int):
-    """``(x, y)`` batches in order; reads whole batches at once from in-memory datasets."""
+def read_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` for ``indices``: one read for in-memory sets (``dataset.batched``), else per item."""
+    idx = [int(i) for i in indices]
+    if getattr(dataset, "batched", False):
+        x, y = dataset[idx]
+    else:
+        xs, ys = zip(*(dataset[i] for i in idx))
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+    return x, torch.as_tensor(y).long()
+
+
+def iter_batches(
+    dataset: Dataset, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The first ``max_batches`` batches (all if ``None``) of ``dataset`` in its own order."""
     n = len(dataset)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        if getattr(dataset, "batched", False):
-            yield dataset[idx]
-        else:
-            xs, ys = zip(*(dataset[i] for i in idx))
-            yield torch.stack(xs), torch.as_tensor(ys)
-
-
-def _score(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int) -> dict:
-    if len(dataset) == 0:
+    if n == 0:
         raise UsageError("the data split is empty")
+    for b, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield read_batch(dataset, range(start, min(start + batch_size, n)))
+
+
+def to_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on the model's device, images in the model's floating dtype (a float64 checkpoint
+    is evaluated in float64; data sets deliver float32)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return x, y
+    dtype = p.dtype if (p.is_floating_point() and x.is_floating_point()) else x.dtype
+    return x.to(p.device, dtype), y.to(p.device)
+
+
+def score(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    loss_fn: Callable | None = None,
+) -> dict:
+    """``{"accuracy", "error", "loss", "correct", "samples"}`` of ``predict`` (images -> logits).
+    ``loss`` is the mean over images of ``loss_fn(logits, targets)`` (a batch mean, cross-entropy by
+    default), summed in float64."""
+    loss_fn = loss_fn or F.cross_entropy
     loss_sum, correct, n = 0.0, 0, 0
-    for x, y in _batches(dataset, batch_size):
-        logits = predict(x.float())
+    for x, y in iter_batches(dataset, batch_size, max_batches):
+        logits = predict(x, y)
         if logits.dim() != 2:
             raise UsageError(f"the model gives outputs of shape {tuple(logits.shape)}, not (batch, classes) logits")
-        loss_sum += F.cross_entropy(logits.double(), y, reduction="sum").item()
+        y = y.to(logits.device)
+        loss_sum += float(loss_fn(logits.double(), y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
-    return {"accuracy": correct / n, "loss": loss_sum / n, "correct": correct, "samples": n}
+    return {"accuracy": correct / n, "error": 1 - correct / n, "loss": loss_sum / n, "correct": correct, "samples": n}
 
 
 @torch.no_grad()
-def evaluate_torch(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> dict:
-    """Eval-mode accuracy/loss of ``model`` (expanded layers run fused; same function)."""
-    was_training = model.training
+def evaluate_torch(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, max_batches: int | None = None, loss_fn=None
+) -> dict:
+    """Eval-mode accuracy/loss of ``model``; every module's train/eval flag is put back after."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        return {"runtime": "torch", **_score(model, dataset, batch_size)}
+        result = score(lambda x, y: model(to_model(model, x, y)[0]), dataset, batch_size, max_batches, loss_fn)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+    return {"runtime": "torch", **result}
 
 
 def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> dict:
@@ -75,11 +110,11 @@ def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> 
     dim0 = inp.shape[0]
     step = batch_size if not isinstance(dim0, int) else dim0
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        outs = [session.run(None, {inp.name: chunk.numpy().astype(np.float32)})[0] for chunk in x.split(step)]
+    def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outs = [session.run(None, {inp.name: chunk.numpy().astype(np.float32)})[0] for chunk in x.float().split(step)]
         return torch.from_numpy(np.concatenate(outs))
 
-    return {"runtime": "onnxruntime", **_score(predict, dataset, max(step, 1) * math.ceil(batch_size / max(step, 1)))}
+    return {"runtime": "onnxruntime", **score(predict, dataset, max(step, 1) * math.ceil(batch_size / max(step, 1)))}
 
 
 def evaluate(model_or_path: nn.Module | str | Path, dataset: Dataset, batch_size: int = 256) -> dict:

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..evaluate import read_batch, to_model
 from ..rewrite import contract
-from ._data import device_of, preserved, read_batch, seed_rng, to_model
+from ._data import device_of, preserved, seed_rng
 
 __all__ = ["gradient_confusion", "cosine_similarities", "batches_for", "grad_confusion_hook", "WRT", "MODES"]
 

@@ -25,12 +25,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..evaluate import evaluate_torch
 from ..rewrite import contract
-from ._data import in_order, to_model
 
 __all__ = ["filter_normalized_direction", "evaluate", "grid", "loss_landscape", "SPACES"]
 
@@ -67,23 +66,9 @@ def evaluate(
     loss_fn: LossFn | None = None,
 ) -> dict:
     """Eval-mode ``{"loss", "error", "samples"}`` of ``model`` on the first ``max_batches``
-    batches of ``dataset`` (all by default), in order. ``loss`` is the mean over images of
-    ``loss_fn(logits, targets)`` (a batch mean, cross-entropy by default), summed in float64."""
-    loss_fn = loss_fn or F.cross_entropy
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        loss_sum, wrong, n = 0.0, 0, 0
-        for x, y in in_order(dataset, batch_size, max_batches):
-            x, y = to_model(model, x, y)
-            logits = model(x)
-            loss_sum += float(loss_fn(logits.double(), y)) * len(y)
-            wrong += int((logits.argmax(1) != y).sum())
-            n += len(y)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return {"loss": loss_sum / n, "error": wrong / n, "samples": n}
+    batches of ``dataset`` (all by default), in order (:func:`expandctl.evaluate.evaluate_torch`)."""
+    r = evaluate_torch(model, dataset, batch_size, max_batches, loss_fn)
+    return {"loss": r["loss"], "error": r["error"], "samples": r["samples"]}
 
 
 def grid(steps: int, span: float) -> list[float]:
