@@ -36,6 +36,7 @@ __all__ = [
     "kernel_steps",
     "flip_transpose",
     "hidden_width",
+    "fold_bn",
 ]
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -186,3 +187,24 @@ def hidden_width(channels: int, rate: float, groups: int = 1) -> int:
     """``ceil(rate * channels)`` rounded up to a multiple of ``groups``."""
     width = math.ceil(round(rate * channels, 9))
     return -(-width // groups) * groups
+
+
+def fold_bn(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, b)`` of the layer computing ``BN(conv(x))`` with BN in eval mode:
+    ``w = weight * s``, ``b = (bias - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per
+    output channel (so any ``groups`` works). Missing bias, gamma or beta count as 0, 1, 0."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = gamma * scale
+    b = (bias if bias is not None else torch.zeros_like(mean)) - mean
+    b = b * scale + (beta if beta is not None else 0)
+    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w.detach(), b.detach()

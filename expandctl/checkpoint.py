@@ -24,7 +24,6 @@ only ``nn.Module`` classes of torch, torchvision and expandctl (plus ``functools
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import importlib
@@ -49,8 +48,9 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import UnsafeInputError, UsageError
+from .fold import apply_folds
 from .models import SmallNet, build_arch, resolve_arch
-from .rewrite import Plan, apply_layout, contract, expanded_layers, layout
+from .rewrite import Plan, apply_layout, contract, layout
 
 __all__ = [
     "FORMAT",
@@ -66,8 +66,6 @@ __all__ = [
     "infer_arch",
     "infer_input_shape",
     "check_output_path",
-    "fold_bn",
-    "fold_batchnorm",
     "describe_onnx",
     "describe_state_dict",
 ]
@@ -592,7 +590,7 @@ def _rebuild(spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], devi
         model = build_arch(spec, kwargs)
         if lay:
             model = apply_layout(model, lay, inplace=True)
-        _fold_structure(model, folded)
+        apply_folds(model, folded)
     return model
 
 
@@ -765,126 +763,6 @@ def infer_input_shape(arch: str | None, arch_kwargs: Mapping | None, model: nn.M
         side = int(getattr(model, "image_size", 299 if module_name.endswith("inception") else 224))
         return (3, side, side)
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# BatchNorm folding
-# --------------------------------------------------------------------------------------------------
-def fold_bn(
-    conv_w: torch.Tensor, conv_b: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w, b)`` of the conv that computes ``bn(conv(x))`` with ``bn`` in eval mode.
-
-    ``w = conv_w * gamma / sqrt(var + eps)`` per output channel, ``b = (conv_b - mean) * that + beta``
-    (torch.nn.utils.fusion.fuse_conv_bn_weights; per output channel, so any ``groups`` is fine).
-    """
-    if bn.running_mean is None or bn.running_var is None:
-        raise UsageError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
-    w, b = fuse_conv_bn_weights(conv_w, conv_b, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    return w.detach(), b.detach()
-
-
-def _fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv path, bn path)`` pairs where the BatchNorm is the only consumer of the conv's output.
-
-    torch.fx finds them in any traceable model (ResNet's ``bn1(conv1(x))`` included); a model fx
-    cannot trace falls back to consecutive children of ``nn.Sequential``. Layers used more than
-    once (shared modules) are skipped: folding would change their other uses.
-    """
-    names = {id(m): n for n, m in model.named_modules()}
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-
-    def foldable(conv, bn):
-        return (
-            type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-            and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-            and bn.track_running_stats
-            and bn.running_mean is not None
-            and bn.num_features == conv.out_channels
-            and uses[id(conv)] == 1
-            and uses[id(bn)] == 1
-        )
-
-    try:
-        import torch.fx
-
-        with _no_warnings():
-            graph = torch.fx.symbolic_trace(model).graph
-    except Exception:
-        graph = None
-    pairs = []
-    if graph is not None:
-        calls: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for node in graph.nodes:
-            if node.op != "call_module" or len(node.users) != 1:
-                continue
-            user = next(iter(node.users))
-            if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
-                continue
-            if calls[node.target] != 1 or calls[user.target] != 1:
-                continue
-            conv, bn = model.get_submodule(node.target), model.get_submodule(user.target)
-            if foldable(conv, bn):
-                pairs.append((node.target, user.target))
-        return pairs
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            children = list(seq)
-            for conv, bn in zip(children, children[1:], strict=False):
-                if foldable(conv, bn):
-                    pairs.append((names[id(conv)], names[id(bn)]))
-    return pairs
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, list[dict[str, str]]]:
-    """Fold every eval-mode BatchNorm that directly follows a conv into that conv.
-
-    Returns the model (a copy unless ``inplace``) in eval mode and ``[{"conv", "bn"}]`` paths
-    folded; each BatchNorm is replaced by ``nn.Identity`` (keep the list: :func:`save` records
-    it as ``folded_bn`` so the checkpoint can be rebuilt). The result is an inference model.
-    """
-    if expanded := [p for p, _ in expanded_layers(model)]:
-        raise UsageError(f"contract the model before folding BatchNorm (expanded layers: {', '.join(expanded[:3])})")
-    if not inplace:
-        model = copy.deepcopy(model)
-    model.eval()
-    folded = []
-    for conv_path, bn_path in _fold_pairs(model):
-        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-        w, b = fold_bn(conv.weight, conv.bias, bn)
-        conv.weight = nn.Parameter(w.to(conv.weight.dtype))
-        conv.bias = nn.Parameter(b.to(conv.weight.dtype))
-        _set_module(model, bn_path, nn.Identity())
-        folded.append({"conv": conv_path, "bn": bn_path})
-    return model, folded
-
-
-def _fold_structure(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
-    """Rebuild the structure :func:`fold_batchnorm` left (conv with bias, Identity for BN)."""
-    for pair in folded:
-        try:
-            conv = model.get_submodule(pair["conv"])
-            model.get_submodule(pair["bn"])
-        except (AttributeError, KeyError, TypeError):
-            raise UsageError(
-                f"folded BatchNorm {dict(pair)} does not exist in this architecture (corrupt header)"
-            ) from None
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
-        _set_module(model, pair["bn"], nn.Identity())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from . import __version__
 from . import checkpoint as ckpt_io
 from .console import UI, fmt_count, kv_table, layers_table, plan_table, report_settings, report_table
 from .errors import CheckFailed, ExpandctlError, NothingToExpandError, UsageError
+from .fold import fold_batchnorm
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -522,7 +523,7 @@ def contract(
         if fold_bn:
             with ui.step("folding BatchNorm"):
                 unfolded = compact
-                compact, folded = ckpt_io.fold_batchnorm(compact)
+                compact, folded = fold_batchnorm(compact)
             with ui.step("checking the folded model"), _running_model(shape):
                 fold_reports = [
                     compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")

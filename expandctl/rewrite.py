@@ -29,6 +29,7 @@ __all__ = [
     "expanded_layers",
     "layout",
     "apply_layout",
+    "set_module",
 ]
 
 _CANDIDATE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -237,7 +238,7 @@ def _seeded(seed: int | None):
         yield
 
 
-def _set(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+def set_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at dotted ``path``; returns the new root (``path == ""`` replaces the root)."""
     if path in ("", "<root>"):
         return new
@@ -314,7 +315,7 @@ def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Mod
                 name, shape = _describe(module)
                 raise UsageError(f"layer {path!r} ({name} {shape}) does not fit its {cls.kind} layout: {e}") from None
             for q in paths:
-                model = _set(model, q, new)
+                model = set_module(model, q, new)
     return model
 
 
@@ -334,7 +335,7 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(module, ExpandedLayer) and inside is None:
             new = module.contract()
             for q in paths:
-                model = _set(model, q, new)
+                model = set_module(model, q, new)
     return model
 
 

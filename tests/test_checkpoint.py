@@ -12,7 +12,9 @@ from helpers import randomize_batchnorm
 
 import expandctl
 from expandctl import checkpoint as C
+from expandctl.algebra import fold_bn
 from expandctl.errors import UnsafeInputError, UsageError
+from expandctl.fold import fold_batchnorm
 from expandctl.models import SmallNet
 from expandctl.verify import compare_models
 
@@ -284,7 +286,7 @@ def test_infer_input_shape():
 def test_fold_bn_pure_function():
     conv = nn.Conv2d(4, 6, 3, groups=2, bias=False).double()
     bn = randomize_batchnorm(nn.BatchNorm2d(6).double()).eval()
-    w, b = C.fold_bn(conv.weight, conv.bias, bn)
+    w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     expected = bn(conv(x))
     got = torch.nn.functional.conv2d(x, w, b, groups=2)
@@ -293,7 +295,7 @@ def test_fold_bn_pure_function():
 
 def test_fold_batchnorm_resnet_and_reload(tmp_path):
     model = randomize_batchnorm(torchvision.models.resnet18(num_classes=4)).eval()
-    folded, pairs = C.fold_batchnorm(model)
+    folded, pairs = fold_batchnorm(model)
     assert len(pairs) == 20  # every conv of resnet18, downsample convs included (found through torch.fx)
     assert {"conv": "conv1", "bn": "bn1"} in pairs
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -308,14 +310,14 @@ def test_fold_batchnorm_sequential_and_shared():
     shared = nn.Conv2d(3, 3, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), shared, nn.BatchNorm2d(3), shared)
     randomize_batchnorm(model)
-    folded, pairs = C.fold_batchnorm(model)
+    folded, pairs = fold_batchnorm(model)
     assert pairs == [{"conv": "0", "bn": "1"}]  # the shared conv also feeds something else: left alone
     assert compare_models(model, folded, (3, 9, 9), samples=1).passed
 
 
 def test_fold_refuses_expanded_model():
     with pytest.raises(UsageError, match="contract the model"):
-        C.fold_batchnorm(expanded_small())
+        fold_batchnorm(expanded_small())
 
 
 def test_describe_onnx_rejects_garbage(tmp_path):
