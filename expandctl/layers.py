@@ -132,9 +132,11 @@ class ExpandedLayer(nn.Module):
         """A module of the original class and attributes computing exactly this chain."""
         weight, bias = self.equivalent()
         layer = copy.deepcopy(self._template)
-        layer.weight = nn.Parameter(weight.detach().clone())
+        # Contiguous: a composed kernel can come out with permuted strides, which torch would keep
+        # (clone preserves them) and the ONNX exporter would record as extra Gather/Reshape nodes.
+        layer.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone())
+            layer.bias = nn.Parameter(bias.detach().clone(memory_format=torch.contiguous_format))
         return layer.train(self.training)
 
     # --- forward ------------------------------------------------------------------------------
