@@ -21,7 +21,6 @@ run files present (``--report-only`` does just that).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -31,7 +30,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 
 import expandctl
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
+from expandctl.evaluate import evaluate_torch
 from expandctl.models import SmallNet
 from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data, train
 from expandctl.train import loop as train_loop
@@ -140,25 +140,6 @@ def prepare_data(args) -> tuple[DataSplits, DataSplits]:
     return full, seen
 
 
-@contextlib.contextmanager
-def serve_data(spec: str, data: DataSplits) -> Iterator[None]:
-    """While active, ``expandctl.train`` gets ``data`` for ``spec`` instead of reading the files again.
-    The library has no subset option, so the loop's ``load_data`` is swapped for the duration of
-    one run (in-process only)."""
-    original = train_loop.load_data
-
-    def load(requested, *args, **kwargs):
-        if requested != spec:
-            return original(requested, *args, **kwargs)
-        return data
-
-    train_loop.load_data = load
-    try:
-        yield
-    finally:
-        train_loop.load_data = original
-
-
 # --------------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------------
@@ -174,15 +155,7 @@ class Progress(Callbacks):
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, dataset, device: torch.device, batch: int = 1000) -> float:
-    model.eval().to(device)
-    correct = 0
-    if getattr(dataset, "batched", False):
-        batches = (dataset[list(range(i, min(i + batch, len(dataset))))] for i in range(0, len(dataset), batch))
-    else:
-        batches = torch.utils.data.DataLoader(dataset, batch_size=batch)
-    for x, y in batches:
-        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-    return correct / len(dataset)
+    return evaluate_torch(model.to(device), dataset, batch_size=batch)["accuracy"]
 
 
 def model_kwargs(kernel: int, data) -> dict:
@@ -224,8 +197,7 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
         kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, forward="fused", device=args.device,
         seed=run.train_seed, resume=resume, command=shlex.join(sys.argv),
     )  # fmt: skip
-    with serve_data(args.data, seen):
-        summary = train(config, Progress(run.name, args.verbose))
+    summary = train(config, Progress(run.name, args.verbose), data=seen)
 
     # The result is the contracted model's accuracy, measured here, independently of the loop.
     expanded = load_checkpoint(work / "last.pt").model

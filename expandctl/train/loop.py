@@ -38,7 +38,7 @@ from ..checkpoint import atomic_write, load_checkpoint, save
 from ..errors import ExpandctlError, UsageError
 from ..layers import FORWARD_MODES
 from ..rewrite import contract, expanded_layers, set_forward
-from .data import load_data
+from .data import DataSplits, load_data
 from .losses import kd_loss, product_l2, split_decay_parameters
 
 __all__ = [
@@ -395,8 +395,12 @@ def train(
     config: TrainConfig,
     callbacks: Callbacks | None = None,
     epoch_hooks: Sequence[EpochHook] = (),
+    data: DataSplits | None = None,
 ) -> dict:
     """Train ``config.src`` on ``config.data`` into ``config.out``; returns the run's summary.
+
+    ``data`` (optional) are the splits to use instead of reading ``config.data`` (a training
+    subset, a custom dataset); ``config.data`` then only names them in the metrics and checkpoints.
 
     Raises :class:`UsageError` for bad options, missing files or a model that does not fit the data,
     and :class:`TrainingDiverged` when the loss stops being finite (``last.pt`` then still holds the
@@ -407,13 +411,13 @@ def train(
     kind = _device_kind(config.device)
     d = _init_distributed(kind)
     try:
-        return _train(config, callbacks, epoch_hooks, kind, d)
+        return _train(config, callbacks, epoch_hooks, kind, d, data)
     finally:
         if d.active and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d: _Dist) -> dict:
+def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d: _Dist, data=None) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
     last_path = out / "last.pt"
@@ -445,7 +449,8 @@ def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d:
     if config.nonlinear_warmup and not n_expanded:
         raise UsageError("--nonlinear-warmup needs expanded layers, and this model has none (run expandctl expand)")
 
-    data = load_data(config.data, input_shape=ckpt.input_shape)
+    if data is None:
+        data = load_data(config.data, input_shape=ckpt.input_shape)
     input_shape = tuple(ckpt.input_shape) if ckpt.input_shape else tuple(data.input_shape)
     model.to(device)
     if n_expanded:
