@@ -186,7 +186,8 @@ class EpochContext:
 
     Hooks run on every rank (write files only where ``rank == 0``); a dict they return is merged
     into the epoch's metrics row. ``model`` is the bare model (not the DDP wrapper), in train mode.
-    Random draws a hook makes come from the generators that ``last.pt`` saves, so resume stays exact.
+    A hook that draws from the global generators draws from the states ``last.pt`` saves, so resume stays
+    exact; one that must not move the training stream (gradient confusion) seeds a generator of its own.
     """
 
     epoch: int
