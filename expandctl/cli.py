@@ -2,7 +2,7 @@
 
 This module parses arguments, calls the library and prints; nothing else. Every command takes
 ``--json`` (exactly one JSON object on stdout, also on error), ``--quiet`` (no progress) and
-``--debug`` (tracebacks). Exit codes: see :data:`EXIT_CODES` and docs/cli.md.
+``--debug`` (tracebacks). Exit codes: see :data:`expandctl.cli_common.EXIT_CODES` and docs/cli.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import copy
 import json
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -21,22 +21,27 @@ import typer
 
 from . import __version__
 from . import checkpoint as ckpt_io
+from .cli_common import (
+    EXIT_INTERRUPTED,
+    ArchKwOpt,
+    ArchOpt,
+    AtolOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    ShapeOpt,
+    TrustOpt,
+    guard,
+    input_shape_of,
+    load_for_cli,
+    parse_json_object,
+    parse_shape,
+    running_model,
+)
 from .console import UI, fmt_count, kv_table, layers_table, plan_table, report_settings, report_table
-from .errors import CheckFailed, ExpandctlError, NothingToExpandError, UsageError
+from .errors import CheckFailed, NothingToExpandError, UsageError
 from .fold import fold_batchnorm
-
-#: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
-EXIT_CODES = {
-    0: "success",
-    1: "check failed: an equivalence or ONNX export check did not pass (nothing was written)",
-    2: "usage error or bad input: missing/corrupt/unknown file, bad option, weights that do not fit --arch",
-    3: "unsafe input refused: a pickle naming classes outside torch/torchvision (use --trust-pickle)",
-    4: "unsupported model or layer: nothing to expand, a layer that cannot be expanded or exported",
-    5: "I/O error: a file could not be read or written (permissions, disk full)",
-    70: "internal error: a bug in expandctl or a library it calls (rerun with --debug and report it)",
-    130: "interrupted (Ctrl-C)",
-}
-EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
 
 app = typer.Typer(
     name="expandctl",
@@ -47,52 +52,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-# --- shared options --------------------------------------------------------------------------------
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        metavar="SPEC",
-        help="Architecture: a torchvision name (resnet18), smallnet, or module:callable "
-        "(mypkg.models:MyNet). "
-        "Needed for plain state dicts; overrides what a checkpoint records.",
-    ),
-]
-ArchKwOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."
-    ),
-]
-ShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--input-shape",
-        metavar="C,H,W",
-        help="Per-sample input shape C,H,W (no batch). Default: recorded in the checkpoint, or inferred "
-        "(3,224,224 for torchvision classifiers; SmallNet from its arguments).",
-    ),
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        envvar="EXPANDCTL_TRUST_PICKLE",
-        help="Allow pickles that name classes outside torch/torchvision (runs code from the file: "
-        "only for files you trust). Also EXPANDCTL_TRUST_PICKLE=1.",
-    ),
-]
-AtolOpt = Annotated[
-    float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
-]
-RtolOpt = Annotated[
-    float | None,
-    typer.Option("--rtol", metavar="X", help="Tolerance relative to the largest output (default by dtype)."),
-]
 
 
 def _version(value: bool) -> None:
@@ -112,75 +71,6 @@ def _root(
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _guard(ui: UI) -> Iterator[None]:
-    """Turn every failure into ``error: <sentence>`` on stderr (JSON on stdout) and an exit code."""
-    try:
-        yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except ExpandctlError as e:
-        ui.error(str(e), e.exit_code, getattr(e, "details", None), e)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt as e:
-        ui.error("interrupted; no output was written", EXIT_INTERRUPTED, exc=e)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except OSError as e:
-        where = f" {str(e.filename)!r}" if e.filename else ""
-        ui.error(f"cannot access{where}: {e.strerror or e}; check permissions and free space", EXIT_IO, exc=e)
-        raise typer.Exit(EXIT_IO) from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        ui.error(
-            f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it",
-            EXIT_INTERNAL,
-            exc=e,
-        )
-        raise typer.Exit(EXIT_INTERNAL) from None
-
-
-@contextlib.contextmanager
-def _running_model(shape: Sequence[int]) -> Iterator[None]:
-    """A model that fails on the check inputs almost always means a wrong input shape."""
-    try:
-        yield
-    except ExpandctlError:
-        raise
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UsageError(
-            f"the model failed on random inputs of shape (batch, {', '.join(map(str, shape))}) ({first}); "
-            "check --input-shape"
-        ) from e
-
-
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise UsageError(f"--input-shape {text!r} is not a list of positive integers like 3,224,224 (no batch size)")
-    return shape
-
-
-def _parse_kwargs(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(
-            f"--arch-kwargs is not valid JSON ({e.msg} at character {e.pos}); e.g. '{{\"num_classes\": 10}}'"
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--arch-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
-    return value
-
-
 _ARGV: list[str] | None = None  # set by main(): the exact command line, for provenance
 
 
@@ -202,27 +92,6 @@ def _command_line(ctx: typer.Context) -> str:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 parts += [param.opts[0], str(v)]
     return shlex.join(parts)
-
-
-def _load(ui: UI, path: str, arch, arch_kwargs, trust: bool) -> ckpt_io.Checkpoint:
-    with ui.step(f"loading {path}"):
-        ckpt = ckpt_io.load_checkpoint(path, arch, _parse_kwargs(arch_kwargs), trust)
-    from .verify import check_finite
-
-    try:
-        check_finite(ckpt.model)
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-    return ckpt
-
-
-def _input_shape(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None) -> tuple[int, ...]:
-    shape = _parse_shape(override) or ckpt.input_shape or fallback
-    if not shape:
-        raise UsageError(
-            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
-        )
-    return tuple(shape)
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -282,7 +151,7 @@ def _contract_checked(ui: UI, ckpt: ckpt_io.Checkpoint, shape, atol, rtol, **che
         compact = contract_model(ckpt.model)
     with (
         ui.step("checking the contracted model against the expanded one (float64, float32)"),
-        _running_model(shape),
+        running_model(shape),
     ):
         reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
     if _failed(reports):
@@ -349,9 +218,9 @@ def expand(
     from .rewrite import plan as make_plan
 
     ui = UI("expand", as_json, quiet, debug)
-    with _guard(ui):
-        kwargs = _parse_kwargs(arch_kwargs)
-        shape = _parse_shape(input_shape)
+    with guard(ui):
+        kwargs = parse_json_object(arch_kwargs)
+        shape = parse_shape(input_shape)
         if init not in INIT_MODES:
             raise UsageError(f"--init must be one of {', '.join(INIT_MODES)}, got {init!r}")
         if src is None and arch is None:
@@ -366,7 +235,7 @@ def expand(
                 out = Path(f"{arch.rpartition(':')[2]}.expanded.pt")
             ckpt_io.check_output_path(out, [src] if src else [], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES)
         if src is not None:
-            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+            ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
         else:
             spec = resolve_arch(arch)[0]
             with ui.step(f"building {spec}"), torch.random.fork_rng(devices=[]):
@@ -501,17 +370,17 @@ def contract(
     from .verify import compare_models
 
     ui = UI("contract", as_json, quiet, debug)
-    with _guard(ui):
+    with guard(ui):
         out = ckpt_io.check_output_path(
             output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
         )
         to_onnx = out.suffix.lower() == ".onnx"
-        ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+        ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
         if ckpt.arch is None and not to_onnx:
             raise UsageError(
                 f"{src} holds a pickled model whose builder cannot be inferred; pass --arch to write a checkpoint"
             )
-        shape = _input_shape(ckpt, input_shape)
+        shape = input_shape_of(ckpt, input_shape)
         layers = [p for p, _ in expanded_layers(ckpt.model)]
         reports: list = []
         if layers:
@@ -524,7 +393,7 @@ def contract(
             with ui.step("folding BatchNorm"):
                 unfolded = compact
                 compact, folded = fold_batchnorm(compact)
-            with ui.step("checking the folded model"), _running_model(shape):
+            with ui.step("checking the folded model"), running_model(shape):
                 fold_reports = [
                     compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
                     for d in (torch.float64, torch.float32)
@@ -534,7 +403,7 @@ def contract(
                 _show_reports(ui, reports, "checks")
                 raise _check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
         if to_onnx:
-            with ui.step(f"exporting {out} and checking it with onnxruntime"), _running_model(shape):
+            with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape):
                 try:
                     _, export_report = export_onnx(
                         compact,
@@ -623,7 +492,7 @@ def verify(
     from .verify import check_contraction, compare_models, compare_onnx
 
     ui = UI("verify", as_json, quiet, debug)
-    with _guard(ui):
+    with guard(ui):
         want = _dtype(dtype)
         fa = ckpt_io.sniff_format(a)
         fb = ckpt_io.sniff_format(b) if b is not None else None
@@ -637,13 +506,13 @@ def verify(
             )
         if fb == "onnx" and want == torch.float64:
             raise UsageError("onnxruntime runs the exported model in float32; drop --dtype float64")
-        ckpt_a = _load(ui, a, arch, arch_kwargs, trust_pickle)
+        ckpt_a = load_for_cli(ui, a, arch, arch_kwargs, trust_pickle)
         onnx_shape = None
         if fb == "onnx":
             meta = ckpt_io.describe_onnx(b)["metadata"]
             with contextlib.suppress(ValueError, TypeError):
                 onnx_shape = json.loads(meta.get("expandctl.input_shape", "null"))
-        shape = _input_shape(ckpt_a, input_shape, onnx_shape)
+        shape = input_shape_of(ckpt_a, input_shape, onnx_shape)
         check = {"samples": samples, "batch": batch, "seed": seed, "atol": atol, "rtol": rtol}
         if b is None:
             if not list(expanded_layers(ckpt_a.model)):
@@ -653,7 +522,7 @@ def verify(
                     f"(expandctl verify {a} other.pt|other.onnx)"
                 )
             compact = contract_model(ckpt_a.model)
-            with ui.step("comparing the expanded model with its contraction"), _running_model(shape):
+            with ui.step("comparing the expanded model with its contraction"), running_model(shape):
                 reports = check_contraction(
                     ckpt_a.model,
                     compact,
@@ -663,12 +532,12 @@ def verify(
                 )
             title = f"{a}: expanded (explicit) vs contracted"
         elif fb == "onnx":
-            with ui.step(f"comparing {a} with {b} in onnxruntime"), _running_model(shape):
+            with ui.step(f"comparing {a} with {b} in onnxruntime"), running_model(shape):
                 reports = [compare_onnx(ckpt_a.model, b, shape, **check)]
             title = f"{a} vs {b} (onnxruntime)"
         else:
-            ckpt_b = _load(ui, b, arch, arch_kwargs, trust_pickle)
-            with ui.step(f"comparing {a} with {b}"), _running_model(shape):
+            ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
+            with ui.step(f"comparing {a} with {b}"), running_model(shape):
                 reports = [compare_models(ckpt_a.model, ckpt_b.model, shape, dtype=want or torch.float64, **check)]
             title = f"{a} vs {b}"
         _show_reports(ui, reports, title)
@@ -711,15 +580,15 @@ def export(
     from .rewrite import expanded_layers
 
     ui = UI("export", as_json, quiet, debug)
-    with _guard(ui):
+    with guard(ui):
         out = ckpt_io.check_output_path(output, [src], (".onnx",))
-        ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
-        shape = _input_shape(ckpt, input_shape)
+        ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+        shape = input_shape_of(ckpt, input_shape)
         reports: list = []
         model = ckpt.model
         if list(expanded_layers(model)):
             model, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
-        with ui.step(f"exporting {out} and checking it with onnxruntime"), _running_model(shape):
+        with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape):
             try:
                 _, report = export_onnx(
                     model,
@@ -771,7 +640,7 @@ def inspect(
     from .rewrite import expanded_layers
 
     ui = UI("inspect", as_json, quiet, debug)
-    with _guard(ui):
+    with guard(ui):
         fmt = ckpt_io.sniff_format(src)
         if fmt == "onnx":
             info = ckpt_io.describe_onnx(src)
@@ -782,7 +651,7 @@ def inspect(
             ui.emit({**info, "metadata": meta})
             return
         try:
-            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+            ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
         except ckpt_io.NeedsArchError:
             info = ckpt_io.describe_state_dict(src)
             if info is None:
@@ -859,7 +728,7 @@ def evaluate(
     from .train.data import load_data
 
     ui = UI("evaluate", as_json, quiet, debug)
-    with _guard(ui):
+    with guard(ui):
         if split not in ("val", "train"):
             raise UsageError(f"--split must be val or train, not {split!r}")
         if batch_size < 1:
@@ -873,7 +742,7 @@ def evaluate(
             with ui.step(f"scoring {src} on {data} ({split}) in onnxruntime"):
                 result = evaluate_onnx(src, getattr(sets, split), batch_size)
         else:
-            ckpt = _load(ui, src, arch, arch_kwargs, trust_pickle)
+            ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
             sets = load_data(data, ckpt.input_shape, augment=False)
             with ui.step(f"scoring {src} on {data} ({split})"):
                 result = evaluate_torch(ckpt.model, getattr(sets, split), batch_size)
@@ -885,7 +754,7 @@ def evaluate(
 
 
 def _register_train() -> None:
-    """``expandctl train`` lives in :mod:`expandctl.train.command` (it uses this module's ``_guard``)."""
+    """``expandctl train`` lives in :mod:`expandctl.train.command` (errors through ``cli_common.guard``)."""
     from .train.command import train
 
     app.command("train")(train)

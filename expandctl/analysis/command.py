@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from .. import checkpoint as ckpt_io
+from ..cli_common import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, TrustOpt, guard, load_for_cli
 from ..console import UI, fmt_count, kv_table
 from ..errors import UsageError
 
@@ -27,7 +28,6 @@ analyze_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# The main CLI's shared options, restated: importing them from expandctl.cli would be circular.
 CkptArg = Annotated[
     str, typer.Argument(metavar="CKPT", help="Checkpoint (expanded or compact), any file expandctl loads.")
 ]
@@ -39,27 +39,6 @@ DataOpt = Annotated[
 ]
 SplitOpt = Annotated[str, typer.Option(metavar="train|val", help="Which split to measure on.")]
 DeviceOpt = Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where to run (auto: CUDA when visible).")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", metavar="SPEC", help="Architecture of a plain state dict.")]
-ArchKwOpt = Annotated[
-    str | None, typer.Option("--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch.")
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        envvar="EXPANDCTL_TRUST_PICKLE",
-        help="Allow pickles that name classes outside torch/torchvision (runs code from the file).",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-
-
-def _cli():
-    from .. import cli  # imported late: cli registers this module's commands when it loads
-
-    return cli
 
 
 def _output(output: str | None, src: str, suffix: str) -> Path:
@@ -91,7 +70,7 @@ def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device):
     if split not in ("train", "val"):
         raise UsageError(f"--split must be train or val (got {split!r})")
     device = _device(device)
-    ckpt = _cli()._load(ui, src, arch, arch_kwargs, trust)
+    ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust)
     sets = load_data(data, ckpt.input_shape, augment=False)
     dataset = getattr(sets, split)
     model = ckpt.model.to(device)
@@ -157,7 +136,7 @@ def grad_confusion(
     from .plots import plot_confusion
 
     ui = UI("analyze grad-confusion", as_json, quiet, debug)
-    with _cli()._guard(ui):
+    with guard(ui):
         out = _output(output, src, "grad-confusion")
         _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device)
         with ui.step(f"gradients of {pairs} mini-batch pairs"):
@@ -226,7 +205,7 @@ def landscape(
     from .plots import plot_landscape
 
     ui = UI("analyze landscape", as_json, quiet, debug)
-    with _cli()._guard(ui):
+    with guard(ui):
         if dims not in (1, 2):
             raise UsageError(f"--dims must be 1 or 2 (got {dims})")
         out = _output(output, src, f"landscape-{dims}d")
@@ -289,7 +268,7 @@ def plot(
     from .plots import plot_runs, read_metrics
 
     ui = UI("plot", as_json, quiet, debug)
-    with _cli()._guard(ui):
+    with guard(ui):
         out = ckpt_io.check_output_path(output, [], (".png",))
         names = _labels(runs, labels)
         histories = [read_metrics(run) for run in runs]

@@ -13,12 +13,9 @@ Under ``torchrun`` only rank 0 prints.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,8 +23,9 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..cli_common import ArchKwOpt, ArchOpt, DebugOpt, TrustOpt, guard, parse_json_object
 from ..console import UI, fmt_count, kv_table
-from ..errors import ExpandctlError, UsageError
+from ..errors import ExpandctlError
 from .loop import Callbacks, TrainConfig
 from .loop import train as run_training
 
@@ -128,42 +126,10 @@ class ConsoleReporter(Callbacks):
         self.ui.print(kv_table(rows, title="expandctl train"))
 
 
-def _json_dict(text: str | None, option: str) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(
-            f"{option} is not valid JSON ({e.msg} at character {e.pos}); e.g. '{{\"num_classes\": 10}}'"
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{option} must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
-    return value
-
-
 class TrainingInterrupted(ExpandctlError):
     """Ctrl-C during training (exit 130): the run folder is consistent and resumable."""
 
     exit_code = 130
-
-
-@contextlib.contextmanager
-def _guard(ui: UI) -> Iterator[None]:
-    """The main CLI's error handling (one ``error:`` line, exit codes of docs/cli.md) when it is there."""
-    try:
-        from ..cli import _guard as cli_guard
-    except ImportError:  # pragma: no cover - the CLI module always ships with the package
-        cli_guard = None
-    if cli_guard is not None:
-        with cli_guard(ui):
-            yield
-        return
-    try:  # pragma: no cover
-        yield
-    except ExpandctlError as e:
-        ui.error(str(e), e.exit_code, exc=e)
-        raise typer.Exit(e.exit_code) from None
 
 
 def train(
@@ -222,23 +188,16 @@ def train(
     grad_confusion_pairs: Annotated[
         int, typer.Option(metavar="N", help="Mini-batch pairs for --grad-confusion.")
     ] = 100,
-    arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict SRC.")] = None,
-    arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --arch.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
     teacher_arch: Annotated[str | None, typer.Option(help="Architecture of a plain state-dict --teacher.")] = None,
     teacher_arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --teacher-arch.")] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            envvar="EXPANDCTL_TRUST_PICKLE",
-            help="Allow pickles that name classes outside torch/torchvision (runs code from the file).",
-        ),
-    ] = False,
+    trust_pickle: TrustOpt = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout at the end (also on error).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or epoch lines.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Train an expanded (or compact) model; checkpoints stay contractible. Under torchrun: DDP."""
     ui = UI("train", as_json, quiet, debug)
@@ -246,7 +205,7 @@ def train(
         ui.json = ui.progress = False
         ui.out.quiet = ui.err.quiet = True
     reporter = ConsoleReporter(ui)
-    with _guard(ui):
+    with guard(ui):
         try:
             config = TrainConfig(
                 src=str(src),
@@ -263,9 +222,9 @@ def train(
                 decay_on=decay_on.lower(),
                 teacher=str(teacher) if teacher else None,
                 arch=arch,
-                arch_kwargs=_json_dict(arch_kwargs, "--arch-kwargs"),
+                arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
                 teacher_arch=teacher_arch,
-                teacher_arch_kwargs=_json_dict(teacher_arch_kwargs, "--teacher-arch-kwargs"),
+                teacher_arch_kwargs=parse_json_object(teacher_arch_kwargs, "--teacher-arch-kwargs"),
                 kd_alpha=kd_alpha,
                 kd_temperature=kd_temperature,
                 nonlinear_warmup=nonlinear_warmup,

@@ -1,0 +1,168 @@
+"""What every expandctl command shares: exit codes, common options, error handling, loading.
+
+The top-level CLI (:mod:`expandctl.cli`) and the command modules it registers
+(:mod:`expandctl.train.command`, :mod:`expandctl.analysis.command`) all import from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Annotated
+
+import typer
+
+from . import checkpoint as ckpt_io
+from .console import UI
+from .errors import ExpandctlError, UsageError
+
+#: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
+EXIT_CODES = {
+    0: "success",
+    1: "check failed: an equivalence or ONNX export check did not pass (nothing was written)",
+    2: "usage error or bad input: missing/corrupt/unknown file, bad option, weights that do not fit --arch",
+    3: "unsafe input refused: a pickle naming classes outside torch/torchvision (use --trust-pickle)",
+    4: "unsupported model or layer: nothing to expand, a layer that cannot be expanded or exported",
+    5: "I/O error: a file could not be read or written (permissions, disk full)",
+    70: "internal error: a bug in expandctl or a library it calls (rerun with --debug and report it)",
+    130: "interrupted (Ctrl-C)",
+}
+EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
+
+
+# --- options ----------------------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        metavar="SPEC",
+        help="Architecture: a torchvision name (resnet18), smallnet, or module:callable "
+        "(mypkg.models:MyNet). "
+        "Needed for plain state dicts; overrides what a checkpoint records.",
+    ),
+]
+ArchKwOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        metavar="C,H,W",
+        help="Per-sample input shape C,H,W (no batch). Default: recorded in the checkpoint, or inferred "
+        "(3,224,224 for torchvision classifiers; SmallNet from its arguments).",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        envvar="EXPANDCTL_TRUST_PICKLE",
+        help="Allow pickles that name classes outside torch/torchvision (runs code from the file: "
+        "only for files you trust). Also EXPANDCTL_TRUST_PICKLE=1.",
+    ),
+]
+AtolOpt = Annotated[
+    float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
+]
+RtolOpt = Annotated[
+    float | None,
+    typer.Option("--rtol", metavar="X", help="Tolerance relative to the largest output (default by dtype)."),
+]
+
+
+@contextlib.contextmanager
+def guard(ui: UI) -> Iterator[None]:
+    """Turn every failure into ``error: <sentence>`` on stderr (JSON on stdout) and an exit code."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ExpandctlError as e:
+        ui.error(str(e), e.exit_code, getattr(e, "details", None), e)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt as e:
+        ui.error("interrupted; no output was written", EXIT_INTERRUPTED, exc=e)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as e:
+        where = f" {str(e.filename)!r}" if e.filename else ""
+        ui.error(f"cannot access{where}: {e.strerror or e}; check permissions and free space", EXIT_IO, exc=e)
+        raise typer.Exit(EXIT_IO) from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        ui.error(
+            f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it",
+            EXIT_INTERNAL,
+            exc=e,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+@contextlib.contextmanager
+def running_model(shape: Sequence[int]) -> Iterator[None]:
+    """A model that fails on the check inputs almost always means a wrong input shape."""
+    try:
+        yield
+    except ExpandctlError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"the model failed on random inputs of shape (batch, {', '.join(map(str, shape))}) ({first}); "
+            "check --input-shape"
+        ) from e
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"--input-shape {text!r} is not a list of positive integers like 3,224,224 (no batch size)")
+    return shape
+
+
+def parse_json_object(text: str | None, option: str = "--arch-kwargs") -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"{option} is not valid JSON ({e.msg} at character {e.pos}); e.g. '{{\"num_classes\": 10}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{option} must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}")
+    return value
+
+
+def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool) -> ckpt_io.Checkpoint:
+    with ui.step(f"loading {path}"):
+        ckpt = ckpt_io.load_checkpoint(path, arch, parse_json_object(arch_kwargs), trust)
+    from .verify import check_finite
+
+    try:
+        check_finite(ckpt.model)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    return ckpt
+
+
+def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None) -> tuple[int, ...]:
+    shape = parse_shape(override) or ckpt.input_shape or fallback
+    if not shape:
+        raise UsageError(
+            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
+        )
+    return tuple(shape)
