@@ -412,7 +412,10 @@ def train(
     kind = _device_kind(config.device)
     d = _init_distributed(kind)
     try:
-        return _train(config, callbacks, epoch_hooks, kind, d, data)
+        summary = _train(config, callbacks, epoch_hooks, kind, d, data)
+        if d.active:  # leave together: rank 0 may still be writing files; tearing gloo down under a
+            dist.barrier()  # peer that is still connected aborted the process now and then
+        return summary
     finally:
         if d.active and dist.is_initialized():
             dist.destroy_process_group()
