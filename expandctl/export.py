@@ -131,8 +131,7 @@ def _export(model, x, dest: Path, names, opset, dynamic: bool, external: bool) -
             torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **common)
     except Exception as e:
         raise UnsupportedError(
-            f"neither ONNX exporter handles this model "
-            f"(torch.export: {dynamo_error}; TorchScript: {_first_line(e)})"
+            f"neither ONNX exporter handles this model (torch.export: {dynamo_error}; TorchScript: {_first_line(e)})"
         ) from e
     return "torchscript", [
         f"the torch.export-based exporter failed ({dynamo_error}); used the TorchScript exporter, "
