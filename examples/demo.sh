@@ -26,8 +26,9 @@ expandctl verify "$out/run/best.pt" "$out/compact.onnx"
 
 step "5. baseline: the compact SmallNet trained with the same settings"
 python - "$out/compact-init.pt" <<'PY'
-import sys, expandctl
+import sys, torch, expandctl
 from expandctl.models import SmallNet
+torch.manual_seed(0)
 model = SmallNet(kernel_size=7, in_channels=1, image_size=8, num_classes=10)
 expandctl.save(model, sys.argv[1], arch="smallnet", arch_kwargs={"in_channels": 1, "image_size": 8, "num_classes": 10},
                input_shape=(1, 8, 8))
