@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import randomize_batchnorm
+from helpers import CustomNet, Payload, randomize_batchnorm
 
 import expandctl
 from expandctl import checkpoint as C
@@ -49,27 +49,6 @@ class TiedNet(nn.Module):
 
     def forward(self, x):
         return self.out(self.b(self.a(x)))
-
-
-class CustomNet(nn.Module):
-    """A user's class: pickled whole, it is outside the allowlist."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class Payload:
-    """Unpickling runs ``exec``: proof that nothing from a refused file executes is the marker's absence."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,10 +190,10 @@ def test_pickled_payload_is_refused_before_it_runs(tmp_path):
 
 def test_custom_class_needs_trust(tmp_path):
     torch.save(CustomNet(), tmp_path / "custom.pt")
-    with pytest.raises(UnsafeInputError, match=r"test_checkpoint\.CustomNet.*EXPANDCTL_TRUST_PICKLE"):
+    with pytest.raises(UnsafeInputError, match=r"helpers\.CustomNet.*EXPANDCTL_TRUST_PICKLE"):
         C.load_checkpoint(tmp_path / "custom.pt")
     ck = C.load_checkpoint(tmp_path / "custom.pt", trust_pickle=True)
-    assert isinstance(ck.model, CustomNet) and ck.arch == "test_checkpoint:CustomNet"
+    assert isinstance(ck.model, CustomNet) and ck.arch == "helpers:CustomNet"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import randomize_batchnorm
+from helpers import CustomNet, Payload, randomize_batchnorm
 from typer.testing import CliRunner
 
 import expandctl
@@ -41,23 +41,6 @@ def cli_json(*args, code=0, env=None):
     if code:
         assert data["exit_code"] == code
     return data
-
-
-class CustomNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +270,12 @@ def test_pickled_payload_refused_and_not_run(tmp_path):
 def test_custom_class_needs_trust(tmp_path):
     torch.save(CustomNet(), tmp_path / "custom.pt")
     result = cli("inspect", tmp_path / "custom.pt")
-    assert result.exit_code == 3 and "test_cli.CustomNet" in result.stderr
+    assert result.exit_code == 3 and "helpers.CustomNet" in result.stderr
     data = cli_json("inspect", tmp_path / "custom.pt", env={"EXPANDCTL_TRUST_PICKLE": "1"})
-    assert data["format"] == "pickled_module" and data["arch"]["spec"] == "test_cli:CustomNet"
+    assert data["format"] == "pickled_module" and data["arch"]["spec"] == "helpers:CustomNet"
     assert cli_json("inspect", tmp_path / "custom.pt", "--trust-pickle")["params"] == 8
     # no input shape can be inferred for it: contract says what to pass
-    expandctl.save(expandctl.expand(CustomNet(), "fc", 2), tmp_path / "e.pt", arch="test_cli:CustomNet",
+    expandctl.save(expandctl.expand(CustomNet(), "fc", 2), tmp_path / "e.pt", arch="helpers:CustomNet",
                    input_shape=None)
     data = cli_json("contract", tmp_path / "e.pt", "-o", tmp_path / "c.pt", code=2)
     assert "--input-shape" in data["error"]
