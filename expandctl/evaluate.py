@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import UsageError
-from .rewrite import set_forward
 
-__all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx", "evaluate"]
+__all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx"]
 
 
 def read_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +114,3 @@ def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> 
         return torch.from_numpy(np.concatenate(outs))
 
     return {"runtime": "onnxruntime", **score(predict, dataset, max(step, 1) * math.ceil(batch_size / max(step, 1)))}
-
-
-def evaluate(model_or_path: nn.Module | str | Path, dataset: Dataset, batch_size: int = 256) -> dict:
-    if isinstance(model_or_path, nn.Module):
-        return evaluate_torch(set_forward(model_or_path, "fused"), dataset, batch_size)
-    return evaluate_onnx(model_or_path, dataset, batch_size)

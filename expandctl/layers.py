@@ -284,7 +284,7 @@ class ExpandedConv(ExpandedLayer):
     def accepts(cls, module, pointwise=False):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             return "transposed convolutions are not supported"
-        if type(module) not in cls.source_types and not any(isinstance(module, t) for t in cls.source_types):
+        if not isinstance(module, cls.source_types):
             return f"{type(module).__name__} is not a Conv1d/2d/3d"
         return _plain_forward_reason(module, _conv_base(module), ("forward", "_conv_forward"))
 

@@ -86,7 +86,8 @@ def resolve_arch(spec: str) -> tuple[str, Callable[..., nn.Module]]:
             raise UsageError(f"--arch {spec!r} is not callable")
         return spec, factory
     if spec in ARCHITECTURES:
-        return f"expandctl.models:{ARCHITECTURES[spec].__name__}" if spec == "smallnet" else spec, ARCHITECTURES[spec]
+        factory = ARCHITECTURES[spec]
+        return f"{factory.__module__}:{factory.__qualname__}", factory
     import torchvision.models as tvm
 
     if spec.lower() in tvm.list_models():
@@ -101,7 +102,7 @@ def build_arch(spec: str, kwargs: dict | None = None) -> nn.Module:
     """Instantiate an architecture spec with keyword arguments (no weights are downloaded)."""
     canonical, factory = resolve_arch(spec)
     kwargs = dict(kwargs or {})
-    if canonical.startswith("torchvision.models:") and kwargs.get("weights") not in (None,):
+    if canonical.startswith("torchvision.models:") and kwargs.get("weights") is not None:
         raise UsageError("pretrained weights cannot be downloaded here; load them from a local file instead")
     try:
         model = factory(**kwargs)
