@@ -397,11 +397,14 @@ def train(
     callbacks: Callbacks | None = None,
     epoch_hooks: Sequence[EpochHook] = (),
     data: DataSplits | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Train ``config.src`` on ``config.data`` into ``config.out``; returns the run's summary.
 
     ``data`` (optional) are the splits to use instead of reading ``config.data`` (a training
     subset, a custom dataset); ``config.data`` then only names them in the metrics and checkpoints.
+    ``teacher`` (optional) is a distillation teacher module to use instead of loading
+    ``config.teacher`` (which then only names it); it is called in eval mode under no_grad.
 
     Raises :class:`UsageError` for bad options, missing files or a model that does not fit the data,
     and :class:`TrainingDiverged` when the loss stops being finite (``last.pt`` then still holds the
@@ -412,7 +415,7 @@ def train(
     kind = _device_kind(config.device)
     d = _init_distributed(kind)
     try:
-        summary = _train(config, callbacks, epoch_hooks, kind, d, data)
+        summary = _train(config, callbacks, epoch_hooks, kind, d, data, teacher)
         if d.active:  # leave together: rank 0 may still be writing files; tearing gloo down under a
             dist.barrier()  # peer that is still connected aborted the process now and then
         return summary
@@ -421,7 +424,9 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d: _Dist, data=None) -> dict:
+def _train(
+    config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d: _Dist, data=None, teacher_module=None
+) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
     last_path = out / "last.pt"
@@ -489,7 +494,7 @@ def _train(config: TrainConfig, callbacks: Callbacks, epoch_hooks, kind: str, d:
         if d.rank > 0:  # only rank 0's generators are saved; give the others fresh, distinct streams
             torch.manual_seed(config.seed + d.rank + 7919 * start_epoch)
 
-    teacher = _load_teacher(config, device)
+    teacher = _load_teacher(config, device) if teacher_module is None else teacher_module.to(device).eval()
     net = model
     if d.active:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if kind == "cuda" else None)

@@ -1,0 +1,862 @@
+"""Regenerate the paper's figures and claims on Fashion-MNIST, and try the method on torchvision models.
+
+``make figures`` runs this script. Every experiment uses the reproduction's recipe unless it says
+otherwise: Fashion-MNIST, the same 10,000 stratified training images as ``examples/reproduce.py``,
+12 epochs of the paper's schedule (lr 0.01 / 0.001 / 0.0001 in thirds), SGD momentum 0.9, batch 128,
+no weight decay, no augmentation, rate 4, fused training; accuracy is that of the *contracted* model
+(checked in float64 against the expanded one) on all 10,000 test images, which also give the
+per-epoch test curves.
+
+Experiments (``--only`` picks some):
+
+``behaviour``    7x7 compact / CL / CK and 3x3 compact / CL / CL+FC, 5 seeds: train and test curves,
+                 minimum pairwise gradient cosine similarity after every epoch (100 pairs), and the
+                 density of all 435 pairwise similarities of 30 batches after training (the paper's
+                 Fig. 2, 5, 6).
+``landscape``    9x9 compact / CL / CK, seed 0: filter-normalised 1D and 2D loss and error landscapes
+                 of the contracted network on 2,000 / 1,000 training images (Fig. 3, 4).
+``product-l2``   CK 7x7 with weight decay 5e-4 on the factors (normal L2) or on the composed kernel
+                 (product L2), 3 seeds: overall loss, cross-entropy, train and test error (Fig. 7).
+``distillation`` a teacher (SmallNet 3x3 with 64/128/256 channels, 1.5M parameters, trained 20 epochs
+                 with crop + flip) and compact+KD / CK+KD 7x7 students, 5 seeds; the students without
+                 KD are the ``behaviour`` runs (Fig. 1's claim).
+``init``         CK 7x7 with 2 epochs of nonlinear warm-up (ReLUs between the factors), 5 seeds,
+                 against the ``behaviour`` CK runs (the paper's "+Init").
+``corrupted``    compact / CK 5x5 with 20% of the training labels replaced by another class (one
+                 fixed draw), 5 seeds (the paper's generalisation experiment).
+``real``         torchvision ShuffleNetV2 x0.5 and MobileNetV2 (width 0.5), compact / CL rate 4 on the
+                 first conv and every depthwise 3x3 (the paper's ImageNet setting), 5 seeds; gray
+                 images replicated to 3 channels and resized to 32x32.
+
+Resumable: each finished run writes ``OUT/<experiment>/<name>.json`` (atomically) and is skipped next
+time, so a clean clone with the committed run files rebuilds every figure and table in seconds; a
+run killed mid-way continues from its ``last.pt``. Several processes may work on one OUT at once: each
+claims a run with a lock file before training it (``make figures JOBS=2``). Every invocation ends by
+rewriting ``OUT/results.md``, ``OUT/results.json`` and the figures from the run files present.
+
+    python examples/figures.py --out results/figures [--only behaviour,landscape] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import expandctl
+from expandctl.analysis.confusion import grad_confusion_hook, gradient_confusion
+from expandctl.analysis.landscape import loss_landscape
+from expandctl.checkpoint import atomic_write, load_checkpoint, save
+from expandctl.evaluate import evaluate_torch
+from expandctl.models import SmallNet
+from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data, train
+from expandctl.train.data import random_crop, random_flip
+from expandctl.train.losses import product_l2, split_decay_parameters
+from expandctl.verify import check_contraction
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import subset_indices, welch_p  # noqa: E402
+
+#: The recipe every run shares unless its spec says otherwise (the reproduction's settings).
+SETTINGS = {
+    "data": "fashion-mnist", "train_subset": 10_000, "subset_seed": 0, "epochs": 12, "lr": 0.01,
+    "schedule": "paper", "batch_size": 128, "momentum": 0.9, "rate": 4,
+}  # fmt: skip
+SEEDS = (0, 1, 2, 3, 4)
+WEIGHT_DECAY = 5e-4
+WARMUP_EPOCHS = 2
+CORRUPT_FRACTION = 0.2
+REAL_CURVE_IMAGES = 2000
+FINAL_CONFUSION_PAIRS = 435  # all pairs of 30 batches
+TEACHER = {
+    "kwargs": {"kernel_size": 3, "channels": (64, 128, 256), "hidden": 512},
+    "epochs": 20, "lr": 0.05, "schedule": "cosine", "weight_decay": 5e-4, "seed": 1000,
+}  # fmt: skip
+#: strategy, exclude for each SmallNet variant (FC never expands the logits, as in the paper's code)
+SMALLNET = {"compact": (None, ()), "cl": ("cl", ()), "ck": ("ck", ()), "cl+fc": ("cl+fc", ("classifier.3",))}
+REAL_MODELS = {
+    "shufflenet_v2_x0_5": {"num_classes": 10},
+    "mobilenet_v2": {"num_classes": 10, "width_mult": 0.5},
+}
+TEACHER_SPEC_ARGS = ("distillation", "teacher", TEACHER["seed"])
+EXPERIMENTS = ("behaviour", "landscape", "product-l2", "distillation", "init", "corrupted", "real")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run: what is trained, how, and what is measured on it."""
+
+    experiment: str
+    variant: str  # the label in tables and legends
+    seed: int
+    arch: str = "smallnet"
+    kernel: int = 7
+    strategy: str | None = None
+    exclude: tuple[str, ...] = ()
+    weight_decay: float = 0.0
+    decay_on: str = "factors"
+    warmup: int = 0
+    kd: bool = False
+    corrupt: float = 0.0
+    confusion: bool = False
+    landscape: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        prefix = f"k{self.kernel}" if self.arch == "smallnet" else self.arch
+        return f"{prefix}-{self.variant}-s{self.seed}"
+
+
+TEACHER_SPEC = Spec(*TEACHER_SPEC_ARGS, kernel=3)
+
+
+def smallnet_spec(experiment: str, variant: str, seed: int, kernel: int, **kw) -> Spec:
+    base = variant.split("-")[0].removesuffix("+kd").removesuffix("+init")
+    strategy, exclude = SMALLNET[base]
+    return Spec(experiment, variant, seed, kernel=kernel, strategy=strategy, exclude=exclude, **kw)
+
+
+def plan(experiments: Sequence[str], seeds: Sequence[int]) -> list[Spec]:
+    """Every run of the chosen experiments, seeds outermost so that partial results cover all cells."""
+    specs: list[Spec] = []
+    if "distillation" in experiments:  # first, so that its students (last) find it trained
+        specs.append(TEACHER_SPEC)
+    for s in seeds:
+        if "behaviour" in experiments:
+            for k, variants in ((7, ("compact", "cl", "ck")), (3, ("compact", "cl", "cl+fc"))):
+                specs += [smallnet_spec("behaviour", v, s, k, confusion=True) for v in variants]
+        if "landscape" in experiments and s == seeds[0]:
+            specs += [smallnet_spec("landscape", v, s, 9, landscape=True) for v in ("compact", "cl", "ck")]
+        if "product-l2" in experiments and s in seeds[:3]:
+            specs += [smallnet_spec("product-l2", f"ck-{mode}", s, 7, weight_decay=WEIGHT_DECAY, decay_on=mode)
+                      for mode in ("factors", "product")]  # fmt: skip
+        if "init" in experiments:
+            specs.append(smallnet_spec("init", "ck+init", s, 7, warmup=WARMUP_EPOCHS))
+        if "corrupted" in experiments:
+            specs += [smallnet_spec("corrupted", v, s, 5, corrupt=CORRUPT_FRACTION) for v in ("compact", "ck")]
+    real = []
+    if "real" in experiments:
+        real = [Spec("real", v, s, arch=arch, strategy=None if v == "compact" else "cl")
+                for s in seeds for arch in REAL_MODELS for v in ("compact", "cl")]  # fmt: skip
+    # The torchvision runs cost the most: three seeds of them before the students, the rest last.
+    specs += [r for r in real if r.seed in seeds[:3]]
+    if "distillation" in experiments:
+        specs += [smallnet_spec("distillation", v, s, 7, kd=True) for s in seeds for v in ("compact+kd", "ck+kd")]
+    return specs + [r for r in real if r.seed not in seeds[:3]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """The data every run reads, loaded once per process."""
+
+    full: DataSplits
+    train: TensorImages  # the fixed 10,000-image subset
+    test: TensorImages  # all 10,000 test images
+    _cache: dict = field(default_factory=dict)
+
+    def full_test(self, spec: Spec) -> TensorImages:
+        """All 10,000 test images, as the run's model reads them."""
+        if spec.arch == "smallnet":
+            return self.test
+        if "rgb-test" not in self._cache:
+            self._cache["rgb-test"] = as_rgb32(self.test)
+        return self._cache["rgb-test"]
+
+    def for_spec(self, spec: Spec) -> DataSplits:
+        key = (spec.arch == "smallnet", spec.corrupt, spec.variant == "teacher")
+        if key not in self._cache:
+            train_set, test_set = self.train, self.test
+            if spec.corrupt:
+                train_set = corrupted(train_set, spec.corrupt, seed=0)
+            if spec.arch != "smallnet":
+                # Per-epoch curves on 2,000 test images (the final accuracy is on all 10,000): a
+                # full test pass would add a third to these models' epoch.
+                test_set = fixed_subset(test_set, REAL_CURVE_IMAGES)
+                train_set, test_set = as_rgb32(train_set), as_rgb32(test_set)
+            if spec.variant == "teacher":
+                train_set = copy.copy(train_set)
+                train_set.augment = (random_crop(2), random_flip)
+            shape = tuple(train_set.images.shape[1:])
+            self._cache[key] = DataSplits(train_set, test_set, self.full.num_classes, shape)
+        return self._cache[key]
+
+
+def load(settings: dict) -> Data:
+    full = load_data(settings["data"])
+    idx = subset_indices(full.train.labels, settings["train_subset"], settings["subset_seed"])
+    train_set = copy.copy(full.train)
+    train_set.images, train_set.labels = full.train.images[idx], full.train.labels[idx]
+    return Data(full, train_set, full.val)
+
+
+def fixed_subset(ds: TensorImages, n: int) -> TensorImages:
+    idx = subset_indices(ds.labels, n, 0)
+    out = copy.copy(ds)
+    out.images, out.labels = ds.images[idx], ds.labels[idx]
+    return out
+
+
+def corrupted(ds: TensorImages, fraction: float, seed: int) -> TensorImages:
+    """A copy whose labels are wrong on exactly ``fraction`` of the images, each replaced by one of the
+    other classes drawn uniformly, from a generator seeded with ``seed`` (the same draw every run)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ds)
+    pick = torch.randperm(n, generator=g)[: round(fraction * n)]
+    classes = int(ds.labels.max()) + 1
+    labels = ds.labels.clone()
+    labels[pick] = (labels[pick] + torch.randint(1, classes, (len(pick),), generator=g)) % classes
+    out = copy.copy(ds)
+    out.labels = labels
+    return out
+
+
+def as_rgb32(ds: TensorImages) -> TensorImages:
+    """Gray 28x28 -> the 3 x 32 x 32 input the torchvision models get: bilinear resize, gray copied to
+    the three channels (the same normalisation on each)."""
+    x = ds.images.float()
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.expand(-1, 3, -1, -1).contiguous()
+    mean, std = float(ds.mean.flatten()[0]), float(ds.std.flatten()[0])
+    return TensorImages(x, ds.labels, (mean,) * 3, (std,) * 3, ds.scale, ds.augment)
+
+
+class CachedTeacher(nn.Module):
+    """A distillation teacher whose logits for the (unaugmented) training images are computed once.
+
+    The students' training images are not augmented, so each image always gets the same teacher
+    logits; looking them up by the image's bytes makes KD cost what plain training costs. An image not
+    in the table (never the case in these runs) goes through the teacher itself.
+    """
+
+    def __init__(self, teacher: nn.Module, dataset: TensorImages, batch_size: int = 500):
+        super().__init__()
+        self.teacher = teacher.eval()
+        self.table: dict[bytes, torch.Tensor] = {}
+        self.misses = 0  # batches that went through the teacher itself
+        with torch.no_grad():
+            for i in range(0, len(dataset), batch_size):
+                x, _ = dataset[list(range(i, min(i + batch_size, len(dataset))))]
+                for xi, li in zip(x, self.teacher(x)):
+                    self.table[xi.numpy().tobytes()] = li.clone()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.table.get(xi.cpu().numpy().tobytes()) for xi in x]
+        if any(r is None for r in rows):
+            self.misses += 1
+            return self.teacher(x)
+        return torch.stack(rows).to(x.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------
+def build(spec: Spec, shape: tuple[int, ...], settings: dict) -> tuple[nn.Module, str, dict]:
+    """``(model, arch spec, arch kwargs)`` for a run, initialised from ``spec.seed``."""
+    torch.manual_seed(spec.seed)
+    if spec.arch == "smallnet":
+        kwargs = {"kernel_size": spec.kernel, "in_channels": shape[0], "num_classes": 10, "image_size": shape[1]}
+        if spec.variant == "teacher":
+            kwargs.update(TEACHER["kwargs"])
+        model, arch = SmallNet(**kwargs), "smallnet"
+    else:
+        import torchvision
+
+        kwargs = dict(REAL_MODELS[spec.arch])
+        model, arch = torchvision.models.get_model(spec.arch, **kwargs), spec.arch
+    if spec.strategy:
+        model = expandctl.expand(model, spec.strategy, settings["rate"], exclude=spec.exclude, seed=spec.seed)
+    return model, arch, kwargs
+
+
+class Progress(Callbacks):
+    def __init__(self, name: str, verbose: bool):
+        self.name, self.verbose = name, verbose
+
+    def on_epoch_end(self, metrics, is_best):
+        if self.verbose:
+            print(f"  {self.name} epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} "
+                  f"test {metrics['val_acc']:.4f} ({metrics['seconds']:.1f} s)", flush=True)  # fmt: skip
+
+
+def regulariser_hook(spec: Spec):
+    """After each epoch, the weight-decay term the run optimises, at the epoch's end weights: product
+    L2 on the composed kernels plus optimizer decay on the rest, or optimizer decay on everything."""
+
+    def hook(ctx) -> dict:
+        with torch.no_grad():
+            if spec.decay_on == "product":
+                _, others = split_decay_parameters(ctx.model)
+                term = float(product_l2(ctx.model, spec.weight_decay) or 0.0)
+            else:
+                others, term = list(ctx.model.parameters()), 0.0
+            term += 0.5 * spec.weight_decay * sum(float(p.double().pow(2).sum()) for p in others)
+        return {"regulariser": term}
+
+    return hook
+
+
+def teacher_module(out: Path, data: Data, settings: dict, verbose: bool) -> nn.Module:
+    """The trained teacher, from its checkpoint: trained here first if this machine has none (a clean
+    clone has its run file but not its weights), or waited for if another process is training it."""
+    path = out / "work" / "teacher.pt"
+    while not path.is_file():
+        lock = claim(out, TEACHER_SPEC)
+        if lock is None:
+            time.sleep(20)
+            continue
+        try:
+            if not path.is_file():
+                print("training the distillation teacher first", flush=True)
+                run_one(TEACHER_SPEC, out, data, settings, verbose)
+        finally:
+            lock.unlink(missing_ok=True)
+    return load_checkpoint(path).model
+
+
+def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) -> dict:
+    """Train, contract, check and evaluate one run; write its JSON."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    splits = data.for_spec(spec)
+    shape = tuple(splits.input_shape)
+    work = out / "work" / spec.experiment / spec.name
+    work.mkdir(parents=True, exist_ok=True)
+    resume = (work / "last.pt").is_file()
+    src = work / "src.pt"
+    if not resume:
+        model, arch, kwargs = build(spec, shape, settings)
+        save(model, src, arch=arch, arch_kwargs=kwargs, input_shape=shape)
+    teacher = CachedTeacher(teacher_module(out, data, settings, verbose), splits.train) if spec.kd else None
+    hooks = []
+    if spec.confusion:
+        hooks.append(grad_confusion_hook(100, settings["batch_size"], spec.seed))
+    if spec.weight_decay:
+        hooks.append(regulariser_hook(spec))
+    is_teacher = spec.variant == "teacher"
+    config = TrainConfig(
+        src=str(src), data=settings["data"], out=str(work),
+        epochs=TEACHER["epochs"] if is_teacher else settings["epochs"],
+        batch_size=settings["batch_size"], lr=TEACHER["lr"] if is_teacher else settings["lr"],
+        momentum=settings["momentum"], schedule=TEACHER["schedule"] if is_teacher else settings["schedule"],
+        weight_decay=TEACHER["weight_decay"] if is_teacher else spec.weight_decay, decay_on=spec.decay_on,
+        teacher="cached-teacher" if spec.kd else None, nonlinear_warmup=spec.warmup, forward="fused",
+        device="cpu", seed=spec.seed, resume=resume, command=shlex.join(sys.argv),
+    )  # fmt: skip
+    summary = train(config, Progress(spec.name, verbose), hooks, data=splits, teacher=teacher)
+
+    ckpt = load_checkpoint(work / "last.pt")
+    expanded = ckpt.model
+    compact = expandctl.contract(expanded)
+    max_rel = None
+    if any(True for _ in expandctl.expanded_layers(expanded)):
+        (report,) = check_contraction(expanded, compact, shape, dtypes=(torch.float64,), samples=1)
+        if not report.passed:
+            raise SystemExit(f"{spec.name}: the contracted model differs from the expanded one: {report.summary()}")
+        max_rel = report.max_rel
+    final = evaluate_torch(compact, data.full_test(spec), batch_size=500)
+    result = {
+        "name": spec.name, "spec": {k: v for k, v in asdict(spec).items() if k != "extra"},
+        "settings": settings, "final_acc": final["accuracy"], "final_loss": final["loss"],
+        "params_trained": sum(p.numel() for p in expanded.parameters()),
+        "params_compact": sum(p.numel() for p in compact.parameters()),
+        "contraction_max_rel_float64": max_rel, "train_size": len(splits.train), "curve_test_size": len(splits.val),
+        "history": summary["history"], "resumed": resume,
+    }  # fmt: skip
+    if teacher is not None:
+        result["teacher_lookups_missed"] = teacher.misses
+    if spec.confusion:  # the distribution at the end of training (the paper's density plots)
+        gc = gradient_confusion(expanded, splits.train, pairs=FINAL_CONFUSION_PAIRS,
+                                batch_size=settings["batch_size"], seed=10_000 + spec.seed)  # fmt: skip
+        result["final_confusion"] = {k: gc[k] for k in ("min", "mean", "std", "pairs", "batches", "similarities")}
+    if spec.landscape:
+        probe = copy.copy(splits.train)
+        result["landscape_1d"] = loss_landscape(expanded, probe, dims=1, steps=41, span=1.0, seed=0,
+                                                batch_size=250, max_batches=8)  # fmt: skip
+        result["landscape_2d"] = loss_landscape(expanded, probe, dims=2, steps=17, span=1.0, seed=0,
+                                                batch_size=250, max_batches=4)  # fmt: skip
+    if is_teacher:
+        save(compact, out / "work" / "teacher.pt", arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=shape)
+    result.update({
+        # CPU seconds of this process for the whole run (build, train, contract, check, evaluate,
+        # measurements): what a run costs on an idle core; wall seconds also count waiting for one.
+        "cpu_seconds": round(time.process_time() - cpu0, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
+        "train_seconds": round(sum(m["seconds"] for m in summary["history"]), 2),
+        "torch": str(torch.__version__), "expandctl": expandctl.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })  # fmt: skip
+    for name in ("last.pt", "best.pt", "src.pt"):
+        (work / name).unlink(missing_ok=True)
+    target = result_path(out, spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def result_path(out: Path, spec: Spec) -> Path:
+    return out / spec.experiment / f"{spec.name}.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Claims: several processes share one OUT
+# --------------------------------------------------------------------------------------------------
+def claim(out: Path, spec: Spec) -> Path | None:
+    """A lock file for ``spec``, or ``None`` if a live process holds it (a dead one's is taken over)."""
+    lock = out / "work" / "locks" / f"{spec.experiment}-{spec.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return None  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # its owner died: take it over (the run resumes)
+                continue
+            except PermissionError:
+                return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return lock
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Report: tables and figures from whatever run files exist
+# --------------------------------------------------------------------------------------------------
+def collect(out: Path) -> dict[str, list[dict]]:
+    return {e: [json.loads(p.read_text()) for p in sorted((out / e).glob("*.json"))] for e in EXPERIMENTS}
+
+
+def select(runs: list[dict], **where) -> list[dict]:
+    return [r for r in runs if all(r["spec"][k] == v for k, v in where.items())]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pct(runs: list[dict], key: str = "final_acc") -> str:
+    if not runs:
+        return "-"
+    m, s = mean_std([100 * r[key] for r in runs])
+    return f"{m:.2f} +- {s:.2f} ({len(runs)})"
+
+
+def versus(a: list[dict], b: list[dict], key: str = "final_acc") -> str:
+    """``mean(a) - mean(b)`` in points and Welch's p."""
+    if not a or not b:
+        return "-"
+    d = 100 * (statistics.fmean(r[key] for r in a) - statistics.fmean(r[key] for r in b))
+    p = welch_p([r[key] for r in a], [r[key] for r in b])
+    return f"{d:+.2f}" + (f" (p={p:.2g})" if p is not None else "")
+
+
+def symmetric_mean(one: dict, t: float) -> float:
+    """Mean 1D loss at the grid steps nearest to ``-t`` and ``+t``."""
+    a = one["alphas"]
+    return statistics.fmean(one["loss"][min(range(len(a)), key=lambda i: abs(a[i] - x))] for x in (-t, t))
+
+
+def report(out: Path) -> dict:
+    runs = collect(out)
+    lines = ["# ExpandNets' figures and claims on Fashion-MNIST", "",
+             "Generated by `examples/figures.py` (`make figures`) from the run files in this folder; do not edit.",
+             f"Recipe: `{json.dumps(SETTINGS)}`; contracted-model accuracy on the 10,000 test images, "
+             "mean +- std over seeds (n); differences in points with Welch's t-test p.", ""]  # fmt: skip
+    summary: dict = {"runs": {e: len(r) for e, r in runs.items()}}
+    b = runs["behaviour"]
+    if b:
+        lines += ["## Training behaviour (Fig. 2, 5, 6)", "",
+                  "| kernel | variant | test acc. | vs compact | min grad. cosine, last epoch | mean, last epoch "
+                  f"| final min ({FINAL_CONFUSION_PAIRS} pairs) | final mean | final std |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, variants in ((7, ("compact", "cl", "ck")), (3, ("compact", "cl", "cl+fc"))):
+            base = select(b, kernel=k, variant="compact")
+            for v in variants:
+                rs = select(b, kernel=k, variant=v)
+                if not rs:
+                    continue
+                last = [r["history"][-1] for r in rs]
+                fc = [r["final_confusion"] for r in rs]
+                cells = [
+                    pct(rs), versus(rs, base) if v != "compact" else "-",
+                    f"{statistics.fmean(h['grad_confusion_min'] for h in last):.3f}",
+                    f"{statistics.fmean(h['grad_confusion_mean'] for h in last):.3f}",
+                    f"{statistics.fmean(f['min'] for f in fc):.3f}", f"{statistics.fmean(f['mean'] for f in fc):.3f}",
+                    f"{statistics.fmean(f['std'] for f in fc):.3f}",
+                ]  # fmt: skip
+                lines.append(f"| {k}x{k} | {v} | " + " | ".join(cells) + " |")
+            plot_behaviour(out, b, k, variants)
+        lines.append("")
+    ls = runs["landscape"]
+    if ls:
+        lines += ["## Loss landscapes, 9x9 (Fig. 3, 4)", "",
+                  "Filter-normalised random directions in the contracted network's weights (biases and BatchNorm "
+                  "not perturbed), the same seed for every network; 1D on 2,000 and 2D on 1,000 training images.",
+                  "", "| variant | test acc. | loss at 0 | 1D loss at +-0.5 (mean) | 1D loss at +-1 (mean) | "
+                  "2D loss, mean over the grid | 2D error (%), mean over the grid |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for v in ("compact", "cl", "ck"):
+            for r in select(ls, variant=v):
+                one, two = r["landscape_1d"], r["landscape_2d"]
+                flat2 = [x for row in two["loss"] for x in row]
+                err2 = [100 * x for row in two["error"] for x in row]
+                lines.append(f"| {v} | {100 * r['final_acc']:.2f} | {one['loss_at_0']:.3f} | "
+                             f"{symmetric_mean(one, 0.5):.3f} | {symmetric_mean(one, 1.0):.3f} | "
+                             f"{statistics.fmean(flat2):.3f} | {statistics.fmean(err2):.2f} |")  # fmt: skip
+        lines.append("")
+        plot_landscapes(out, ls)
+    p = runs["product-l2"]
+    if p:
+        lines += [f"## Product L2 vs normal L2, CK 7x7, weight decay {WEIGHT_DECAY:g} (Fig. 7)", "",
+                  "| decay on | test acc. | last-epoch CE | regulariser | train error (%) | test error (%) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for mode in ("factors", "product"):
+            rs = select(p, decay_on=mode)
+            if rs:
+                h = [r["history"][-1] for r in rs]
+                lines.append(f"| {mode} | {pct(rs)} | {statistics.fmean(x['train_loss'] for x in h):.4f} | "
+                             f"{statistics.fmean(x['regulariser'] for x in h):.4f} | "
+                             f"{100 * (1 - statistics.fmean(x['train_acc'] for x in h)):.2f} | "
+                             f"{100 * (1 - statistics.fmean(r['final_acc'] for r in rs)):.2f} |")  # fmt: skip
+        lines += ["", "product vs factors: " + versus(select(p, decay_on="product"), select(p, decay_on="factors")), ""]
+        plot_product_l2(out, p)
+    d = runs["distillation"]
+    if d:
+        teacher = select(d, variant="teacher")
+        groups = {"compact": select(b, kernel=7, variant="compact"), "ck": select(b, kernel=7, variant="ck"),
+                  "compact+kd": select(d, variant="compact+kd"), "ck+kd": select(d, variant="ck+kd")}  # fmt: skip
+        lines += ["## Distillation, 7x7 (Fig. 1's claim)", "",
+                  f"Teacher: {pct(teacher)} (SmallNet 3x3, 64/128/256 channels, "
+                  f"{teacher[0]['params_compact']:,} parameters, {TEACHER['epochs']} epochs with crop + flip), "
+                  if teacher else "Teacher: not trained yet. ",
+                  "", "| student | test acc. | vs compact | vs compact+KD |", "|---|---|---|---|"]  # fmt: skip
+        for name, rs in groups.items():
+            lines.append(f"| {name} | {pct(rs)} | {versus(rs, groups['compact']) if name != 'compact' else '-'} | "
+                         f"{versus(rs, groups['compact+kd']) if name != 'compact+kd' else '-'} |")  # fmt: skip
+        lines.append("")
+        plot_bars(out / "distillation.png", groups, "Distillation, SmallNet 7x7: top-1 (%) of the contracted student",
+                  hline=(100 * statistics.fmean(r["final_acc"] for r in teacher), "teacher") if teacher else None)
+    i = runs["init"]
+    if i:
+        groups = {"ck": select(b, kernel=7, variant="ck"), "ck+init": i}
+        lines += [f"## Nonlinear initialisation (+Init), CK 7x7, {WARMUP_EPOCHS} warm-up epochs", "",
+                  "| variant | test acc. | vs ck |", "|---|---|---|", f"| ck | {pct(groups['ck'])} | - |",
+                  f"| ck+init | {pct(i)} | {versus(i, groups['ck'])} |", ""]  # fmt: skip
+    c = runs["corrupted"]
+    if c:
+        base = select(c, variant="compact")
+        lines += [f"## {int(100 * CORRUPT_FRACTION)}% corrupted training labels, 5x5", "",
+                  "| variant | test error (%) | test acc. | vs compact |", "|---|---|---|---|"]  # fmt: skip
+        for v in ("compact", "ck"):
+            rs = select(c, variant=v)
+            if rs:
+                err = mean_std([100 * (1 - r["final_acc"]) for r in rs])
+                lines.append(f"| {v} | {err[0]:.2f} +- {err[1]:.2f} | {pct(rs)} | "
+                             f"{versus(rs, base) if v != 'compact' else '-'} |")  # fmt: skip
+        lines.append("")
+        plot_curves(out / "corrupted.png", {v: select(c, variant=v) for v in ("compact", "ck")},
+                    f"SmallNet 5x5, {int(100 * CORRUPT_FRACTION)}% corrupted labels: test error per epoch")
+    rm = runs["real"]
+    if rm:
+        lines += ["## torchvision models (CL, rate 4, first conv + depthwise 3x3s; 3x32x32 input)", "",
+                  "| model | variant | params trained | test acc. | vs compact | s / epoch | x compact |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arch in REAL_MODELS:
+            base = select(rm, arch=arch, variant="compact")
+            base_s = [statistics.fmean(h["seconds"] for h in r["history"]) for r in base]
+            for v in ("compact", "cl"):
+                rs = select(rm, arch=arch, variant=v)
+                if not rs:
+                    continue
+                sec = statistics.fmean(statistics.fmean(h["seconds"] for h in r["history"]) for r in rs)
+                ratio = f"{sec / statistics.fmean(base_s):.2f}" if base_s else "-"
+                lines.append(f"| {arch} | {v} | {rs[0]['params_trained']:,} | {pct(rs)} | "
+                             f"{versus(rs, base) if v != 'compact' else '-'} | {sec:.1f} | {ratio} |")  # fmt: skip
+        lines.append("")
+        plot_real(out, rm)
+    every = [r for rs in runs.values() for r in rs]
+    if every:
+        cpu = sum(r["cpu_seconds"] for r in every)
+        lines += ["## Compute", "",
+                  f"{len(every)} runs, {cpu / 3600:.2f} CPU hours in all (one thread each; about "
+                  f"{cpu / 3600 / 2:.2f} hours on 2 cores). Per experiment, CPU seconds per run (mean):",
+                  ""]  # fmt: skip
+        for e, rs in runs.items():
+            if rs:
+                lines.append(f"- {e}: {len(rs)} runs, {statistics.fmean(r['cpu_seconds'] for r in rs):.0f} s per run")
+        lines.append("")
+        summary["cpu_hours"] = cpu / 3600
+    with atomic_write(out / "results.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_write(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+COLORS = {"compact": "#444444", "cl": "#1f77b4", "ck": "#d62728", "cl+fc": "#2ca02c", "compact+kd": "#7f7f7f",
+          "ck+kd": "#ff7f0e", "ck+init": "#9467bd", "ck-factors": "#1f77b4", "ck-product": "#d62728"}  # fmt: skip
+LABELS = {"compact": "compact", "cl": "CL", "ck": "CK", "cl+fc": "CL+FC", "compact+kd": "compact + KD",
+          "ck+kd": "CK + KD", "ck+init": "CK + Init", "ck-factors": "normal L2 (factors)",
+          "ck-product": "product L2 (composed kernel)"}  # fmt: skip
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _plt().close(fig)
+
+
+def _band(ax, runs: list[dict], series, label: str, color: str, log: bool = False) -> None:
+    """Mean over runs, with a band from the lowest to the highest run."""
+    n = min(len(r["history"]) for r in runs)
+    ys = [[series(r["history"][e]) for e in range(n)] for r in runs]
+    epochs = list(range(1, n + 1))
+    mean = [statistics.fmean(col) for col in zip(*ys)]
+    ax.plot(epochs, mean, color=color, label=f"{label} (n={len(runs)})", lw=1.8)
+    ax.fill_between(epochs, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)], color=color, alpha=0.18)
+    if log:
+        ax.set_yscale("log")
+
+
+def plot_behaviour(out: Path, runs: list[dict], kernel: int, variants: Sequence[str]) -> None:
+    from expandctl.analysis.plots import gaussian_kde
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0))
+    for v in variants:
+        rs = select(runs, kernel=kernel, variant=v)
+        if not rs:
+            continue
+        c, lab = COLORS[v], LABELS[v]
+        _band(axes[0], rs, lambda h: 100 * (1 - h["train_acc"]), lab, c)
+        _band(axes[1], rs, lambda h: 100 * (1 - h["val_acc"]), lab, c)
+        _band(axes[2], rs, lambda h: h["grad_confusion_min"], lab, c)
+        sims = [s for r in rs for s in r["final_confusion"]["similarities"]]
+        xs = [i / 200 * 2 - 1 for i in range(201)]
+        axes[3].plot(xs, gaussian_kde(sims, xs), color=c, lw=1.8, label=f"{lab} ({len(sims)} pairs)")
+    titles = ["training error (running, per epoch)", "test error (10,000 images)",
+              "min. pairwise gradient cosine (100 pairs)", "pairwise gradient cosine after training"]  # fmt: skip
+    ylabels = ["error (%)", "error (%)", "cosine similarity", "density"]
+    for ax, t, yl in zip(axes, titles, ylabels):
+        ax.set_title(t)
+        ax.set_ylabel(yl)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 25))
+    axes[3].set_xlabel("cosine similarity of two mini-batch gradients")
+    axes[3].set_xlim(-0.4, 1.0)
+    fig.suptitle(f"SmallNet {kernel}x{kernel} on Fashion-MNIST (10k images): compact vs expanded, "
+                 "mean over seeds, band = min..max", fontsize=12)  # fmt: skip
+    fig.tight_layout()
+    _save(fig, out / f"behaviour_{kernel}x{kernel}.png")
+
+
+def plot_landscapes(out: Path, runs: list[dict]) -> None:
+    plt = _plt()
+    order = [v for v in ("compact", "cl", "ck") if select(runs, variant=v)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    for v in order:
+        one = select(runs, variant=v)[0]["landscape_1d"]
+        axes[0].plot(one["alphas"], one["loss"], color=COLORS[v], lw=1.8, label=LABELS[v])
+        axes[1].plot(one["alphas"], [100 * e for e in one["error"]], color=COLORS[v], lw=1.8, label=LABELS[v])
+    axes[0].set(title="training loss", xlabel="step along the direction (filter-normalised units)",
+                ylabel="cross-entropy", yscale="log")  # fmt: skip
+    axes[1].set(title="training top-1 error", xlabel="step along the direction (filter-normalised units)",
+                ylabel="error (%)")  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmallNet 9x9: 1D loss landscape around the trained (contracted) weights", fontsize=12)
+    fig.tight_layout()
+    _save(fig, out / "landscape_1d.png")
+
+    import numpy as np
+
+    fig, axes = plt.subplots(2, len(order), figsize=(4.6 * len(order), 8.2), squeeze=False)
+    for row, (key, label, scale) in enumerate((("loss", "training loss (log10 CE)", None),
+                                                ("error", "training error (%)", 100))):  # fmt: skip
+        grids = [np.array(select(runs, variant=v)[0]["landscape_2d"][key], dtype=float) for v in order]
+        grids = [np.log10(g) if scale is None else scale * g for g in grids]
+        lo, hi = min(g.min() for g in grids), max(g.max() for g in grids)
+        hi = max(hi, lo + 1e-6)  # a flat grid still needs increasing levels
+        levels = np.linspace(lo, hi, 15)
+        for col, (v, g) in enumerate(zip(order, grids)):
+            two = select(runs, variant=v)[0]["landscape_2d"]
+            ax = axes[row][col]
+            cs = ax.contourf(two["alphas"], two["betas"], g.T, levels=levels, cmap="viridis")
+            ax.contour(two["alphas"], two["betas"], g.T, levels=levels, colors="white", linewidths=0.4)
+            ax.plot(0, 0, "r+", ms=10)
+            ax.set(title=f"{LABELS[v]}: {label}", xlabel="direction 1", ylabel="direction 2", aspect="equal")
+        fig.colorbar(cs, ax=list(axes[row]), label=label, shrink=0.9)
+    fig.suptitle("SmallNet 9x9: 2D loss landscapes (same scale per row, + = trained weights)", fontsize=12)
+    _save(fig, out / "landscape_2d.png")
+
+
+def plot_product_l2(out: Path, runs: list[dict]) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0))
+    for mode in ("factors", "product"):
+        rs = select(runs, decay_on=mode)
+        if not rs:
+            continue
+        v = f"ck-{mode}"
+        c, lab = COLORS[v], LABELS[v]
+        _band(axes[0], rs, lambda h: h["train_loss"] + h["regulariser"], lab, c, log=True)
+        _band(axes[1], rs, lambda h: h["train_loss"], lab, c, log=True)
+        _band(axes[2], rs, lambda h: 100 * (1 - h["train_acc"]), lab, c, log=True)
+        _band(axes[3], rs, lambda h: 100 * (1 - h["val_acc"]), lab, c, log=True)
+    titles = ("overall loss (CE + weight decay term)", "cross-entropy (training)", "training error", "test error")
+    for ax, t, yl in zip(axes, titles, ("loss", "loss", "error (%)", "error (%)")):
+        ax.set(title=t, xlabel="epoch", ylabel=f"{yl}, log scale")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"SmallNet 7x7 CK, weight decay {WEIGHT_DECAY:g}: product L2 vs normal L2 "
+                 "(mean over seeds, band = min..max)", fontsize=12)  # fmt: skip
+    fig.tight_layout()
+    _save(fig, out / "product_l2.png")
+
+
+def plot_curves(path: Path, groups: dict[str, list[dict]], title: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    for v, rs in groups.items():
+        if rs:
+            _band(axes[0], rs, lambda h: 100 * (1 - h["train_acc"]), LABELS[v], COLORS[v])
+            _band(axes[1], rs, lambda h: 100 * (1 - h["val_acc"]), LABELS[v], COLORS[v])
+    axes[0].set(title="training error (corrupted labels)", xlabel="epoch", ylabel="error (%)")
+    axes[1].set(title="test error (clean labels)", xlabel="epoch", ylabel="error (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title + " (mean over seeds, band = min..max)", fontsize=12)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_bars(path: Path, groups: dict[str, list[dict]], title: str, hline=None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [n for n, rs in groups.items() if rs]
+    for i, n in enumerate(names):
+        accs = [100 * r["final_acc"] for r in groups[n]]
+        m, s = mean_std(accs)
+        ax.bar(i, m, yerr=s, color=COLORS[n], alpha=0.8, capsize=4, label=f"{LABELS[n]}: {m:.2f} +- {s:.2f}")
+        ax.scatter([i] * len(accs), accs, color="black", s=10, zorder=3)
+    if hline:
+        ax.axhline(hline[0], color="black", ls="--", lw=1, label=f"{hline[1]}: {hline[0]:.2f}")
+    lo = min(100 * r["final_acc"] for n in names for r in groups[n])
+    top = max([100 * r["final_acc"] for n in names for r in groups[n]] + ([hline[0]] if hline else []))
+    ax.set_ylim(lo - 1.0, top + 0.8)
+    ax.set_xticks(range(len(names)), [LABELS[n] for n in names])
+    ax.set(ylabel="top-1 accuracy (%), 10,000 test images", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_real(out: Path, runs: list[dict]) -> None:
+    plt = _plt()
+    archs = [a for a in REAL_MODELS if select(runs, arch=a)]
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.0), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for v in ("compact", "cl"):
+            rs = select(runs, arch=arch, variant=v)
+            if rs:
+                _band(ax, rs, lambda h: 100 * (1 - h["val_acc"]), LABELS[v], COLORS[v])
+        ax.set(title=arch, xlabel="epoch", ylabel="test error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("torchvision models on Fashion-MNIST (3x32x32): compact vs CL rate 4 "
+                 "(mean over seeds, band = min..max)", fontsize=12)  # fmt: skip
+    fig.tight_layout()
+    _save(fig, out / "real_models.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="results/figures")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--report-only", action="store_true", help="only regenerate the tables and figures")
+    ap.add_argument("--verbose", action="store_true", help="one line per epoch")
+    args = ap.parse_args(argv)
+    args.only = [e.strip() for e in args.only.split(",") if e.strip()]
+    unknown = [e for e in args.only if e not in EXPERIMENTS]
+    if unknown:
+        ap.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ran = 0
+    if not args.report_only:
+        todo = [s for s in plan(args.only, args.seeds) if not result_path(out, s).is_file()]
+        print(f"{len(todo)} runs to do in {out}", flush=True)
+        data = load(SETTINGS) if todo else None
+        for spec in todo:
+            if result_path(out, spec).is_file():
+                continue  # another process finished it meanwhile
+            lock = claim(out, spec)
+            if lock is None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                r = run_one(spec, out, data, SETTINGS, args.verbose)
+                ran += 1
+                print(f"{spec.experiment}/{spec.name}: {100 * r['final_acc']:.2f}% "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            finally:
+                lock.unlink(missing_ok=True)
+    summary = report(out)
+    print(f"ran {ran}; {out / 'results.md'}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
