@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import expandctl
+from expandctl import ExpandctlError
 from expandctl.analysis.confusion import grad_confusion_hook, gradient_confusion
 from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
@@ -640,6 +641,16 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def _log_percent(ax) -> None:
+    """Log y axis with plain numbers as tick labels (2, 5, 10 rather than 2x10^0)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _band(ax, runs: list[dict], series, label: str, color: str, log: bool = False) -> None:
     """Mean over runs, with a band from the lowest to the highest run."""
     n = min(len(r["history"]) for r in runs)
@@ -649,14 +660,15 @@ def _band(ax, runs: list[dict], series, label: str, color: str, log: bool = Fals
     ax.plot(epochs, mean, color=color, label=f"{label} (n={len(runs)})", lw=1.8)
     ax.fill_between(epochs, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)], color=color, alpha=0.18)
     if log:
-        ax.set_yscale("log")
+        _log_percent(ax)
 
 
 def plot_behaviour(out: Path, runs: list[dict], kernel: int, variants: Sequence[str]) -> None:
     from expandctl.analysis.plots import gaussian_kde
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8.0))
+    axes = grid.flatten()
     for v in variants:
         rs = select(runs, kernel=kernel, variant=v)
         if not rs:
@@ -677,12 +689,12 @@ def plot_behaviour(out: Path, runs: list[dict], kernel: int, variants: Sequence[
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0].set_yscale("log")
+    _log_percent(axes[0])
     axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 25))
     axes[3].set_xlabel("cosine similarity of two mini-batch gradients")
     axes[3].set_xlim(-0.4, 1.0)
-    fig.suptitle(f"SmallNet {kernel}x{kernel} on Fashion-MNIST (10k images): compact vs expanded, "
-                 "mean over seeds, band = min..max", fontsize=12)  # fmt: skip
+    fig.suptitle(f"SmallNet {kernel}x{kernel} on Fashion-MNIST (10k training images): compact vs expanded\n"
+                 "mean over seeds, band = min..max over seeds", fontsize=12)  # fmt: skip
     fig.tight_layout()
     _save(fig, out / f"behaviour_{kernel}x{kernel}.png")
 
@@ -819,6 +831,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the tables and figures")
+    ap.add_argument("--no-report", action="store_true", help="train only (parallel workers; one reports last)")
     ap.add_argument("--verbose", action="store_true", help="one line per epoch")
     args = ap.parse_args(argv)
     args.only = [e.strip() for e in args.only.split(",") if e.strip()]
@@ -838,7 +851,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.report_only:
         todo = [s for s in plan(args.only, args.seeds) if not result_path(out, s).is_file()]
         print(f"{len(todo)} runs to do in {out}", flush=True)
-        data = load(SETTINGS) if todo else None
+        try:
+            data = load(SETTINGS) if todo else None
+        except ExpandctlError as e:
+            raise SystemExit(f"figures: {e} (run `make data` first)") from None
         for spec in todo:
             if result_path(out, spec).is_file():
                 continue  # another process finished it meanwhile
@@ -853,8 +869,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
             finally:
                 lock.unlink(missing_ok=True)
+    if args.no_report:
+        print(f"ran {ran}", flush=True)
+        return {"ran": ran}
     summary = report(out)
-    print(f"ran {ran}; {out / 'results.md'}", flush=True)
+    print(f"ran {ran}; {summary['runs']} run files; {out / 'results.md'} and "
+          f"{len(list(out.glob('*.png')))} figures written", flush=True)  # fmt: skip
     return summary
 
 
