@@ -2,6 +2,7 @@
 small CLI points. In-process through CliRunner, on SmallNets and a user's module written to tmp_path."""
 
 import json
+import sys
 
 import pytest
 import torch.nn as nn
@@ -27,6 +28,39 @@ def cli_json(*args, code=0):
     return data
 
 
+USER_MODULE = """
+import torch.nn as nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+"""
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A user's folder with their own module (a name nothing else uses), as the current folder;
+    ``fresh()`` forgets the import and sys.path entry, as a new process would."""
+    name = f"mymodels_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    saved = list(sys.path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+
+    def fresh():
+        sys.modules.pop(name, None)
+        sys.path[:] = [p for p in saved if p not in ("", ".", str(tmp_path))]
+
+    yield tmp_path, f"{name}:MyNet", fresh
+    sys.modules.pop(name, None)
+
+
 def test_plan_shows_groups_of_depthwise_factors():
     from expandctl.rewrite import plan
 
@@ -41,3 +75,11 @@ def test_library_expand_with_include_matching_nothing_blames_the_pattern():
 
     with pytest.raises(NothingToExpandError, match=r"--include 'nomatch\*' matches none of the 5 candidate layers"):
         expand(SmallNet(), "ck+fc", 2, include=["nomatch*"])
+
+
+def test_resolve_arch_imports_a_module_from_the_current_folder(user_folder):
+    from expandctl.models import build_arch
+
+    _, spec, fresh = user_folder
+    fresh()
+    assert type(build_arch(spec)).__name__ == "MyNet"
