@@ -179,3 +179,33 @@ def test_download_goes_through_torchvision_into_the_cache(cache, monkeypatch):
     s = D.load_data("mnist", options=D.DataOptions(download=True))
     assert fetched and all(name.endswith(".gz") for name in fetched)
     assert len(s.train) == 20 and (cache / "mnist" / "MNIST" / "raw").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands take the options
+# --------------------------------------------------------------------------------------------------
+def test_train_evaluate_and_analyze_take_the_adapters(tmp_path):
+    from test_newuser import cli, cli_json
+
+    import expandctl
+    from expandctl.models import SmallNet
+
+    kwargs = {"kernel_size": 3, "image_size": 16}
+    expandctl.save(SmallNet(**kwargs), tmp_path / "rgb16.pt", arch="smallnet", arch_kwargs=kwargs,
+                   input_shape=(3, 16, 16))  # fmt: skip
+    adapt = ["--channels", "3", "--image-size", "16"]
+    out = tmp_path / "run"
+    summary = cli_json("train", tmp_path / "rgb16.pt", "--data", "digits", *adapt, "--train-subset", "100",
+                       "--augment", "none", "--epochs", "1", "--batch-size", "50", "--out", out)  # fmt: skip
+    assert summary["final"]["val_acc"] is not None
+    metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(metrics) == 1
+    saved = torch.load(out / "last.pt", weights_only=True)["extra"]["train"]["config"]
+    assert (saved["channels"], saved["image_size"], saved["train_subset"], saved["augment"]) == (3, 16, 100, "none")
+    assert cli_json("evaluate", out / "best.pt", "--data", "digits", *adapt)["samples"] == 360
+    r = cli("analyze", "grad-confusion", out / "best.pt", "--data", "digits", *adapt, "--pairs", "2",
+            "--batch-size", "8", "--train-subset", "50", "-o", tmp_path / "gc.png", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    bad = cli_json("train", tmp_path / "rgb16.pt", "--data", "digits", "--epochs", "1", "--out", tmp_path / "r2",
+                   code=2)  # fmt: skip
+    assert "1x8x8" in bad["error"] and "--channels 3" in bad["error"]

@@ -11,7 +11,16 @@ from .files import _corrupt, _existing, sha256_file, sniff_format
 from .format import FORMAT, _read_safetensors
 from .unpickle import find_state_dict, torch_load
 
-__all__ = ["describe_onnx", "describe_state_dict"]
+__all__ = ["describe_onnx", "describe_state_dict", "ONNX_PARAMETERS_NOTE"]
+
+#: Names of the buffers of torch's normalisation layers, as they end a state-dict key.
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+#: Why an ONNX file's parameter count can be smaller than its checkpoint's.
+ONNX_PARAMETERS_NOTE = (
+    "ONNX parameters are the graph's initializers: the exporter folds eval-mode BatchNorm into the "
+    "preceding conv, so the count can be smaller than the checkpoint's"
+)
 
 
 def describe_onnx(path: str | Path) -> dict:
@@ -69,7 +78,10 @@ def describe_state_dict(path: str | Path) -> dict | None:
         "path": str(path),
         "format": "safetensors" if fmt == "safetensors" else "state_dict",
         "tensors": len(sd),
-        "parameters": sum(v.numel() for v in sd.values()),
+        # Without the model, buffers are told apart by name: BatchNorm's statistics are not parameters
+        # (the loaded model's count, model.parameters(), must agree with this one).
+        "parameters": sum(v.numel() for k, v in sd.items() if k.rpartition(".")[2] not in _BUFFER_NAMES),
+        "buffers": sum(v.numel() for k, v in sd.items() if k.rpartition(".")[2] in _BUFFER_NAMES),
         "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}),
         "first_keys": list(sd)[:8],
         "sha256": sha256_file(path),
