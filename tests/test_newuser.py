@@ -62,6 +62,12 @@ def test_evaluate_checkpoint_on_data_of_another_shape_shows_torch_whole_message(
     assert "internal error" not in data["error"]
 
 
+def test_analyze_on_data_of_another_shape_is_a_usage_error(models, tmp_path):
+    data = cli_json("analyze", "grad-confusion", models / "rgb.pt", "--data", "digits", "--pairs", "2",
+                    "-o", tmp_path / "gc.png", "--device", "cpu", code=2)  # fmt: skip
+    assert "3x32x32" in data["error"] and "1x8x8" in data["error"] and "--channels 3 --image-size 32" in data["error"]
+
+
 def test_adapters_make_the_same_evaluation_work(models):
     data = cli_json("evaluate", models / "rgb.onnx", "--data", "digits", "--channels", "3", "--image-size", "32")
     assert data["samples"] == 360 and 0 <= data["accuracy"] <= 1
@@ -218,6 +224,16 @@ def test_include_matching_nothing_blames_the_pattern(tmp_path):
     data = cli_json("expand", "--arch", "smallnet", "--include", "nomatch*", "-o", tmp_path / "n.pt", code=4)
     assert "--include 'nomatch*' matches none of the 5 candidate layers" in data["error"]
     assert "strategy" not in data["error"].split(";")[0]
+
+
+def test_demo_ends_by_saying_what_its_two_numbers_mean():
+    from pathlib import Path
+
+    script = (Path(__file__).parent.parent / "examples" / "demo.sh").read_text()
+    tail = script[script.rindex("expandctl evaluate") :]  # after the last command that prints a number
+    assert "python" not in tail and "step " not in tail  # nothing else runs after the two accuracies
+    for words in ("360 held-out digits", "one training seed", "seed-to-seed noise", '"Results', "results/"):
+        assert words in tail
 
 
 def test_library_expand_with_include_matching_nothing_blames_the_pattern():
