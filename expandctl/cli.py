@@ -21,17 +21,25 @@ import typer
 
 from . import __version__
 from . import checkpoint as ckpt_io
+from .checkpoint.describe import ONNX_PARAMETERS_NOTE
 from .cli_common import (
     EXIT_INTERRUPTED,
     ArchKwOpt,
     ArchOpt,
     AtolOpt,
+    AugmentOpt,
+    ChannelsOpt,
+    Command,
     DebugOpt,
+    DownloadOpt,
+    ImageSizeOpt,
     JsonOpt,
     QuietOpt,
     RtolOpt,
     ShapeOpt,
+    TrainSubsetOpt,
     TrustOpt,
+    data_options,
     guard,
     input_shape_of,
     load_for_cli,
@@ -40,8 +48,9 @@ from .cli_common import (
     running_model,
 )
 from .console import UI, fmt_count, kv_table, layers_table, plan_table, report_settings, report_table
-from .errors import CheckFailed, NothingToExpandError, UsageError
+from .errors import CheckFailed, NothingToExpandError, UnsupportedError, UsageError
 from .fold import fold_batchnorm
+from .shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_input_shape, run_once
 
 app = typer.Typer(
     name="expandctl",
@@ -151,7 +160,7 @@ def _contract_checked(ui: UI, ckpt: ckpt_io.Checkpoint, shape, atol, rtol, **che
         compact = contract_model(ckpt.model)
     with (
         ui.step("checking the contracted model against the expanded one (float64, float32)"),
-        running_model(shape),
+        running_model(shape, ckpt.input_shape),
     ):
         reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
     if _failed(reports):
@@ -166,7 +175,7 @@ def _contract_checked(ui: UI, ckpt: ckpt_io.Checkpoint, shape, atol, rtol, **che
 
 
 # --- expand ----------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def expand(
     ctx: typer.Context,
     src: Annotated[
@@ -249,6 +258,10 @@ def expand(
                 ckpt_io.infer_input_shape(spec, kwargs, model),
                 format="fresh",
             )
+        shape = shape or ckpt.input_shape
+        if shape is not None:
+            with ui.step(f"running the model once on {fmt_shape(shape)}"):
+                run_once(ckpt.model, shape, src or ckpt.arch)  # a wrong --input-shape fails here, not at train
         with ui.step("planning"):
             plan = make_plan(ckpt.model, strategy, rate, include or (), exclude or (), pointwise)
         before = _params(ckpt.model)
@@ -261,9 +274,7 @@ def expand(
             )
             if not plan.expanded:
                 raise NothingToExpandError(
-                    f"strategy {plan.strategy!r} selects no layer of this model "
-                    f"({len(plan.entries)} candidates; "
-                    "see the reasons above); try another --strategy, --pointwise or --include"
+                    f"{plan.why_nothing()}; see the reasons above. Try another --strategy, --pointwise or --include"
                 )
             ui.emit(
                 {
@@ -278,11 +289,7 @@ def expand(
             )
             return
         if not plan.expanded:
-            raise NothingToExpandError(
-                f"strategy {plan.strategy!r} selects no layer of this model "
-                f"({len(plan.entries)} candidates); "
-                "run with --dry-run to see why each was left alone"
-            )
+            raise NothingToExpandError(f"{plan.why_nothing()}; run with --dry-run to see why each was left alone")
         if ckpt.arch is None:
             raise UsageError(
                 f"{src} holds a pickled {ckpt.provenance.get('pickled_class', 'model')} "
@@ -300,7 +307,6 @@ def expand(
                 pointwise=pointwise,
                 seed=seed,
             )
-        shape = shape or ckpt.input_shape
         plan_dict = plan.to_dict()
         if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
             plan_dict["previous"] = ckpt.plan
@@ -346,7 +352,7 @@ def expand(
 
 
 # --- contract --------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def contract(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(metavar="SRC", help="Expanded checkpoint.")],
@@ -357,6 +363,13 @@ def contract(
         bool, typer.Option("--fold-bn", help="Also fold eval-mode BatchNorm into the preceding conv.")
     ] = False,
     input_shape: ShapeOpt = None,
+    require_expanded: Annotated[
+        bool,
+        typer.Option(
+            "--require-expanded",
+            help="Fail (exit 4) if SRC has no expanded layer, instead of writing it unchanged (for CI).",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -380,8 +393,13 @@ def contract(
             raise UsageError(
                 f"{src} holds a pickled model whose builder cannot be inferred; pass --arch to write a checkpoint"
             )
-        shape = input_shape_of(ckpt, input_shape)
         layers = [p for p, _ in expanded_layers(ckpt.model)]
+        if require_expanded and not layers:
+            raise UnsupportedError(
+                f"{src} has no expanded layer (never expanded, or already contracted) and --require-expanded "
+                "was given; nothing was written"
+            )
+        shape = input_shape_of(ckpt, input_shape)
         reports: list = []
         if layers:
             compact, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
@@ -393,7 +411,7 @@ def contract(
             with ui.step("folding BatchNorm"):
                 unfolded = compact
                 compact, folded = fold_batchnorm(compact)
-            with ui.step("checking the folded model"), running_model(shape):
+            with ui.step("checking the folded model"), running_model(shape, ckpt.input_shape):
                 fold_reports = [
                     compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
                     for d in (torch.float64, torch.float32)
@@ -403,7 +421,7 @@ def contract(
                 _show_reports(ui, reports, "checks")
                 raise _check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
         if to_onnx:
-            with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape):
+            with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
                 try:
                     _, export_report = export_onnx(
                         compact,
@@ -459,7 +477,7 @@ def contract(
 
 
 # --- verify ----------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def verify(
     ctx: typer.Context,
     a: Annotated[str, typer.Argument(metavar="A", help="Expanded checkpoint, or the reference checkpoint.")],
@@ -507,12 +525,12 @@ def verify(
         if fb == "onnx" and want == torch.float64:
             raise UsageError("onnxruntime runs the exported model in float32; drop --dtype float64")
         ckpt_a = load_for_cli(ui, a, arch, arch_kwargs, trust_pickle)
-        onnx_shape = None
-        if fb == "onnx":
-            meta = ckpt_io.describe_onnx(b)["metadata"]
-            with contextlib.suppress(ValueError, TypeError):
-                onnx_shape = json.loads(meta.get("expandctl.input_shape", "null"))
-        shape = input_shape_of(ckpt_a, input_shape, onnx_shape)
+        if fb == "onnx" and input_shape is None:
+            # The ONNX file says what it was exported with (graph input, else expandctl's metadata);
+            # the checkpoint may record another shape its model also takes (contract --input-shape).
+            shape = _onnx_shape(b) or input_shape_of(ckpt_a, None)
+        else:
+            shape = input_shape_of(ckpt_a, input_shape)
         check = {"samples": samples, "batch": batch, "seed": seed, "atol": atol, "rtol": rtol}
         if b is None:
             if not list(expanded_layers(ckpt_a.model)):
@@ -522,7 +540,7 @@ def verify(
                     f"(expandctl verify {a} other.pt|other.onnx)"
                 )
             compact = contract_model(ckpt_a.model)
-            with ui.step("comparing the expanded model with its contraction"), running_model(shape):
+            with ui.step("comparing the expanded model with its contraction"), running_model(shape, ckpt_a.input_shape):
                 reports = check_contraction(
                     ckpt_a.model,
                     compact,
@@ -532,11 +550,19 @@ def verify(
                 )
             title = f"{a}: expanded (explicit) vs contracted"
         elif fb == "onnx":
-            with ui.step(f"comparing {a} with {b} in onnxruntime"), running_model(shape):
+            with ui.step(f"comparing {a} with {b} in onnxruntime"), running_model(shape, ckpt_a.input_shape, a):
                 reports = [compare_onnx(ckpt_a.model, b, shape, **check)]
             title = f"{a} vs {b} (onnxruntime)"
         else:
             ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
+            sa, sb = ckpt_a.input_shape, ckpt_b.input_shape
+            if input_shape is None and sa and sb and tuple(sa) != tuple(sb):
+                raise UsageError(
+                    f"{a} takes inputs of shape {fmt_shape(sa)} and {b} takes {fmt_shape(sb)} (as their files "
+                    "record), so they are not two forms of one model; pass --input-shape to compare them anyway"
+                )
+            for path, model in ((a, ckpt_a.model), (b, ckpt_b.model)):
+                run_once(model, shape, path)  # a model that cannot take the shape is exit 2, not a NaN check
             with ui.step(f"comparing {a} with {b}"), running_model(shape):
                 reports = [compare_models(ckpt_a.model, ckpt_b.model, shape, dtype=want or torch.float64, **check)]
             title = f"{a} vs {b}"
@@ -553,7 +579,7 @@ def verify(
 
 
 # --- export ----------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def export(
     ctx: typer.Context,
     src: Annotated[
@@ -588,7 +614,7 @@ def export(
         model = ckpt.model
         if list(expanded_layers(model)):
             model, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
-        with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape):
+        with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
             try:
                 _, report = export_onnx(
                     model,
@@ -624,7 +650,7 @@ def export(
 
 
 # --- inspect ---------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def inspect(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(metavar="SRC", help="Checkpoint, state dict, pickled model or ONNX file.")],
@@ -648,7 +674,8 @@ def inspect(
             ui.print(kv_table(list(info.items()), title=src))
             if meta:
                 ui.print(kv_table([(k, _short_meta(k, v)) for k, v in meta.items()], title="metadata_props"))
-            ui.emit({**info, "metadata": meta})
+            ui.note(f"note: {ONNX_PARAMETERS_NOTE}")
+            ui.emit({**info, "parameters_note": ONNX_PARAMETERS_NOTE, "metadata": meta})
             return
         try:
             ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
@@ -710,12 +737,17 @@ def inspect(
 
 
 # --- evaluate --------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Checkpoint (run in torch) or ONNX file (onnxruntime).")],
     data: Annotated[str, typer.Option("--data", metavar="SPEC", help="Data spec, e.g. digits, cifar10:DIR.")],
     split: Annotated[str, typer.Option(metavar="val|train", help="Which split to score.")] = "val",
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per batch.")] = 256,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
+    augment: AugmentOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    download: DownloadOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -733,19 +765,25 @@ def evaluate(
             raise UsageError(f"--split must be val or train, not {split!r}")
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        opts = data_options(channels, image_size, augment, train_subset, download)
         if ckpt_io.sniff_format(src) == "onnx":
-            meta = ckpt_io.describe_onnx(src)["metadata"]
-            shape = None
-            with contextlib.suppress(ValueError, TypeError):
-                shape = json.loads(meta.get("expandctl.input_shape", "null"))
-            sets = load_data(data, shape, augment=False)
+            shape = _onnx_shape(src)
+            sets = load_data(data, shape, augment=False, options=opts)
+            if shape and tuple(shape) != tuple(sets.input_shape):  # a fixed-shape graph: known before running
+                raise data_mismatch(None, src, shape, data, sets.input_shape)
             with ui.step(f"scoring {src} on {data} ({split}) in onnxruntime"):
-                result = evaluate_onnx(src, getattr(sets, split), batch_size)
+                result = evaluate_onnx(src, getattr(sets, split), batch_size, num_classes=sets.num_classes)
         else:
             ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
-            sets = load_data(data, ckpt.input_shape, augment=False)
+            sets = load_data(data, ckpt.input_shape, augment=False, options=opts)
+            channels_in = first_layer_channels(ckpt.model)
             with ui.step(f"scoring {src} on {data} ({split})"):
-                result = evaluate_torch(ckpt.model, getattr(sets, split), batch_size)
+                try:
+                    result = evaluate_torch(ckpt.model, getattr(sets, split), batch_size, num_classes=sets.num_classes)
+                except (RuntimeError, ValueError) as e:
+                    if isinstance(e, UsageError):
+                        raise
+                    raise data_mismatch(e, src, ckpt.input_shape, data, sets.input_shape, channels_in) from None
         ui.print(
             f"{src}: accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['samples']}), "
             f"loss {result['loss']:.4f} on {data} {split} ({result['runtime']})"
@@ -757,7 +795,7 @@ def _register_train() -> None:
     """``expandctl train`` lives in :mod:`expandctl.train.command` (errors through ``cli_common.guard``)."""
     from .train.command import train
 
-    app.command("train")(train)
+    app.command("train", cls=Command)(train)
 
 
 _register_train()
@@ -768,10 +806,24 @@ def _register_analysis() -> None:
     from .analysis.command import analyze_app, plot
 
     app.add_typer(analyze_app, name="analyze")
-    app.command("plot")(plot)
+    app.command("plot", cls=Command)(plot)
 
 
 _register_analysis()
+
+
+def _onnx_shape(path: str) -> tuple[int, ...] | None:
+    """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
+    else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""
+    shape = onnx_input_shape(path)
+    if shape:
+        return shape
+    meta = ckpt_io.describe_onnx(path)["metadata"]
+    with contextlib.suppress(ValueError, TypeError):
+        recorded = json.loads(meta.get("expandctl.input_shape", "null"))
+        if isinstance(recorded, list) and recorded and all(isinstance(d, int) and d > 0 for d in recorded):
+            return tuple(recorded)
+    return None
 
 
 def _short_meta(key: str, value: str) -> str:
@@ -797,7 +849,17 @@ def main() -> None:
         rv = app(prog_name="expandctl", standalone_mode=False)
     except typer.TyperException as e:  # click's usage errors (missing option, bad value...)
         if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"ok": False, "error": e.format_message(), "exit_code": e.exit_code}) + "\n")
+            # The same keys as every other error (console.UI.error), so a pipeline parses one shape.
+            ctx = getattr(e, "ctx", None)
+            command = ctx.command_path.partition(" ")[2] if ctx is not None else None
+            payload = {
+                "ok": False,
+                "command": command or None,
+                "error": e.format_message(),
+                "exit_code": e.exit_code,
+                "error_type": type(e).__name__,
+            }
+            sys.stdout.write(json.dumps(payload) + "\n")
         e.show()
         rv = e.exit_code
     except typer.Abort:

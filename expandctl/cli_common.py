@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 import typer
+import typer.core
 
 from . import checkpoint as ckpt_io
 from .console import UI
 from .errors import ExpandctlError, UsageError
+from .shapes import backend_message, fmt_shape
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -29,6 +32,14 @@ EXIT_CODES = {
     130: "interrupted (Ctrl-C)",
 }
 EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
+
+
+class Command(typer.core.TyperCommand):
+    """Usage lines name required arguments plainly (``SRC``), as the docs do; Typer writes ``{SRC}``,
+    which reads like a literal brace to type. Every expandctl command is registered with it."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -69,6 +80,33 @@ TrustOpt = Annotated[
         "only for files you trust). Also EXPANDCTL_TRUST_PICKLE=1.",
     ),
 ]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--channels", metavar="1|3", help="Convert images to 1 (gray, by luma) or 3 channels (gray replicated)."
+    ),
+]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", metavar="N", help="Resize images to N x N.")]
+AugmentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--augment",
+        metavar="none|crop-flip",
+        help="Training-split augmentation (default per set: crop-flip for cifar and imagefolder, else none).",
+    ),
+]
+TrainSubsetOpt = Annotated[
+    int | None,
+    typer.Option("--train-subset", metavar="N", help="Use N training images: stratified by class, fixed seed."),
+]
+DownloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download",
+        help="Fetch a missing mnist, fashion-mnist, cifar10 or cifar100 into the cache "
+        "($EXPANDCTL_DATA, default ~/.cache/expandctl/data).",
+    ),
+]
 AtolOpt = Annotated[
     float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
 ]
@@ -96,9 +134,9 @@ def guard(ui: UI) -> Iterator[None]:
         ui.error(f"cannot access{where}: {e.strerror or e}; check permissions and free space", EXIT_IO, exc=e)
         raise typer.Exit(EXIT_IO) from None
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         ui.error(
-            f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it",
+            f"internal error ({type(e).__name__}: {backend_message(e, 300)}); rerun with --debug for the traceback "
+            "and report it",
             EXIT_INTERNAL,
             exc=e,
         )
@@ -106,17 +144,22 @@ def guard(ui: UI) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_model(shape: Sequence[int]) -> Iterator[None]:
-    """A model that fails on the check inputs almost always means a wrong input shape."""
+def running_model(
+    shape: Sequence[int], recorded: Sequence[int] | None = None, what: str = "the model"
+) -> Iterator[None]:
+    """A model that fails on the check inputs almost always means a wrong input shape: say which
+    shape it was given, the one its file records when that differs, and torch's whole message."""
     try:
         yield
     except ExpandctlError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        known = ""
+        if recorded and tuple(recorded) != tuple(shape):
+            known = f"; its file records {fmt_shape(recorded)}"
         raise UsageError(
-            f"the model failed on random inputs of shape (batch, {', '.join(map(str, shape))}) ({first}); "
-            "check --input-shape"
+            f"{what} failed on random inputs of shape (batch, {', '.join(map(str, shape))}){known} "
+            f"({backend_message(e)}); check --input-shape"
         ) from e
 
 
@@ -166,3 +209,10 @@ def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None
             f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
         )
     return tuple(shape)
+
+
+def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False):
+    """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
+    from .train.data import DataOptions
+
+    return DataOptions(channels, image_size, augment.lower() if augment else None, train_subset, download).validate()

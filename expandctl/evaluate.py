@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import UsageError
+from .shapes import backend_message, data_hint
 
 __all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx"]
 
@@ -61,16 +62,19 @@ def score(
     batch_size: int = 256,
     max_batches: int | None = None,
     loss_fn: Callable | None = None,
+    num_classes: int | None = None,
 ) -> dict:
     """``{"accuracy", "error", "loss", "correct", "samples"}`` of ``predict`` (images -> logits).
     ``loss`` is the mean over images of ``loss_fn(logits, targets)`` (a batch mean, cross-entropy by
-    default), summed in float64."""
+    default), summed in float64. ``num_classes``: the data set's, checked against the logits."""
     loss_fn = loss_fn or F.cross_entropy
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in iter_batches(dataset, batch_size, max_batches):
         logits = predict(x, y)
         if logits.dim() != 2:
             raise UsageError(f"the model gives outputs of shape {tuple(logits.shape)}, not (batch, classes) logits")
+        if num_classes is not None and logits.shape[1] != num_classes:
+            raise UsageError(f"the model has {logits.shape[1]} outputs but the data set has {num_classes} classes")
         y = y.to(logits.device)
         loss_sum += float(loss_fn(logits.double(), y)) * len(y)
         correct += int((logits.argmax(1) == y).sum())
@@ -80,20 +84,27 @@ def score(
 
 @torch.no_grad()
 def evaluate_torch(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, max_batches: int | None = None, loss_fn=None
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    loss_fn=None,
+    num_classes: int | None = None,
 ) -> dict:
     """Eval-mode accuracy/loss of ``model``; every module's train/eval flag is put back after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        result = score(lambda x, y: model(to_model(model, x, y)[0]), dataset, batch_size, max_batches, loss_fn)
+        result = score(
+            lambda x, y: model(to_model(model, x, y)[0]), dataset, batch_size, max_batches, loss_fn, num_classes
+        )
     finally:
         for m, mode in modes:
             m.training = mode
     return {"runtime": "torch", **result}
 
 
-def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> dict:
+def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256, num_classes: int | None = None) -> dict:
     """Accuracy/loss of an ONNX classifier under onnxruntime's CPU provider. A file exported
     with a static batch dimension is fed one image at a time."""
     import onnxruntime as ort
@@ -104,13 +115,24 @@ def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises untyped errors
-        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {backend_message(e)}") from None
     inp = session.get_inputs()[0]
     dim0 = inp.shape[0]
     step = batch_size if not isinstance(dim0, int) else dim0
 
     def predict(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        outs = [session.run(None, {inp.name: chunk.numpy().astype(np.float32)})[0] for chunk in x.float().split(step)]
+        try:
+            outs = [
+                session.run(None, {inp.name: chunk.numpy().astype(np.float32)})[0] for chunk in x.float().split(step)
+            ]
+        except Exception as e:  # onnxruntime's untyped errors; on images this is the input shape
+            declared = "x".join(str(d) if isinstance(d, int) else "?" for d in inp.shape)
+            raise UsageError(
+                f"{Path(path).name} takes inputs of shape {declared} but the data gives "
+                f"{'x'.join(map(str, x.shape))} (batch first) ({backend_message(e)}); "
+                f"{data_hint(tuple(d for d in inp.shape[1:] if isinstance(d, int)) or None, tuple(x.shape[1:]))}"
+            ) from None
         return torch.from_numpy(np.concatenate(outs))
 
-    return {"runtime": "onnxruntime", **score(predict, dataset, max(step, 1) * math.ceil(batch_size / max(step, 1)))}
+    per_batch = max(step, 1) * math.ceil(batch_size / max(step, 1))
+    return {"runtime": "onnxruntime", **score(predict, dataset, per_batch, num_classes=num_classes)}

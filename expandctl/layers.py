@@ -498,6 +498,7 @@ def factor_parameters(cls: type[ExpandedLayer], module: nn.Module, hidden: Seque
         k = spec["kernel_size"]
         total += spec["out"] * (c_in // g) * math.prod(k) + (spec["out"] if module.bias is not None else 0)
         stride = spec["stride"] if isinstance(spec["stride"], tuple) else (spec["stride"],)
-        descs.append(f"{c_in}->{spec['out']} {'x'.join(map(str, k))}" + (f" s{stride[0]}" if max(stride) > 1 else ""))
+        desc = f"{c_in}->{spec['out']} {'x'.join(map(str, k))}" + (f" s{stride[0]}" if max(stride) > 1 else "")
+        descs.append(desc + (f" g{g}" if g > 1 else ""))  # every factor keeps the layer's groups
         c_in = spec["out"]
     return descs, total

@@ -7,6 +7,8 @@ name: one registered here (``smallnet``) or any torchvision classification model
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -73,10 +75,7 @@ def resolve_arch(spec: str) -> tuple[str, Callable[..., nn.Module]]:
     spec = spec.strip()
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UsageError(f"cannot import {module_name!r} for --arch {spec!r}: {e}") from None
+        module = _import_user_module(module_name, spec)
         factory = module
         for part in attr.split("."):
             factory = getattr(factory, part, None)
@@ -95,6 +94,34 @@ def resolve_arch(spec: str) -> tuple[str, Callable[..., nn.Module]]:
     raise UsageError(
         f"unknown architecture {spec!r}; use a torchvision model name (e.g. resnet18), "
         f"one of {', '.join(sorted(ARCHITECTURES))}, or module:callable"
+    )
+
+
+def _import_user_module(module_name: str, spec: str):
+    """Import ``module_name``, also from the current folder, as ``uvicorn``/``gunicorn`` do for
+    ``module:app``: a user's ``mymodels.py`` next to their checkpoint works in every command without
+    PYTHONPATH. The folder is appended to ``sys.path``, so it never shadows an installed package."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.partition(".")[0]
+        cwd = os.getcwd()
+        if e.name != top or cwd in sys.path or "" in sys.path:
+            raise UsageError(_import_failed(module_name, spec, e, cwd)) from None
+    except ImportError as e:
+        raise UsageError(_import_failed(module_name, spec, e, os.getcwd())) from None
+    sys.path.append(cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(_import_failed(module_name, spec, e, cwd)) from None
+
+
+def _import_failed(module_name: str, spec: str, e: ImportError, cwd: str) -> str:
+    where = module_name.replace(".", "/")
+    return (
+        f"cannot import {module_name!r} for --arch {spec!r} ({e}); run expandctl from the folder that holds "
+        f"{where}.py (now {cwd}), add that folder to PYTHONPATH, or install the package that provides it"
     )
 
 

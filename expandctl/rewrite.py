@@ -69,6 +69,22 @@ class Plan:
     def expanded(self) -> list[PlanEntry]:
         return [e for e in self.entries if e.kind is not None]
 
+    def why_nothing(self) -> str:
+        """Why no layer is selected: the --include/--exclude patterns, or the strategy."""
+        if not self.entries:
+            return "this model has no Linear or convolution layer"
+        if self.include and all(e.reason == "not matched by --include" for e in self.entries):
+            shown = ", ".join(e.path for e in self.entries[:4]) + (", ..." if len(self.entries) > 4 else "")
+            return (
+                f"--include {' '.join(repr(p) for p in self.include)} matches none of the "
+                f"{len(self.entries)} candidate layers ({shown}); check the pattern against these paths"
+            )
+        if self.exclude and all(
+            e.reason in ("excluded by --exclude", "not matched by --include") for e in self.entries
+        ):
+            return f"--exclude {' '.join(repr(p) for p in self.exclude)} leaves no candidate layer"
+        return f"strategy {self.strategy!r} selects no layer of this model ({len(self.entries)} candidates)"
+
     @property
     def params_before(self) -> int:
         return sum(e.params_before for e in self.expanded)
@@ -285,10 +301,7 @@ def expand(
     p = plan(model, kinds, rate, include, exclude, pointwise)
     _check_already_expanded(model, kinds, tuple(include), tuple(exclude), pointwise)
     if not p.expanded:
-        raise NothingToExpandError(
-            f"strategy {p.strategy!r} selects no layer of this {type(model).__name__} "
-            f"({len(p.entries)} candidate layers, none accepted); see the plan for the reasons"
-        )
+        raise NothingToExpandError(f"{p.why_nothing()}; see the plan for the reasons")
     return _apply(
         model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed
     )

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .errors import UsageError
 from .rewrite import contract, expanded_layers, set_forward
+from .shapes import backend_message, fmt_shape
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -348,10 +349,11 @@ def compare_onnx(
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors on bad files
-        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {backend_message(e)}") from None
     if len(session.get_inputs()) != 1:
         raise UsageError(f"{path.name} has {len(session.get_inputs())} inputs; only one input is supported")
     input_name = session.get_inputs()[0].name
+    _check_onnx_input(session.get_inputs()[0].shape, [batch, *shape], path)
     onnx_names = [o.name for o in session.get_outputs()]
     ref = _prepare(model, torch.float32)
     dev = _device(ref)
@@ -362,7 +364,12 @@ def compare_onnx(
         try:
             got = session.run(None, {input_name: x.numpy()})
         except Exception as e:
-            reason = f"onnxruntime failed on input {(batch, *shape)}: {str(e).splitlines()[0]}"
+            if "INVALID_ARGUMENT" in str(e) or "InvalidArgument" in type(e).__name__:  # the input it was fed
+                raise UsageError(
+                    f"{path.name} cannot take inputs of shape {fmt_shape([batch, *shape])}: {backend_message(e)}; "
+                    "pass the shape it was exported with as --input-shape"
+                ) from None
+            reason = f"onnxruntime failed on input {(batch, *shape)}: {backend_message(e)}"
             acc.fail([n for n, _ in expected], reason)
             break
         names = [n for n, _ in expected]
@@ -371,6 +378,25 @@ def compare_onnx(
         acc.add_all(expected, [(n, torch.from_numpy(v)) for n, v in zip(onnx_names, got, strict=False)])
     checks = acc.checks(atol, rtol)
     return Report("torch-vs-onnxruntime", "float32", atol, rtol, seed, samples, batch, shape, checks, notes)
+
+
+def _check_onnx_input(declared: Sequence, given: Sequence[int], path: Path) -> None:
+    """Compare the graph's declared input dimensions (ints are fixed, strings symbolic) with the
+    check's input before running: a mismatch is a wrong shape (exit 2), not a numeric failure."""
+    fixed = [(i, d, g) for i, (d, g) in enumerate(zip(declared, given, strict=False)) if isinstance(d, int) and d > 0]
+    wrong = [(i, d, g) for i, d, g in fixed if d != g]
+    if len(declared) != len(given) or wrong:
+        want = "x".join(
+            str(d) if (isinstance(d, int) and d > 0) or (isinstance(d, str) and d) else "?" for d in declared
+        )
+        hint = (
+            "pass --batch 1 (the file has a static batch dimension)"
+            if [i for i, _, _ in wrong] == [0]
+            else "pass the shape it was exported with as --input-shape"
+        )
+        raise UsageError(
+            f"{path.name} takes inputs of shape {want} but the check feeds {fmt_shape(given)} (batch first); {hint}"
+        )
 
 
 def check_finite(model: nn.Module) -> None:

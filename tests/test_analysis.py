@@ -303,7 +303,7 @@ def test_grad_confusion_command(src, tmp_path):
     r = runner.invoke(app, [*args, "--split", "test"])
     assert r.exit_code == 2 and "--split must be train or val" in r.stderr
     r = runner.invoke(app, [*args, "--data", "synthetic:3x8x8"])
-    assert r.exit_code == 2 and "cannot take synthetic:3x8x8 images" in r.stderr
+    assert r.exit_code == 2 and "takes 1x8x8 inputs but --data synthetic:3x8x8 gives 3x8x8 images" in r.stderr
 
 
 def test_landscape_command(src, tmp_path):

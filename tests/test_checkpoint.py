@@ -308,3 +308,16 @@ def test_describe_onnx_rejects_garbage(tmp_path):
 def test_header_is_json_ready(tmp_path):
     path = C.save(expanded_small(), tmp_path / "e.pt", arch="smallnet", arch_kwargs=SMALL, input_shape=SHAPE)
     json.dumps(C.load_checkpoint(path).header())
+
+
+def test_checkpoint_is_split_by_concern_and_keeps_its_public_names():
+    """One module per concern (format, safe unpickling, inference, descriptions); the package
+    re-exports the same objects, so ``expandctl.checkpoint.X`` keeps working everywhere."""
+    from expandctl.checkpoint import describe, files, format, infer, unpickle
+
+    assert C.save is format.save and C.load_checkpoint is format.load_checkpoint
+    assert C.Checkpoint is format.Checkpoint and C.NeedsArchError is format.NeedsArchError
+    assert C.infer_arch is infer.infer_arch and C.infer_input_shape is infer.infer_input_shape
+    assert C.describe_onnx is describe.describe_onnx and C.describe_state_dict is describe.describe_state_dict
+    assert C.atomic_write is files.atomic_write and C.sniff_format is files.sniff_format
+    assert callable(unpickle.torch_load) and callable(unpickle.find_state_dict)

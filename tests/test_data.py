@@ -24,6 +24,8 @@ from expandctl.train import data as D
         ("fashion-mnist:/x/y", ("fashion-mnist", "/x/y")),
         ("cifar10:/data/c:10", ("cifar10", "/data/c:10")),
         ("synthetic:1x8x8", ("synthetic", "1x8x8")),
+        ("cifar10", ("cifar10", None)),  # the cache folder (test_data_adapters.py)
+        ("mnist", ("mnist", None)),
     ],
 )
 def test_parse_spec(spec, expected):
@@ -34,8 +36,7 @@ def test_parse_spec(spec, expected):
     "spec, message",
     [
         ("imagenet", "unknown data spec"),
-        ("cifar10", "needs a folder"),
-        ("mnist", "needs a folder"),
+        ("imagefolder", "needs a folder"),
         ("digits:/tmp", "takes no argument"),
     ],
 )

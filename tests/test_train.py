@@ -361,7 +361,7 @@ def test_resume_guards(src, tmp_path):
 
 def test_model_data_mismatch_is_one_line(tmp_path):
     src = make_src(tmp_path)  # 1x8x8, 10 classes
-    with pytest.raises(UsageError, match=r"cannot take synthetic:3x8x8 images \(3x8x8\)") as e:
+    with pytest.raises(UsageError, match=r"takes 1-channel inputs but --data synthetic:3x8x8 gives 3x8x8 images") as e:
         train(config(src, tmp_path / "a", data="synthetic:3x8x8"))
     assert "\n" not in str(e.value)
     few = make_src(tmp_path / "few", num_classes=4)

@@ -15,9 +15,26 @@ import typer
 from rich.table import Table
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, TrustOpt, guard, load_for_cli
+from ..cli_common import (
+    ArchKwOpt,
+    ArchOpt,
+    AugmentOpt,
+    ChannelsOpt,
+    Command,
+    DebugOpt,
+    DownloadOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    QuietOpt,
+    TrainSubsetOpt,
+    TrustOpt,
+    data_options,
+    guard,
+    load_for_cli,
+)
 from ..console import UI, fmt_count, kv_table
 from ..errors import UsageError
+from ..shapes import data_mismatch, first_layer_channels
 
 __all__ = ["analyze_app", "grad_confusion", "landscape", "plot"]
 
@@ -62,7 +79,7 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device):
+def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device, options=None):
     """The checkpoint's model on ``device`` and the split, checked to fit each other."""
     from ..evaluate import read_batch
     from ..train.data import load_data
@@ -71,7 +88,8 @@ def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device):
         raise UsageError(f"--split must be train or val (got {split!r})")
     device = _device(device)
     ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust)
-    sets = load_data(data, ckpt.input_shape, augment=False)
+    crop_flip = options is not None and options.augment == "crop-flip"  # off unless asked: analyses compare
+    sets = load_data(data, ckpt.input_shape, augment=crop_flip, options=options)
     dataset = getattr(sets, split)
     model = ckpt.model.to(device)
     x, _ = read_batch(dataset, range(min(2, len(dataset))))
@@ -80,9 +98,8 @@ def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device):
         with torch.no_grad():
             logits = model(x.to(device))
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        shape = "x".join(map(str, sets.input_shape))
-        raise UsageError(f"the model in {src} cannot take {data} images ({shape}): {first}") from None
+        channels = first_layer_channels(model)
+        raise data_mismatch(e, f"the model in {src}", ckpt.input_shape, data, sets.input_shape, channels) from None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != sets.num_classes:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise UsageError(
@@ -97,7 +114,7 @@ def _write(path: Path, draw) -> None:
 
 
 # --- analyze grad-confusion ------------------------------------------------------------------------
-@analyze_app.command("grad-confusion")
+@analyze_app.command("grad-confusion", cls=Command)
 def grad_confusion(
     src: CkptArg,
     data: DataOpt,
@@ -124,6 +141,11 @@ def grad_confusion(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
+    augment: AugmentOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    download: DownloadOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -138,7 +160,8 @@ def grad_confusion(
     ui = UI("analyze grad-confusion", as_json, quiet, debug)
     with guard(ui):
         out = _output(output, src, "grad-confusion")
-        _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device)
+        opts = data_options(channels, image_size, augment, train_subset, download)
+        _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"gradients of {pairs} mini-batch pairs"):
             r = gradient_confusion(
                 model, dataset, pairs=pairs, batch_size=batch_size, seed=seed, wrt=wrt.lower(), mode=mode.lower()
@@ -168,7 +191,7 @@ def grad_confusion(
 
 
 # --- analyze landscape -----------------------------------------------------------------------------
-@analyze_app.command("landscape")
+@analyze_app.command("landscape", cls=Command)
 def landscape(
     src: CkptArg,
     data: DataOpt,
@@ -193,6 +216,11 @@ def landscape(
         typer.Option("-o", "--output", metavar="PNG|DIR", help="Plot (default <CKPT stem>.landscape-<dims>d.png)."),
     ] = None,
     device: DeviceOpt = "auto",
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
+    augment: AugmentOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    download: DownloadOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -209,7 +237,8 @@ def landscape(
         if dims not in (1, 2):
             raise UsageError(f"--dims must be 1 or 2 (got {dims})")
         out = _output(output, src, f"landscape-{dims}d")
-        _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device)
+        opts = data_options(channels, image_size, augment, train_subset, download)
+        _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"evaluating {steps**dims} points"):
             r = loss_landscape(
                 model,

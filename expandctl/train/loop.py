@@ -38,7 +38,8 @@ from ..checkpoint import atomic_write, load_checkpoint, save
 from ..errors import ExpandctlError, UsageError
 from ..layers import FORWARD_MODES
 from ..rewrite import contract, expanded_layers, set_forward
-from .data import DataSplits, load_data
+from ..shapes import data_mismatch, first_layer_channels
+from .data import DataOptions, DataSplits, load_data
 from .losses import kd_loss, product_l2, split_decay_parameters
 
 __all__ = [
@@ -63,6 +64,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TRAJECTORY_FIELDS = (
     "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "schedule",
     "weight_decay", "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "seed",
+    "channels", "image_size", "augment", "train_subset",
 )  # fmt: skip
 
 
@@ -110,6 +112,13 @@ class TrainConfig:
     #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
     grad_confusion: bool = False
     grad_confusion_pairs: int = 100
+    #: Data adapters (:class:`expandctl.train.data.DataOptions`): --channels, --image-size, --augment,
+    #: --train-subset; --download fetches a missing set into the cache.
+    channels: int | None = None
+    image_size: int | None = None
+    augment: str | None = None
+    train_subset: int | None = None
+    download: bool = False
     #: The command line, recorded in the checkpoints' provenance.
     command: str | None = None
 
@@ -144,6 +153,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        self.data_options()
+
+    def data_options(self) -> DataOptions:
+        """The data adapters, validated."""
+        return DataOptions(self.channels, self.image_size, self.augment, self.train_subset, self.download).validate()
 
 
 def learning_rate(schedule: str, base: float, epoch: int, epochs: int) -> float:
@@ -459,7 +473,7 @@ def _train(
         raise UsageError("--nonlinear-warmup needs expanded layers, and this model has none (run expandctl expand)")
 
     if data is None:
-        data = load_data(config.data, input_shape=ckpt.input_shape)
+        data = load_data(config.data, input_shape=ckpt.input_shape, options=config.data_options())
     input_shape = tuple(ckpt.input_shape) if ckpt.input_shape else tuple(data.input_shape)
     model.to(device)
     if n_expanded:
@@ -650,9 +664,7 @@ def _probe(model: nn.Module, data, spec: str, device: torch.device) -> None:
         with torch.no_grad():
             logits = model(x.to(device))
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shape = "x".join(map(str, data.input_shape))
-        raise UsageError(f"the model cannot take {spec} images ({shape}): {first}") from None
+        raise data_mismatch(e, "the model", None, spec, data.input_shape, first_layer_channels(model)) from None
     finally:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
