@@ -708,7 +708,8 @@ def plot_landscapes(out: Path, runs: list[dict]) -> None:
         axes[0].plot(one["alphas"], one["loss"], color=COLORS[v], lw=1.8, label=LABELS[v])
         axes[1].plot(one["alphas"], [100 * e for e in one["error"]], color=COLORS[v], lw=1.8, label=LABELS[v])
     axes[0].set(title="training loss", xlabel="step along the direction (filter-normalised units)",
-                ylabel="cross-entropy", yscale="log")  # fmt: skip
+                ylabel="cross-entropy (log scale)")  # fmt: skip
+    _log_percent(axes[0])
     axes[1].set(title="training top-1 error", xlabel="step along the direction (filter-normalised units)",
                 ylabel="error (%)")  # fmt: skip
     for ax in axes:
@@ -720,7 +721,8 @@ def plot_landscapes(out: Path, runs: list[dict]) -> None:
 
     import numpy as np
 
-    fig, axes = plt.subplots(2, len(order), figsize=(4.6 * len(order), 8.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(order), figsize=(4.2 * len(order) + 1.2, 8.0), squeeze=False,
+                             layout="constrained")  # fmt: skip
     for row, (key, label, scale) in enumerate((("loss", "training loss (log10 CE)", None),
                                                 ("error", "training error (%)", 100))):  # fmt: skip
         grids = [np.array(select(runs, variant=v)[0]["landscape_2d"][key], dtype=float) for v in order]
@@ -734,7 +736,9 @@ def plot_landscapes(out: Path, runs: list[dict]) -> None:
             cs = ax.contourf(two["alphas"], two["betas"], g.T, levels=levels, cmap="viridis")
             ax.contour(two["alphas"], two["betas"], g.T, levels=levels, colors="white", linewidths=0.4)
             ax.plot(0, 0, "r+", ms=10)
-            ax.set(title=f"{LABELS[v]}: {label}", xlabel="direction 1", ylabel="direction 2", aspect="equal")
+            ax.set(title=f"{LABELS[v]}: {label}", xlabel="direction 1", aspect="equal")
+            if col == 0:
+                ax.set_ylabel("direction 2")
         fig.colorbar(cs, ax=list(axes[row]), label=label, shrink=0.9)
     fig.suptitle("SmallNet 9x9: 2D loss landscapes (same scale per row, + = trained weights)", fontsize=12)
     _save(fig, out / "landscape_2d.png")
