@@ -338,6 +338,11 @@ class _NonlinearWarmup:
         self.handles.clear()
         set_forward(self.model, forward)
 
+    def finish(self, forward: str) -> None:
+        """Detach if attached (the warm-up is over), else nothing."""
+        if self.attached:
+            self.detach(forward)
+
 
 # --------------------------------------------------------------------------------------------------
 # Data loading
@@ -443,70 +448,28 @@ def _train(
 ) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
-    last_path = out / "last.pt"
     device = torch.device(f"cuda:{d.local_rank}" if kind == "cuda" else "cpu")
     if kind == "cuda":
         torch.cuda.set_device(device)
-
-    # --- the model, and the state to continue from -----------------------------------------------
-    if config.resume:
-        if not last_path.is_file():
-            raise UsageError(f"--resume: {last_path} does not exist; start the run without --resume")
-        ckpt = load_checkpoint(last_path, trust_pickle=config.trust_pickle)
-        state = (ckpt.extra or {}).get("train")
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise UsageError(f"--resume: {last_path} holds no training state (was it written by expandctl train?)")
-        _check_same_run(config, state["config"], last_path)
-        parent_sha = state.get("parent_sha256")
-    else:
-        if last_path.exists():
-            raise UsageError(
-                f"{out} already holds a run ({last_path.name}); continue it with --resume, or pick another --out"
-            )
-        ckpt = load_checkpoint(config.src, config.arch, config.arch_kwargs, trust_pickle=config.trust_pickle)
-        state, parent_sha = None, ckpt.sha256
-    if not ckpt.arch:
-        raise UsageError(f"cannot tell which architecture {config.src} is; pass --arch so checkpoints can be written")
+    ckpt, state, parent_sha = _open_run(config, out / "last.pt")
     model = ckpt.model
     n_expanded = sum(1 for _ in expanded_layers(model))
     if config.nonlinear_warmup and not n_expanded:
         raise UsageError("--nonlinear-warmup needs expanded layers, and this model has none (run expandctl expand)")
-
     if data is None:
         data = load_data(config.data, input_shape=ckpt.input_shape, options=config.data_options())
-    input_shape = tuple(ckpt.input_shape) if ckpt.input_shape else tuple(data.input_shape)
     model.to(device)
     if n_expanded:
         set_forward(model, config.forward)
     _probe(model, data, config.data, device)
+    # What the model was just run on: adapters (--channels, --image-size) may differ from the source's shape.
+    input_shape = tuple(data.input_shape) if data.input_shape else tuple(ckpt.input_shape)
 
-    # --- seeds and loaders -------------------------------------------------------------------------
     _seed_everything(config.seed + d.rank)
     loader_gen = torch.Generator().manual_seed(config.seed)
-    n_local = math.ceil(len(data.train) / d.world_size)
-    # A last batch of one image would crash BatchNorm in train mode; drop it in that case only.
-    drop_last = n_local % config.batch_size == 1
-    if d.active:
-        train_sampler = DistributedSampler(data.train, d.world_size, d.rank, shuffle=True, seed=config.seed)
-    else:
-        train_sampler = RandomSampler(data.train, generator=loader_gen)
-    train_loader = _make_loader(data.train, config.batch_size, train_sampler, config.workers, loader_gen, drop_last)
-    val_loader = _make_loader(data.val, config.batch_size, _shard(len(data.val), d), config.workers, None)
-
-    # --- optimisation ------------------------------------------------------------------------------
+    train_sampler, train_loader, val_loader = _loaders(config, data, d, loader_gen)
     optimizer = _build_optimizer(model, config)
-    start_epoch, best_acc, best_epoch, history = 0, -1.0, 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_acc, best_epoch = (
-            int(state["epoch"]),
-            float(state["best_val_acc"]),
-            int(state["best_epoch"]),
-        )
-        history = list(state["history"])
-        _set_rng_state(state["rng"], loader_gen)
-        if d.rank > 0:  # only rank 0's generators are saved; give the others fresh, distinct streams
-            torch.manual_seed(config.seed + d.rank + 7919 * start_epoch)
+    start_epoch, best_acc, best_epoch, history = _restore(state, optimizer, loader_gen, config, d)
 
     teacher = _load_teacher(config, device) if teacher_module is None else teacher_module.to(device).eval()
     net = model
@@ -518,22 +481,12 @@ def _train(
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    if config.grad_confusion:  # measured from its own generator: the trajectory does not change
-        from ..analysis.confusion import grad_confusion_hook
-
-        hook = grad_confusion_hook(config.grad_confusion_pairs, config.batch_size, config.seed)
-        epoch_hooks = [*epoch_hooks, hook]
+    epoch_hooks = _with_builtin_hooks(config, epoch_hooks)
     run = _Run(config, model, net, optimizer, device, d, teacher, autocast, history)
-    warmup = _NonlinearWarmup(model)
     meta = {
-        "arch": ckpt.arch,
-        "arch_kwargs": ckpt.arch_kwargs,
-        "input_shape": input_shape,
-        "plan": ckpt.plan,
-        "parent_sha256": parent_sha,
-        "command": config.command,
-    }
-
+        "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "input_shape": input_shape, "plan": ckpt.plan,
+        "parent_sha256": parent_sha, "command": config.command,
+    }  # fmt: skip
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out)
@@ -547,90 +500,157 @@ def _train(
             "epochs": config.epochs, "resumed": state is not None, "out": str(out),
         })  # fmt: skip
 
-    epochs_run = 0
+    loop = _EpochLoop(run, data, out, meta, callbacks, epoch_hooks, loader_gen, parent_sha, best_acc, best_epoch)
     for epoch in range(start_epoch, config.epochs):
+        loop.run_epoch(epoch, train_sampler, train_loader, val_loader, start_epoch)
+    loop.warmup.finish(config.forward)
+    summary = {
+        "out": str(out), "epochs": config.epochs, "start_epoch": start_epoch, "epochs_run": loop.epochs_run,
+        "best_val_acc": loop.best_acc if loop.best_epoch else None, "best_epoch": loop.best_epoch or None,
+        "final": history[-1] if history else None, "history": list(history),
+        "seconds": round(time.perf_counter() - started, 3), "device": str(device), "world_size": d.world_size,
+        "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()},
+    }  # fmt: skip
+    if d.main:
+        _write_curves(out / "curves.png", history, _title(config))
+        callbacks.on_end(summary)
+    return summary
+
+
+def _open_run(config: TrainConfig, last_path: Path):
+    """``(checkpoint, training state or None, parent sha256)``: the source model for a new run, or
+    ``last.pt`` and its optimizer/RNG state for ``--resume``."""
+    if config.resume:
+        if not last_path.is_file():
+            raise UsageError(f"--resume: {last_path} does not exist; start the run without --resume")
+        ckpt = load_checkpoint(last_path, trust_pickle=config.trust_pickle)
+        state = (ckpt.extra or {}).get("train")
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise UsageError(f"--resume: {last_path} holds no training state (was it written by expandctl train?)")
+        _check_same_run(config, state["config"], last_path)
+        parent_sha = state.get("parent_sha256")
+    else:
+        if last_path.exists():
+            raise UsageError(
+                f"{last_path.parent} already holds a run ({last_path.name}); continue it with --resume, "
+                "or pick another --out"
+            )
+        ckpt = load_checkpoint(config.src, config.arch, config.arch_kwargs, trust_pickle=config.trust_pickle)
+        state, parent_sha = None, ckpt.sha256
+    if not ckpt.arch:
+        raise UsageError(f"cannot tell which architecture {config.src} is; pass --arch so checkpoints can be written")
+    return ckpt, state, parent_sha
+
+
+def _loaders(config: TrainConfig, data: DataSplits, d: _Dist, loader_gen: torch.Generator):
+    """``(train sampler, train loader, validation loader)``; each rank validates its own shard."""
+    n_local = math.ceil(len(data.train) / d.world_size)
+    # A last batch of one image would crash BatchNorm in train mode; drop it in that case only.
+    drop_last = n_local % config.batch_size == 1
+    if d.active:
+        train_sampler = DistributedSampler(data.train, d.world_size, d.rank, shuffle=True, seed=config.seed)
+    else:
+        train_sampler = RandomSampler(data.train, generator=loader_gen)
+    train_loader = _make_loader(data.train, config.batch_size, train_sampler, config.workers, loader_gen, drop_last)
+    val_loader = _make_loader(data.val, config.batch_size, _shard(len(data.val), d), config.workers, None)
+    return train_sampler, train_loader, val_loader
+
+
+def _restore(state: dict | None, optimizer, loader_gen: torch.Generator, config: TrainConfig, d: _Dist):
+    """``(start epoch, best accuracy, best epoch, history)``, from a resumed run's state (optimizer
+    and random streams put back) or for a fresh start."""
+    if state is None:
+        return 0, -1.0, 0, []
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch = int(state["epoch"])
+    _set_rng_state(state["rng"], loader_gen)
+    if d.rank > 0:  # only rank 0's generators are saved; give the others fresh, distinct streams
+        torch.manual_seed(config.seed + d.rank + 7919 * start_epoch)
+    return start_epoch, float(state["best_val_acc"]), int(state["best_epoch"]), list(state["history"])
+
+
+def _with_builtin_hooks(config: TrainConfig, epoch_hooks) -> list:
+    hooks = list(epoch_hooks)
+    if config.grad_confusion:  # measured from its own generator: the trajectory does not change
+        from ..analysis.confusion import grad_confusion_hook
+
+        hooks.append(grad_confusion_hook(config.grad_confusion_pairs, config.batch_size, config.seed))
+    return hooks
+
+
+class _EpochLoop:
+    """One epoch at a time: learning rate, nonlinear warm-up, training, validation, hooks, checkpoints."""
+
+    def __init__(
+        self, run: _Run, data, out: Path, meta, callbacks, hooks, loader_gen, parent_sha, best_acc, best_epoch
+    ):
+        self.run, self.data, self.out, self.meta = run, data, out, meta
+        self.callbacks, self.hooks, self.loader_gen, self.parent_sha = callbacks, hooks, loader_gen, parent_sha
+        self.best_acc, self.best_epoch, self.epochs_run = best_acc, best_epoch, 0
+        self.warmup = _NonlinearWarmup(run.model)
+
+    def run_epoch(self, epoch: int, train_sampler, train_loader, val_loader, start_epoch: int) -> None:
+        run, config, d = self.run, self.run.config, self.run.dist
         if epoch < config.nonlinear_warmup:
-            warmup.attach()
-        elif warmup.attached:
-            warmup.detach(config.forward)
+            self.warmup.attach()
+        else:
+            self.warmup.finish(config.forward)
         lr = learning_rate(config.schedule, config.lr, epoch, config.epochs)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         if isinstance(train_sampler, DistributedSampler):
             train_sampler.set_epoch(epoch)
 
         t0 = time.perf_counter()
         if d.main:
-            callbacks.on_epoch_start(epoch + 1, config.epochs, len(train_loader))
+            self.callbacks.on_epoch_start(epoch + 1, config.epochs, len(train_loader))
         try:
-            train_loss, train_acc, seen = _train_epoch(run, train_loader, epoch, callbacks)
+            train_loss, train_acc, seen = _train_epoch(run, train_loader, epoch, self.callbacks)
         except TrainingDiverged as e:
+            last_path = self.out / "last.pt"
             if d.main:
-                _write_curves(out / "curves.png", history, _title(config))
+                _write_curves(self.out / "curves.png", run.history, _title(config))
             kept = "no checkpoint was written"
             if last_path.exists():
-                kept = f"{last_path} still holds epoch {start_epoch + epochs_run}"
+                kept = f"{last_path} still holds epoch {start_epoch + self.epochs_run}"
             raise TrainingDiverged(f"{e}; stopped, {kept}; try a lower --lr") from None
         train_seconds = time.perf_counter() - t0
         val_loss, val_acc = _evaluate(run, val_loader)
-        seconds = time.perf_counter() - t0
         metrics = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "seconds": round(seconds, 3),
+            "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+            "val_acc": val_acc, "seconds": round(time.perf_counter() - t0, 3),
             "images_per_s": round(seen / max(train_seconds, 1e-9), 1),
-        }
-        if warmup.attached:
+        }  # fmt: skip
+        if self.warmup.attached:
             metrics["nonlinear"] = True
+        self._hooks(epoch, metrics)
 
+        # Best by validation accuracy, among linear epochs only: during the nonlinear warmup the
+        # validated network has ReLUs the saved (linear) checkpoint does not.
+        is_best = not self.warmup.attached and val_acc > self.best_acc
+        if is_best:
+            self.best_acc, self.best_epoch = val_acc, epoch + 1
+        run.history.append(metrics)
+        if d.main:
+            _save_epoch(run, self.out, self.meta, epoch + 1, is_best, self.best_acc, self.best_epoch,
+                        self.loader_gen, self.parent_sha)  # fmt: skip
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.callbacks.on_epoch_end(metrics, is_best)
+        self.epochs_run += 1
+
+    def _hooks(self, epoch: int, metrics: dict) -> None:
+        run, config, d, data = self.run, self.run.config, self.run.dist, self.data
         ctx = EpochContext(
-            epoch + 1, model, data.train, data.val, device, metrics, _ce,
+            epoch + 1, run.model, data.train, data.val, run.device, metrics, _ce,
             lambda ds, batch_size=config.batch_size, sampler=None: _make_loader(
                 ds, batch_size, sampler if sampler is not None else range(len(ds)), 0, None),
             d.rank, d.world_size,
         )  # fmt: skip
-        for hook in epoch_hooks:
+        for hook in self.hooks:
             extra = hook(ctx)
             if extra:
                 metrics.update(extra)
-
-        # Best by validation accuracy, among linear epochs only: during the nonlinear warmup the
-        # validated network has ReLUs the saved (linear) checkpoint does not.
-        is_best = not warmup.attached and val_acc > best_acc
-        if is_best:
-            best_acc, best_epoch = val_acc, epoch + 1
-        history.append(metrics)
-        if d.main:
-            _save_epoch(run, out, meta, epoch + 1, is_best, best_acc, best_epoch, loader_gen, parent_sha)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            callbacks.on_epoch_end(metrics, is_best)
-        epochs_run += 1
-
-    if warmup.attached:
-        warmup.detach(config.forward)
-    summary = {
-        "out": str(out),
-        "epochs": config.epochs,
-        "start_epoch": start_epoch,
-        "epochs_run": epochs_run,
-        "best_val_acc": best_acc if best_epoch else None,
-        "best_epoch": best_epoch or None,
-        "final": history[-1] if history else None,
-        "history": list(history),
-        "seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-        "world_size": d.world_size,
-        "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()},
-    }
-    if d.main:
-        _write_curves(out / "curves.png", history, _title(config))
-        callbacks.on_end(summary)
-    return summary
 
 
 def _title(config: TrainConfig) -> str:
