@@ -87,7 +87,8 @@ def test_plan_covers_every_experiment_teacher_first_students_after(figures):
     assert (count("behaviour"), count("landscape"), count("product-l2"), count("distillation")) == (30, 3, 6, 11)
     assert (count("init"), count("corrupted"), count("real")) == (5, 10, 20)
     first_student = min(i for i, s in enumerate(specs) if s.kd)
-    assert all(s.experiment != "behaviour" for s in specs[first_student:])
+    assert all(s.experiment in ("distillation", "real") for s in specs[first_student:])
+    assert [s.arch for s in specs[-2:]] == ["mobilenet_v2"] * 2 and {s.seed for s in specs[-4:]} == {3, 4}
 
 
 def test_runs_write_measurements_and_the_report_draws_them(figures, tmp_path, monkeypatch):
