@@ -428,13 +428,12 @@ def toom_order(shapes: tuple[tuple[int, ...], ...]):
 
 #: Composition methods of :func:`compose_chain_fast`.
 COMPOSE_METHODS = ("auto", "direct", "toom")
-#: Below this many multiply-adds the direct composition wins: Toom-Cook's transforms are
-#: memory-bound and its per-call overhead is larger (measured, 1 CPU thread: chains of a few
-#: million MACs ran 0.8-0.95x as fast with Toom-Cook, chains of 25M+ MACs 1.1-1.7x faster).
-TOOM_MIN_MACS = 10_000_000
-#: Toom-Cook must need this many times fewer multiply-adds (transforms included), since its
-#: transforms run far below the products' throughput.
-TOOM_MIN_GAIN = 1.5
+#: Below this many multiply-adds the direct composition is as fast: both take ~1 ms forward and
+#: backward, mostly per-call overhead (measured on 1 CPU thread, under load: chains of 0.3-3M
+#: MACs ran 0.95-1.2x as fast with Toom-Cook, chains of 25M-1.6G MACs 1.3-1.9x as fast).
+TOOM_MIN_MACS = 2_000_000
+#: Toom-Cook must need this many times fewer multiply-adds (transforms included).
+TOOM_MIN_GAIN = 1.1
 
 
 def _direct_cost(shapes: tuple[tuple[int, ...], ...], tree) -> tuple[int, tuple[int, ...]]:
