@@ -99,3 +99,27 @@ def test_accumulate_validation_and_cli(src, tmp_path):
     assert load_checkpoint(tmp_path / "cli" / "last.pt").extra["train"]["config"]["accumulate"] == 2
     r = invoke(src, tmp_path / "cli0", "--accumulate", "0")
     assert r.exit_code != 0 and "--accumulate must be at least 1" in r.output
+
+
+@pytest.mark.slow  # two 2-process torchrun runs: ~90 s on two busy cores
+def test_torchrun_accumulate_fused_equals_explicit(tmp_path):
+    """Under DDP the fused path (ComposeOnce, unsynchronised micro-batches, one all-reduce) and the
+    explicit path (plain accumulation, DDP syncing on each step's last backward) agree."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    src = make_src(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    states = {}
+    for forward in ("fused", "explicit"):
+        out = tmp_path / forward
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd += ["-m", "expandctl.train.command", str(src), "--data", "synthetic", "--epochs", "1", "--quiet"]
+        cmd += ["--batch-size", "32", "--accumulate", "3", "--lr", "0.1", "--forward", forward, "--out", str(out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        states[forward] = state_of(out / "last.pt")
+    assert same_weights(states["fused"], states["explicit"], atol=1e-5)
