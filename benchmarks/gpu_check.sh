@@ -26,9 +26,9 @@ if [ "$DEVICE" = cuda ]; then
         exit 2
     fi
     "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
-    STEPS=30 EPOCHS=1 CHANNELS="[32, 64, 128]"
-else
-    GPUS=0 STEPS=3 EPOCHS=1 CHANNELS="[8, 16, 32]"
+    STEPS=30 EPOCHS=1 CHANNELS="[32, 64, 128]" BENCH=(--batch 128 64)
+else  # dry run: the smallest sizes that still go through every step
+    GPUS=0 STEPS=2 EPOCHS=1 CHANNELS="[8, 16, 32]" BENCH=(--batch 64 --variants paper)
 fi
 
 echo "== 1. composition on $DEVICE: float32 errors vs a float64 reference, speed (fwd+bwd)"
@@ -95,7 +95,7 @@ for acc in 1 2; do
 done
 
 echo "== 3. step benchmark on $DEVICE (ratios to the compact model of the same run)"
-"$PY" benchmarks/train_step.py --device "$DEVICE" --threads 1 --batch 128 64 --steps "$STEPS"
+"$PY" benchmarks/train_step.py --device "$DEVICE" --threads 1 "${BENCH[@]}" --steps "$STEPS"
 
 if [ "$GPUS" -gt 1 ]; then
     echo "== 4. DDP with nccl on $GPUS GPUs"

@@ -143,3 +143,34 @@ def test_layer_trains_with_toom_and_contracts_exactly():
     with torch.no_grad():
         direct, _ = algebra.compose_chain([f.weight for f in layer.factors], [f.bias for f in layer.factors], 1)
     assert torch.equal(expandctl.contract(layer).weight, direct)
+
+
+def _saved_bytes(fn, weights) -> int:
+    """Bytes autograd keeps for the backward of ``fn(weights)``, the factors themselves excluded."""
+    own = {w.untyped_storage().data_ptr() for w in weights}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(weights)
+    return total
+
+
+def test_toom_saves_no_more_than_the_direct_path_unless_asked():
+    weights = [w.float().requires_grad_() for w in ck_chain((7, 7), 16, 32, 4, 1)]
+    direct = _saved_bytes(lambda w: algebra.compose_chain(w)[0], weights)
+    lean = _saved_bytes(lambda w: algebra.compose_toom(w), weights)
+    keep = _saved_bytes(lambda w: algebra.compose_toom(w, keep_operands=True), weights)
+    assert 0 < lean <= direct < keep
+    upstream = torch.randn(32, 16, 7, 7)
+    g_lean = torch.autograd.grad(algebra.compose_toom(weights), weights, upstream)
+    g_keep = torch.autograd.grad(algebra.compose_toom(weights, keep_operands=True), weights, upstream)
+    for a, b in zip(g_lean, g_keep):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
