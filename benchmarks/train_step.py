@@ -202,6 +202,10 @@ def main() -> None:
             compose = f"{r['compose_ms']:>10.1f} {r['overhead_ms']:>11.1f} {r['compose_speedup']:>7.2f}"
         print(f"{r['threads']:>3} {r['batch']:>5} {r['variant']:7} {r['model']:18} {r['median_ms']:>9.1f} "
               f"{r['time_ratio']:>9.2f} {compose} {r['peak_mib']:>8.0f} {r['mem_ratio']:>9.2f}")  # fmt: skip
+    for v in args.variants:
+        new = next((r for r in rows if r["variant"] == v and r["model"] == "ck r=4 fused new"), None)
+        if new and new.get("methods"):
+            print(f"{v}: new composition per CK layer: {', '.join(new['methods'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
