@@ -18,6 +18,19 @@ export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/expandctl_gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
+# One line from `expandctl verify --json`: passed, and the worst relative error per dtype.
+verify_summary() {
+    "$PY" -c "
+import json, sys
+r = json.load(sys.stdin)
+worst = {}
+for c in r.get('checks', []):
+    for o in c.get('outputs', []):
+        worst[c['dtype']] = max(worst.get(c['dtype'], 0.0), o['max_rel'])
+print('  verify $1: passed' if r.get('passed') else '  verify $1: FAILED', {k: f'{v:.1e}' for k, v in worst.items()})
+"
+}
+
 if [ "$DEVICE" = cuda ]; then
     GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
     if [ "$GPUS" -lt 1 ]; then
@@ -90,8 +103,7 @@ for acc in 1 2; do
     "$PY" -m expandctl train "$WORK/src.pt" --data synthetic:3x32x32 --epochs "$EPOCHS" --batch-size 64 --lr 0.05 \
         --device "$DEVICE" --accumulate "$acc" --out "$WORK/run_acc$acc" --quiet --json \
         | "$PY" -c "import json,sys; s=json.load(sys.stdin); print('  accumulate $acc:', {k: s.get(k) for k in ('ok','device','epochs_run','best_val_acc','seconds')})"
-    "$PY" -m expandctl verify "$WORK/run_acc$acc/last.pt" --json \
-        | "$PY" -c "import json,sys; print('  verify (contracted vs expanded):', json.dumps(json.load(sys.stdin))[:400])"
+    "$PY" -m expandctl verify "$WORK/run_acc$acc/last.pt" --json | verify_summary "accumulate $acc"
 done
 
 echo "== 3. step benchmark on $DEVICE (ratios to the compact model of the same run)"
@@ -103,8 +115,7 @@ if [ "$GPUS" -gt 1 ]; then
         "$WORK/src.pt" --data synthetic:3x32x32 --epochs 1 --batch-size 64 --accumulate 2 --device cuda \
         --out "$WORK/ddp" --json \
         | "$PY" -c "import json,sys; s=json.load(sys.stdin); print('  ddp:', {k: s.get(k) for k in ('ok','world_size','epochs_run','best_val_acc')})"
-    "$PY" -m expandctl verify "$WORK/ddp/last.pt" --json \
-        | "$PY" -c "import json,sys; print('  verify:', json.dumps(json.load(sys.stdin))[:400])"
+    "$PY" -m expandctl verify "$WORK/ddp/last.pt" --json | verify_summary ddp
 else
     echo "== 4. DDP with nccl: skipped ($GPUS GPUs visible, needs 2 or more)"
 fi
