@@ -1,13 +1,24 @@
 """Training-step cost of expanded SmallNets relative to the compact one, measured in one run.
 
-For SmallNet 7x7 (paper channels 8/16/32, and a wide 32/64/128 variant), batch 128, 3x32x32, SGD:
-median time of forward + backward + optimizer step, and peak extra memory of the step, for
-compact, CK r=4 and CL r=4 in fused and explicit modes. "peak" is the process's peak RSS (torch
-itself included); "step" is the peak RSS growth from just before the first step (gradients,
-momentum buffers, activations, composed kernels). Each configuration runs in its own
-subprocess (clean peak-RSS accounting); ratios are to the compact model of the same run.
+SmallNet 7x7 (paper channels 8/16/32, and a wide 32/64/128 variant), 3x32x32 inputs, SGD with
+momentum: median time of forward + backward + optimizer step, and peak memory, for the compact
+model and its CK / CL r=4 expansions trained fused. CK fused runs twice: with the old (direct)
+composition and the new one (``composition="auto"``: pairwise Toom-Cook where the cost model
+picks it, :func:`expandctl.algebra.composition_method`). For every expanded model the
+composition alone (all its layers' kernels and biases, forward + backward) is also timed with
+both paths, interleaved in the same process.
 
-    python benchmarks/train_step.py [--steps 30] [--threads N] [--json out.json]
+Columns: ``step`` median step time and its ratio to the compact model of the same thread count
+and batch; ``compose`` the composition alone for the path that row trains with (its share of
+the overhead ``step - compact step`` says what the rest is spent on); ``old/new`` how much
+faster the new composition is than the old, alone; ``peak`` the process's peak RSS (CPU; torch
+itself included) or peak allocated memory (CUDA), and its ratio to the compact model's.
+
+Each configuration runs in its own subprocess (clean peak-memory accounting); ``--rounds R``
+repeats the whole sequence and keeps each configuration's median.
+
+    python benchmarks/train_step.py [--threads 1 2] [--batch 128 64] [--steps 30] [--rounds 1]
+                                    [--explicit] [--device cpu|cuda] [--json out.json]
 
 Run it alone on the machine: on two cores a concurrent process distorts timings by 10-100x.
 """
@@ -24,13 +35,14 @@ import sys
 import time
 
 VARIANTS = {"paper": (8, 16, 32), "wide": (32, 64, 128)}
+#: (row name, strategy, forward mode, composition method)
 CONFIGS = [
-    ("compact", None, None),
-    ("ck", "ck", "fused"),
-    ("ck", "ck", "explicit"),
-    ("cl", "cl", "fused"),
-    ("cl", "cl", "explicit"),
+    ("compact", None, None, None),
+    ("ck r=4 fused old", "ck", "fused", "direct"),
+    ("ck r=4 fused new", "ck", "fused", "auto"),
+    ("cl r=4 fused", "cl", "fused", "auto"),
 ]
+EXPLICIT = [("ck r=4 explicit", "ck", "explicit", "direct"), ("cl r=4 explicit", "cl", "explicit", "direct")]
 
 
 def _rss_kib() -> int:
@@ -38,88 +50,162 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def measure(variant: str, strategy: str | None, forward: str | None, steps: int, threads: int) -> dict:
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compose_ms(layers, method: str, device) -> float:
+    """One forward + backward of every layer's composition (what a fused step adds), in ms."""
+    import torch
+
+    _sync(device)
+    t0 = time.perf_counter()
+    for layer in layers:
+        layer.composition = method
+        weight, bias = layer.equivalent()
+        outs = [weight] + ([bias] if bias is not None else [])
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(variant, strategy, forward, composition, batch, steps, threads, device_name) -> dict:
     import torch
 
     import expandctl
     from expandctl.models import SmallNet
 
     torch.set_num_threads(threads)
+    device = torch.device(device_name)
     torch.manual_seed(0)
     model = SmallNet(kernel_size=7, channels=VARIANTS[variant])
     if strategy:
         model = expandctl.expand(model, strategy=strategy, rate=4, forward=forward, seed=0)
+    layers = [layer for _, layer in expandctl.expanded_layers(model)]
+    for layer in layers:
+        layer.composition = composition
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with autocast:
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
 
     base = _rss_kib()  # model, data and optimizer exist; gradients, momentum and activations not yet
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):  # warm-up: allocator, momentum buffers, kernels
         step()
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         step()
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        step_mib = peak_mib
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mib, step_mib = peak / 1024, max(peak - base, 0) / 1024
+    result = {
         "median_ms": statistics.median(times) * 1e3,
-        "peak_mib": peak / 1024,
-        "step_mib": max(peak - base, 0) / 1024,
+        "peak_mib": peak_mib,
+        "step_mib": step_mib,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if layers and forward == "fused":
+        old, new = [], []
+        for _ in range(2):  # warm-up both paths
+            _compose_ms(layers, "direct", device), _compose_ms(layers, "auto", device)
+        for _ in range(max(steps // 2, 5)):  # interleaved, so load changes hit both alike
+            old.append(_compose_ms(layers, "direct", device))
+            new.append(_compose_ms(layers, "auto", device))
+        result["compose_old_ms"] = statistics.median(old)
+        result["compose_new_ms"] = statistics.median(new)
+        shapes = [tuple(tuple(f.weight.shape) for f in layer.factors) for layer in layers]
+        result["methods"] = [expandctl.algebra.composition_method(s, layers[0].factors[0].weight.dtype) for s in shapes]
+    return result
+
+
+def _one(args, variant, strategy, forward, composition, batch, threads) -> dict:
+    cmd = [sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
+           "--one", variant, strategy or "-", forward or "-", composition or "-", str(batch), str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 0)) or os.cpu_count())
+    default_threads = [int(os.environ["BENCH_THREADS"])] if os.environ.get("BENCH_THREADS") else [1, 2]
+    ap.add_argument("--threads", type=int, nargs="+", default=default_threads)
+    ap.add_argument("--batch", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=1, help="repeat everything, keep medians")
+    ap.add_argument("--explicit", action="store_true", help="also time the chains run on activations (slow)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--one", nargs=3, metavar=("VARIANT", "STRATEGY", "FORWARD"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        v, s, f = args.one
-        print(json.dumps(measure(v, None if s == "-" else s, None if f == "-" else f, args.steps, args.threads)))
+        v, s, f, c, b, t = args.one
+        dash = lambda a: None if a == "-" else a  # noqa: E731
+        print(json.dumps(measure(v, dash(s), dash(f), dash(c), int(b), args.steps, int(t), args.device)))
         return
+    if args.device == "cuda":
+        args.threads = args.threads[:1]
+    configs = CONFIGS + (EXPLICIT if args.explicit else [])
+    cases = [(t, b, v, c) for t in args.threads for b in args.batch for v in args.variants for c in configs]
+    runs: dict = {}
+    for _ in range(args.rounds):
+        for t, b, v, (name, strategy, forward, composition) in cases:
+            runs.setdefault((t, b, v, name), []).append(_one(args, v, strategy, forward, composition, b, t))
     rows = []
-    for variant in VARIANTS:
-        for name, strategy, forward in CONFIGS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-                "--one",
-                variant,
-                strategy or "-",
-                forward or "-",
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            r.update(variant=variant, model=name if name == "compact" else f"{name} r=4 {forward}")
-            rows.append(r)
-            compact = next(c for c in rows if c["variant"] == variant and c["model"] == "compact")
-            r["time_ratio"] = r["median_ms"] / compact["median_ms"]
-            r["mem_ratio"] = r["peak_mib"] / compact["peak_mib"]
-            r["step_mem_ratio"] = r["step_mib"] / max(compact["step_mib"], 1e-9)
-    print(f"SmallNet 7x7, batch 128, 3x32x32, SGD step; {args.steps} timed steps; torch threads {args.threads}")
-    cols = ["variant", "model", "params", "median ms", "x compact", "peak MiB", "x compact", "step MiB", "x compact"]
-    widths = [8, 20, 10, 10, 10, 9, 10, 9, 10]
-    header = " ".join(f"{c:>{w}}" if k > 1 else f"{c:{w}}" for k, (c, w) in enumerate(zip(cols, widths)))
+    for (t, b, v, name), results in runs.items():
+        row = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "methods"}
+        row.update(threads=t, batch=b, variant=v, model=name, methods=results[0].get("methods"))
+        rows.append(row)
+    for row in rows:
+        t, b, v, name = row["threads"], row["batch"], row["variant"], row["model"]
+        compact = next(r for r in rows if (r["threads"], r["batch"], r["variant"], r["model"]) == (t, b, v, "compact"))
+        row["time_ratio"] = row["median_ms"] / compact["median_ms"]
+        row["mem_ratio"] = row["peak_mib"] / compact["peak_mib"]
+        if "compose_new_ms" in row:
+            row["compose_ms"] = row["compose_old_ms" if name.endswith(" old") else "compose_new_ms"]
+            row["compose_speedup"] = row["compose_old_ms"] / row["compose_new_ms"]
+            row["overhead_ms"] = row["median_ms"] - compact["median_ms"]
+
+    memory = "peak allocated (CUDA)" if args.device == "cuda" else "peak RSS"
+    print(f"SmallNet 7x7, 3x32x32, SGD step on {args.device}; {args.steps} timed steps, {args.rounds} round(s); "
+          f"compose = composition alone (fwd+bwd); old/new = composition speed-up; memory = {memory}")  # fmt: skip
+    cols = ["thr", "batch", "variant", "model", "step ms", "x compact", "compose ms", "overhead ms", "old/new",
+            "peak MiB", "x compact"]  # fmt: skip
+    widths = [3, 5, 7, 18, 9, 9, 10, 11, 7, 8, 9]
+    header = " ".join(f"{c:>{w}}" if k not in (2, 3) else f"{c:{w}}" for k, (c, w) in enumerate(zip(cols, widths)))
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r['variant']:8} {r['model']:20} {r['params']:>10,} {r['median_ms']:>10.1f} {r['time_ratio']:>10.2f} "
-            f"{r['peak_mib']:>9.0f} {r['mem_ratio']:>10.2f} {r['step_mib']:>9.0f} {r['step_mem_ratio']:>10.2f}"
-        )
+        compose = " " * 30
+        if "compose_ms" in r:
+            compose = f"{r['compose_ms']:>10.1f} {r['overhead_ms']:>11.1f} {r['compose_speedup']:>7.2f}"
+        print(f"{r['threads']:>3} {r['batch']:>5} {r['variant']:7} {r['model']:18} {r['median_ms']:>9.1f} "
+              f"{r['time_ratio']:>9.2f} {compose} {r['peak_mib']:>8.0f} {r['mem_ratio']:>9.2f}")  # fmt: skip
+    for v in args.variants:
+        new = next((r for r in rows if r["variant"] == v and r["model"] == "ck r=4 fused new"), None)
+        if new and new.get("methods"):
+            print(f"{v}: new composition per CK layer: {', '.join(new['methods'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

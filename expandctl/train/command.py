@@ -166,6 +166,14 @@ def train(
     ),
     epochs: Annotated[int, typer.Option(help="Epochs in all.")] = 150,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size per process.")] = 128,
+    accumulate: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Gradient accumulation: one optimizer step per N mini-batches (their mean loss); "
+            "fused layers compose their kernels once per step.",
+        ),
+    ] = 1,
     lr: Annotated[float, typer.Option(help="Base learning rate.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
@@ -232,6 +240,7 @@ def train(
                 out=str(out),
                 epochs=epochs,
                 batch_size=batch_size,
+                accumulate=accumulate,
                 lr=lr,
                 optimizer=optimizer.lower(),
                 momentum=momentum,

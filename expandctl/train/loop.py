@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import atomic_write, load_checkpoint, save
 from ..errors import ExpandctlError, UsageError
-from ..layers import FORWARD_MODES
+from ..layers import FORWARD_MODES, ComposeOnce
 from ..rewrite import contract, expanded_layers, set_forward
 from ..shapes import data_mismatch, first_layer_channels
 from .data import DataOptions, DataSplits, load_data
@@ -64,7 +64,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TRAJECTORY_FIELDS = (
     "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "schedule",
     "weight_decay", "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "seed",
-    "channels", "image_size", "augment", "train_subset",
+    "channels", "image_size", "augment", "train_subset", "accumulate",
 )  # fmt: skip
 
 
@@ -86,6 +86,8 @@ class TrainConfig:
     out: str = "run"
     epochs: int = 150
     batch_size: int = 128
+    #: Mini-batches per optimizer step (gradient accumulation); fused layers compose once per step.
+    accumulate: int = 1
     lr: float = 0.01
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -135,6 +137,7 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.accumulate >= 1, "--accumulate must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (not (self.nesterov and self.momentum == 0), "--nesterov needs a non-zero --momentum"),
@@ -739,7 +742,12 @@ def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.T
 
 
 def _train_epoch(run: _Run, loader: DataLoader, epoch: int, callbacks: Callbacks) -> tuple[float, float, int]:
-    """One pass over the training shard: ``(mean loss, accuracy, images seen by all ranks)``."""
+    """One pass over the training shard: ``(mean loss, accuracy, images seen by all ranks)``.
+
+    With ``--accumulate N`` each optimizer step sums the gradients of N mini-batches (the objective
+    is their mean loss; the last step of an epoch may have fewer); fused expanded layers then
+    compose their kernels once per step (:class:`~expandctl.layers.ComposeOnce`).
+    """
     config, d = run.config, run.dist
     run.net.train()
     product = config.decay_on == "product" and config.weight_decay > 0
@@ -747,36 +755,78 @@ def _train_epoch(run: _Run, loader: DataLoader, epoch: int, callbacks: Callbacks
     correct = torch.zeros((), dtype=torch.int64, device=run.device)
     n = 0
     steps = len(loader)
-    for step, (x, y) in enumerate(_batches(loader, run.device), start=1):
-        with run.autocast():
-            logits = run.net(x)
-            if run.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = run.teacher(x)
-                loss = kd_loss(logits, teacher_logits, y, config.kd_alpha, config.kd_temperature)
-            else:
-                loss = _ce(logits, y)
-        value = loss.item()
-        bad = 0.0 if math.isfinite(value) else 1.0
-        if d.active:  # every rank must stop at the same step, or the others hang in all-reduce
-            bad = d.all_sum([bad], run.device)[0]
-        if bad:
-            raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step} of {steps}")
-        objective = loss
-        if product:
-            penalty = product_l2(run.model, config.weight_decay)
-            if penalty is not None:
-                objective = loss + penalty
-        run.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        run.optimizer.step()
-        loss_sum += loss.detach().double() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        n += len(y)
-        if d.main:
-            callbacks.on_step(step, steps, value)
+    once = _compose_once(run)
+    try:
+        for step, (x, y) in enumerate(_batches(loader, run.device), start=1):
+            size = min(config.accumulate, steps - (step - 1) // config.accumulate * config.accumulate)
+            last = step % config.accumulate == 0 or step == steps
+            # Plain accumulation lets DDP all-reduce on the step's last backward; with ComposeOnce the
+            # factors get their gradients only after it, so every backward runs unsynchronised.
+            sync = last and once is None
+            if (step - 1) % config.accumulate == 0:
+                run.optimizer.zero_grad(set_to_none=True)
+                if once is not None:
+                    once.__enter__()
+            with _no_sync(run, sync), run.autocast():
+                logits = run.net(x)
+                if run.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = run.teacher(x)
+                    loss = kd_loss(logits, teacher_logits, y, config.kd_alpha, config.kd_temperature)
+                else:
+                    loss = _ce(logits, y)
+            value = loss.item()
+            bad = 0.0 if math.isfinite(value) else 1.0
+            if d.active:  # every rank must stop at the same step, or the others hang in all-reduce
+                bad = d.all_sum([bad], run.device)[0]
+            if bad:
+                raise TrainingDiverged(f"the loss became {value} at epoch {epoch + 1}, step {step} of {steps}")
+            objective = loss if size == 1 else loss / size
+            if product and (once is None or last):  # with ComposeOnce the penalty enters once per step
+                penalty = product_l2(run.model, config.weight_decay)
+                if penalty is not None:
+                    objective = objective + (penalty if once is not None or size == 1 else penalty / size)
+            with _no_sync(run, sync):
+                objective.backward()
+            if last:
+                if once is not None:
+                    once.backward()
+                    once.__exit__(None, None, None)
+                    if d.active:  # the micro-batches ran unsynchronised: average the summed gradients
+                        _all_reduce_grads(run.model, d.world_size)
+                run.optimizer.step()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            n += len(y)
+            if d.main:
+                callbacks.on_step(step, steps, value)
+    finally:
+        if once is not None:  # never leave held kernels behind (divergence, interrupt)
+            once.__exit__(None, None, None)
     total_loss, total_correct, total_n = d.all_sum([loss_sum.item(), float(correct.item()), float(n)], run.device)
     return total_loss / max(total_n, 1), total_correct / max(total_n, 1), int(total_n)
+
+
+def _compose_once(run: _Run) -> ComposeOnce | None:
+    """Gradient accumulation over fused expanded layers: compose their kernels once per step."""
+    if run.config.accumulate == 1:
+        return None
+    layers = [layer for _, layer in expanded_layers(run.model) if layer.forward_mode == "fused"]
+    return ComposeOnce(layers) if layers else None
+
+
+def _no_sync(run: _Run, sync: bool):
+    """DDP's gradient all-reduce only on the backward that completes a step (``sync``)."""
+    if run.dist.active and not sync:
+        return run.net.no_sync()
+    return contextlib.nullcontext()
+
+
+def _all_reduce_grads(model: nn.Module, world_size: int) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
 
 
 @torch.no_grad()
