@@ -396,7 +396,7 @@ class ExpandedConv(ExpandedLayer):
     @classmethod
     def accepts(cls, module, pointwise=False):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            return "transposed convolutions are not supported"
+            return "a transposed convolution: ExpandedConvTransposeCL / CK expand it (see expansion_for)"
         if not isinstance(module, cls.source_types):
             return f"{type(module).__name__} is not a Conv1d/2d/3d"
         return _plain_forward_reason(module, _conv_base(module), ("forward", "_conv_forward"))
