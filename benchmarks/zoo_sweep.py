@@ -347,7 +347,7 @@ def summary(out: Path, total: int | None) -> str:
     left = collections.Counter()
     for r in ran:
         for reason, n in r.get("left_alone", {}).items():
-            left[_group(reason)] += n
+            left[reason] += n
     if left:
         lines += ["", "Layers left alone, by the plan's reason:", ""]
         lines += [f"- {n} x {reason}" for reason, n in left.most_common()]
