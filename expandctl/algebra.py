@@ -34,6 +34,7 @@ __all__ = [
     "compose_chain_fast",
     "compose_toom",
     "composition_method",
+    "compose_transposed_chain",
     "chain_order",
     "composition_cost",
     "kernel_steps",
@@ -152,6 +153,27 @@ def compose_chain(
         for w, b in zip(weights, biases, strict=True):
             bias = compose_bias(bias, w, b, groups)
     return weight, bias
+
+
+def compose_transposed_chain(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None = None,
+    groups: int = 1,
+    order=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Equivalent ``(weight, bias)`` of a chain of stride-1 transposed convolutions (kernels in
+    ``ConvTransposeNd`` layout ``(in, out / groups, *taps)``), ``weights[0]`` seeing the input.
+
+    A transposed convolution with stride 1 and no padding is the full cross-correlation with the
+    kernel ``T(W)`` (:func:`flip_transpose`), and a chain of full cross-correlations is one, with
+    the composed kernel (the zero border each factor adds is what the composed kernel sees). So
+    ``W = T(T(W_L) ⊛ ... ⊛ T(W_1))``; ``order`` brackets the ``T(W_j)``. Biases compose as in
+    :func:`compose_chain`, which is exact only when no factor before the last spatial one has a
+    bias: a full convolution of a constant field is not constant at its border.
+    """
+    conv = [flip_transpose(w, groups) for w in weights]
+    weight, bias = compose_chain(conv, biases, groups, order)
+    return flip_transpose(weight, groups), bias
 
 
 def flip_transpose(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -117,7 +117,7 @@ def plan_table(plan, only_expanded: bool = False) -> Table:
             escape(path),
             e.layer,
             escape(e.shape),
-            e.kind or "-",
+            (e.kind + (" (fused only)" if e.note else "")) if e.kind else "-",
             escape(", ".join(e.factors)) or "-",
             params,
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -34,6 +35,11 @@ __all__ = [
     "ExpandedConv",
     "ExpandedConvCL",
     "ExpandedConvCK",
+    "ExpandedConvTranspose",
+    "ExpandedConvTransposeCL",
+    "ExpandedConvTransposeCK",
+    "TRANSPOSED_EXPANSIONS",
+    "expansion_for",
     "FORWARD_MODES",
     "INIT_MODES",
     "EXPANSIONS",
@@ -53,11 +59,13 @@ PRESERVE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 
 def _template_of(module: nn.Module) -> nn.Module:
-    """A parameter-free deep copy of ``module``: same class, attributes and hooks, no tensors.
+    """A deep copy of ``module`` without its ``weight`` and ``bias``: same class, attributes and hooks.
 
-    Pre-seeding deepcopy's memo maps each parameter to ``None``, so nothing is copied.
+    Pre-seeding deepcopy's memo maps those two parameters to ``None``, so they are not copied. Any
+    other state (a subclass's gain, a quantiser's scale) is copied: a subclass layer runs its own
+    forward on the composed kernel and needs it (see :func:`fused_only_reason`).
     """
-    memo = {id(p): None for p in module.parameters(recurse=False)}
+    memo = {id(p): None for name, p in module._parameters.items() if name in ("weight", "bias") and p is not None}
     return copy.deepcopy(module, memo)
 
 
@@ -75,6 +83,8 @@ class ExpandedLayer(nn.Module):
     """Base class: ``factors`` (an ``nn.ModuleList``) applied first to last."""
 
     kind: ClassVar[str] = ""
+    #: Why the explicit chain cannot run this layer (a subclass with its own forward), else ``None``.
+    fused_only: str | None = None
     #: Higher runs first when several kinds accept the same layer (ck before cl).
     priority: ClassVar[int] = 0
     source_types: ClassVar[tuple[type[nn.Module], ...]] = ()
@@ -93,6 +103,11 @@ class ExpandedLayer(nn.Module):
         self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         #: Set by :class:`ComposeOnce`: the composed kernel as leaves, shared by several forwards.
         self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.fused_only = fused_only_reason(template)
+        if self.fused_only is not None:
+            # Registered, so that the subclass's own state (a gain, a quantiser's scale) trains,
+            # moves and saves with the factors; its weight and bias are the composed ones.
+            self.host = template
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -121,7 +136,7 @@ class ExpandedLayer(nn.Module):
         if self._held is not None and torch.is_grad_enabled():
             return self._held
         weights = [f.weight for f in self.factors]
-        biases = [f.bias for f in self.factors] if self.factors[0].bias is not None else None
+        biases = [f.bias for f in self.factors] if any(f.bias is not None for f in self.factors) else None
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         if not grad:
             key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.parameters())
@@ -130,12 +145,16 @@ class ExpandedLayer(nn.Module):
         # Composition runs at the factors' precision even under autocast: rounding the product of
         # a chain in bf16 loses far more than rounding the one convolution that follows.
         with torch.autocast(weights[0].device.type, enabled=False):
-            if grad:  # training: the faster composition, a few 1e-6 off in float32
-                result = algebra.compose_chain_fast(weights, biases, self.groups, self._order, self.composition)
-            else:
-                result = algebra.compose_chain(weights, biases, self.groups, self._order)
+            result = self._compose(weights, biases, fast=grad)
         self._cache = None if grad else (key, result)
         return result
+
+    def _compose(self, weights, biases, fast: bool = False):
+        """The chain's ``(weight, bias)``; ``fast`` (training) may use the faster composition, a few
+        1e-6 off in float32; contraction and every check use the exact direct algebra."""
+        if fast:
+            return algebra.compose_chain_fast(weights, biases, self.groups, self._order, self.composition)
+        return algebra.compose_chain(weights, biases, self.groups, self._order)
 
     @torch.no_grad()
     def contract(self) -> nn.Module:
@@ -151,6 +170,8 @@ class ExpandedLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_only is not None:
+            return _run_host(self.host, x, *self.equivalent())
         if self.forward_mode == "fused":
             weight, bias = self.equivalent()
             return self._single(x, weight, bias)
@@ -163,6 +184,12 @@ class ExpandedLayer(nn.Module):
         for f in self.factors:
             x = f(x)
         return x
+
+    def linear_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(one layer with the composed kernel, the chain run on x)``, both without any subclass
+        transform: the algebra a fused-only layer rests on, for the contraction check."""
+        weight, bias = self.equivalent()
+        return self._single(x, weight, bias), self._chain(x)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -256,15 +283,102 @@ KNOWN_PLAIN_SUBCLASSES = {"timm.layers.linear.Linear"}
 
 
 def _plain_forward_reason(module: nn.Module, base: type[nn.Module], methods: Sequence[str]) -> str | None:
-    """Subclasses that change how the layer computes (weight standardisation, runtime padding,
-    fake quantisation) cannot be expanded without knowing their meaning."""
-    cls = type(module)
-    qualname = f"{cls.__module__}.{cls.__qualname__}"
-    for name in methods:
-        if getattr(cls, name) is not getattr(base, name) and qualname not in KNOWN_PLAIN_SUBCLASSES:
-            return f"{qualname} overrides {name}() of torch's {base.__name__}; its meaning is unknown"
+    """``None`` if ``module`` can be expanded. Subclasses that change how the layer computes (weight
+    standardisation, runtime padding, fake quantisation) can, as long as their forward reads the
+    kernel through ``self.weight`` / ``self.bias``: they become fused-only layers."""
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
         return "lazy module is not initialised yet; run one forward pass first"
+    if _overridden(module, base, methods):
+        return _host_reason(module)
+    return None
+
+
+#: For each base class, the methods whose override means "this subclass computes differently".
+_OVERRIDABLE: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.Linear, ("forward",)),
+    (nn.Conv1d, ("forward", "_conv_forward")),
+    (nn.Conv2d, ("forward", "_conv_forward")),
+    (nn.Conv3d, ("forward", "_conv_forward")),
+)
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _overridden(module: nn.Module, base: type[nn.Module] | None = None, methods: Sequence[str] = ()) -> str | None:
+    """The first method of torch's base class that ``module``'s class overrides, else ``None``."""
+    if _qualname(module) in KNOWN_PLAIN_SUBCLASSES:
+        return None
+    pairs = [(base, tuple(methods))] if base is not None else _OVERRIDABLE
+    for b, names in pairs:
+        if isinstance(module, b) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            for name in names:
+                if getattr(type(module), name) is not getattr(b, name):
+                    return f"{name}() of torch's {b.__name__}"
+    return None
+
+
+def fused_only_reason(module: nn.Module) -> str | None:
+    """Why an expansion of ``module`` can only run fused, or ``None``.
+
+    A subclass computes ``f(x, T(W), b)`` with ``W = self.weight``: expanding ``W`` (compose the
+    chain's kernel, then run the subclass's own forward on it) keeps ``T`` -- a weight
+    standardisation, a runtime padding, a fake quantisation -- whatever it is. Running the factors
+    one by one on the activations would skip ``T``, so the explicit mode is not available.
+    """
+    method = _overridden(module)
+    if method is None:
+        return None
+    return f"fused only: {_qualname(module)} overrides {method}, so its own forward runs on the composed kernel"
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """A small input that ``module`` accepts: big enough for the kernel, the padding and the stride."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return torch.randn(2, module.in_features, dtype=w.dtype, device=w.device)
+    pads = module.padding if isinstance(module.padding, tuple) else (0,) * len(module.kernel_size)
+    sizes = [d * (k - 1) + 1 + s + p for k, d, s, p in zip(module.kernel_size, module.dilation, module.stride, pads)]
+    return torch.randn(1, module.in_channels, *sizes, dtype=w.dtype, device=w.device)
+
+
+def _run_host(host: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *args) -> torch.Tensor:
+    """``host``'s own forward with ``weight`` and ``bias`` standing in for its parameters."""
+    tensors = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    return torch.func.functional_call(host, tensors, (x, *args), strict=False)
+
+
+def _host_reason(module: nn.Module) -> str | None:
+    """``None`` if ``module``'s own forward reads its kernel through ``self.weight`` (and its bias
+    through ``self.bias``), else the reason it cannot be expanded.
+
+    Probed on a copy (a quantiser's observer may update its state) with autograd: a parameter the
+    forward does not read gets no gradient.
+    """
+    name = _qualname(module)
+    if getattr(module, "weight", None) is None:
+        return f"{name} has no weight"
+    probe = copy.deepcopy(module)
+    tensors = {"weight": module.weight.detach().clone().requires_grad_()}
+    if module.bias is not None:
+        tensors["bias"] = module.bias.detach().clone().requires_grad_()
+    try:
+        with torch.enable_grad():
+            out = _run_host(probe, _probe_input(module), tensors["weight"], tensors.get("bias"))
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                unread = list(tensors)
+            else:
+                grads = torch.autograd.grad(out.sum(), list(tensors.values()), allow_unused=True)
+                unread = [n for n, g in zip(tensors, grads) if g is None]
+    except Exception as e:  # a forward that needs a particular input: we cannot tell what it does
+        return f"{name} overrides forward() and failed on a probe input ({type(e).__name__}: {e})"
+    if unread:
+        return (
+            f"{name} overrides forward() and does not read self.{unread[0]}; "
+            "expanding it would change nothing it computes"
+        )
     return None
 
 
@@ -343,7 +457,7 @@ class ExpandedConv(ExpandedLayer):
     @classmethod
     def accepts(cls, module, pointwise=False):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            return "transposed convolutions are not supported"
+            return "a transposed convolution: ExpandedConvTransposeCL / CK expand it (see expansion_for)"
         if not isinstance(module, cls.source_types):
             return f"{type(module).__name__} is not a Conv1d/2d/3d"
         return _plain_forward_reason(module, _conv_base(module), ("forward", "_conv_forward"))
@@ -397,6 +511,12 @@ class ExpandedConv(ExpandedLayer):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
         return super()._chain(x)
+
+    def linear_part(self, x):
+        # A subclass may pad at run time (Conv2dSame): zero-pad by the kernel's reach so that the
+        # kernel fits the input; both sides see the same input, so the algebra is still compared.
+        reach = [d * (k - 1) for d, k in zip(reversed(self.dilation), reversed(self._template.kernel_size))]
+        return super().linear_part(F.pad(x, [r for r in reach for _ in range(2)]))
 
     def extra_repr(self):
         parts = []
@@ -556,9 +676,261 @@ def factor_parameters(cls: type[ExpandedLayer], module: nn.Module, hidden: Seque
     g, c_in, total, descs = module.groups, module.in_channels, 0, []
     for spec in cls._factor_specs(module, hidden):
         k = spec["kernel_size"]
-        total += spec["out"] * (c_in // g) * math.prod(k) + (spec["out"] if module.bias is not None else 0)
+        bias = spec.get("bias", module.bias is not None)
+        total += spec["out"] * (c_in // g) * math.prod(k) + (spec["out"] if bias else 0)
         stride = spec["stride"] if isinstance(spec["stride"], tuple) else (spec["stride"],)
         desc = f"{c_in}->{spec['out']} {'x'.join(map(str, k))}" + (f" s{stride[0]}" if max(stride) > 1 else "")
         descs.append(desc + (f" g{g}" if g > 1 else ""))  # every factor keeps the layer's groups
         c_in = spec["out"]
     return descs, total
+
+
+# --------------------------------------------------------------------------------------------------
+# Transposed convolutions
+# --------------------------------------------------------------------------------------------------
+TRANSPOSED_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+#: The transposed-convolution classes of the conv kinds: same strategy names, so ``cl`` / ``ck``
+#: select both. :func:`expansion_for` picks the class for a module.
+TRANSPOSED_EXPANSIONS: dict[str, type[ExpandedLayer]] = {}
+
+
+def expansion_for(kind: str, module: nn.Module) -> type[ExpandedLayer]:
+    """The class that expands ``module`` with ``kind`` (a transposed conv has its own)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and kind in TRANSPOSED_EXPANSIONS:
+        return TRANSPOSED_EXPANSIONS[kind]
+    return EXPANSIONS[kind]
+
+
+def _conv_layout_shape(weight_shape: Sequence[int], groups: int) -> tuple[int, ...]:
+    """Shape of :func:`algebra.flip_transpose` of a ``(in, out / groups, *taps)`` kernel."""
+    c_in, c_out_g = weight_shape[:2]
+    return (c_out_g * groups, c_in // groups, *weight_shape[2:])
+
+
+class ExpandedConvTranspose(ExpandedLayer):
+    """Shared machinery of transposed CL and CK: a chain of ``ConvTransposeNd`` factors.
+
+    A transposed conv upsamples its input by the stride, fully convolves it with the kernel, then
+    crops ``padding`` from both ends (``output_padding`` fewer on the far end). Exactness rules,
+    the mirror image of the conv ones: the stride and ``output_padding`` sit on the first spatial
+    factor (upsample once, before any kernel), the padding (the crop) on the last one, and only
+    factors from the last spatial one on have a bias (a full convolution of a constant bias field
+    is not constant at its border). Every factor keeps ``groups`` and the dilation.
+    """
+
+    source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    #: Index of the factor that upsamples (carries the stride and output_padding).
+    _upsampling: ClassVar[int] = 0
+
+    def __init__(self, template, factors, groups, forward):
+        super().__init__(template, factors, groups, forward)
+        t = template
+        self.stride = t.stride
+        self.padding = t.padding
+        self.output_padding = t.output_padding
+        self.dilation = t.dilation
+        self._order = algebra.chain_order(tuple(_conv_layout_shape(f.weight.shape, groups) for f in self.factors))
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        if not isinstance(module, cls.source_types):
+            return f"{type(module).__name__} is not a ConvTranspose1d/2d/3d"
+        if type(module) not in cls.source_types:
+            return f"{_qualname(module)} subclasses a transposed convolution; its meaning is unknown"
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+            return "lazy module is not initialised yet; run one forward pass first"
+        return None
+
+    @classmethod
+    def hidden_for(cls, module, rate):
+        return EXPANSIONS[cls.kind].hidden_for(module, rate)
+
+    @classmethod
+    def from_module(cls, module, hidden, init="scratch", forward="fused"):
+        _check_modes(init, forward)
+        conv_t = TRANSPOSED_TYPES[len(module.kernel_size)]
+        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+        factors, c_in = [], module.in_channels
+        for spec in cls._factor_specs(module, hidden):
+            factors.append(
+                conv_t(
+                    c_in,
+                    spec["out"],
+                    spec["kernel_size"],
+                    stride=spec["stride"],
+                    padding=spec["padding"],
+                    output_padding=spec["output_padding"],
+                    groups=module.groups,
+                    bias=spec["bias"],
+                    dilation=module.dilation,
+                    **kw,
+                )
+            )
+            c_in = spec["out"]
+        layer = cls(_template_of(module), factors, module.groups, forward)
+        if init == "preserve":
+            layer._preserve(module)
+        return layer.train(module.training)
+
+    def _compose(self, weights, biases, fast: bool = False):
+        return algebra.compose_transposed_chain(weights, biases, self.groups, self._order)
+
+    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        output_padding = self.output_padding
+        if output_size is not None:  # torch's rule: which output_padding gives that size
+            dims = len(self.stride)
+            k = self._template.kernel_size
+            output_padding = self._template._output_padding(
+                x, output_size, self.stride, self.padding, k, dims, self.dilation
+            )
+        if self.forward_mode == "fused":
+            weight, bias = self.equivalent()
+            return self._single(x, weight, bias, output_padding)
+        return self._chain(x, output_padding)
+
+    def _single(self, x, weight, bias, output_padding=None):
+        op = self.output_padding if output_padding is None else output_padding
+        fn = _CONV_TRANSPOSE_FN[len(self.stride)]
+        return fn(x, weight, bias, self.stride, self.padding, op, self.groups, self.dilation)
+
+    def _chain(self, x, output_padding=None):
+        fn = _CONV_TRANSPOSE_FN[len(self.stride)]
+        for j, f in enumerate(self.factors):
+            op = output_padding if output_padding is not None and j == self._upsampling else f.output_padding
+            x = fn(x, f.weight, f.bias, f.stride, f.padding, op, f.groups, f.dilation)
+        return x
+
+    def _preserve(self, module):
+        """Fit in the conv layout (:func:`algebra.flip_transpose` of every kernel), copy back."""
+        g = self.groups
+        target = algebra.flip_transpose(module.weight.detach(), g)
+        shims = [_Shim(algebra.flip_transpose(f.weight.detach(), g).clone()) for f in self.factors]
+        self.fit_residual = self._fit(module, target, shims)
+        with torch.no_grad():
+            for f, s in zip(self.factors, shims):
+                f.weight.copy_(algebra.flip_transpose(s.weight, g))
+                if f.bias is not None:
+                    f.bias.zero_()
+            if module.bias is not None:
+                self.factors[-1].bias.copy_(module.bias)
+
+    def extra_repr(self):
+        parts = []
+        for f in self.factors:
+            k = "x".join(map(str, f.kernel_size))
+            parts.append(f"{f.in_channels}->{f.out_channels} {k}" + (f" s{f.stride}" if max(f.stride) > 1 else ""))
+        return f"{self.kind} transposed [{', '.join(parts)}], groups={self.groups}, forward={self.forward_mode}"
+
+
+class _Shim:
+    """Stands in for a factor (just its ``weight``) so the conv-layout fits can fill it."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.bias = None
+
+    @staticmethod
+    def chain(shims: Sequence[_Shim], groups: int):
+        """An object with the ``factors`` and ``groups`` that :func:`_preserve_exact` reads."""
+        return types.SimpleNamespace(factors=shims, groups=groups)
+
+
+class ExpandedConvTransposeCL(ExpandedConvTranspose):
+    """CL for ``ConvTransposeNd k``: ``1x..x1 (m -> h1, no bias)``, ``k transposed (h1 -> h2)`` with
+    the stride, padding and output_padding, ``1x..x1 (h2 -> n)``. The 1x1 factors commute with the
+    upsampling and the crop, so the chain is exact; the first has no bias (see the class above)."""
+
+    kind = "cl"
+    priority = 1
+    _upsampling = 1
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        reason = super().accepts(module, pointwise)
+        if reason is None and max(module.kernel_size) == 1 and not pointwise:
+            return "1x1 convolution (pass pointwise=True / --pointwise to expand it)"
+        return reason
+
+    @classmethod
+    def _factor_specs(cls, module, hidden):
+        ones = (1,) * len(module.kernel_size)
+        h1, h2 = hidden
+        bias = module.bias is not None
+        plain = {"stride": 1, "padding": 0, "output_padding": 0}
+        return [
+            {"out": h1, "kernel_size": ones, "bias": False, **plain},
+            {
+                "out": h2,
+                "kernel_size": module.kernel_size,
+                "stride": module.stride,
+                "padding": module.padding,
+                "output_padding": module.output_padding,
+                "bias": bias,
+            },
+            {"out": module.out_channels, "kernel_size": ones, "bias": bias, **plain},
+        ]
+
+    def _fit(self, module, target, shims):
+        _preserve_exact(_Shim.chain(shims, self.groups), target, None)
+        return 0.0
+
+
+class ExpandedConvTransposeCK(ExpandedConvTranspose):
+    """CK for ``ConvTransposeNd`` with a kernel dimension > 3: small transposed kernels (3-tap
+    steps, a 2-tap one for even sizes) whose full convolutions add up to the original; the first
+    factor upsamples (stride, output_padding), the last crops (padding) and alone has a bias."""
+
+    kind = "ck"
+    priority = 2
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        reason = super().accepts(module, pointwise)
+        if reason is None and max(module.kernel_size) <= 3:
+            return "kernel is 3 or smaller in every dimension (ck needs a dimension > 3)"
+        return reason
+
+    @classmethod
+    def _factor_specs(cls, module, hidden):
+        steps = algebra.kernel_steps(module.kernel_size)
+        if len(hidden) != len(steps) - 1:
+            raise UsageError(
+                f"a ck chain for kernel {'x'.join(map(str, module.kernel_size))} has {len(steps) - 1} hidden widths, "
+                f"not {len(hidden)}"
+            )
+        outs = [*hidden, module.out_channels]
+        last = len(steps) - 1
+        return [
+            {
+                "out": o,
+                "kernel_size": k,
+                "stride": module.stride if j == 0 else 1,
+                "output_padding": module.output_padding if j == 0 else 0,
+                "padding": module.padding if j == last else 0,
+                "bias": module.bias is not None and j == last,
+            }
+            for j, (o, k) in enumerate(zip(outs, steps))
+        ]
+
+    def _fit(self, module, target, shims):
+        from .fit import fit_chain
+
+        with torch.no_grad():
+            result = fit_chain(target, [s.weight for s in shims], self.groups)
+            for s, w in zip(shims, result.weights):
+                s.weight = w
+        tol = PRESERVE_TOL.get(module.weight.dtype, 1e-2)
+        if result.residual > tol:
+            raise PreserveFitError(
+                f"init='preserve' found no exact factorisation of this transposed "
+                f"{'x'.join(map(str, module.kernel_size))} kernel at widths "
+                f"{[f.out_channels for f in self.factors[:-1]]}: best relative residual {result.residual:.2g} > "
+                f"{tol:g}; a larger rate or init='scratch' will do"
+            )
+        return result.residual
+
+
+TRANSPOSED_EXPANSIONS["cl"] = ExpandedConvTransposeCL
+TRANSPOSED_EXPANSIONS["ck"] = ExpandedConvTransposeCK

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AlreadyExpandedError, NothingToExpandError, UsageError
-from .layers import EXPANSIONS, FORWARD_MODES, ExpandedLayer, factor_parameters
+from .layers import EXPANSIONS, FORWARD_MODES, ExpandedLayer, expansion_for, factor_parameters, fused_only_reason
 
 __all__ = [
     "PlanEntry",
@@ -49,6 +49,8 @@ class PlanEntry:
     reason: str | None = None
     aliases: list[str] = field(default_factory=list)
     hidden: list[int] = field(default_factory=list)
+    #: For an expanded layer that can only run fused (a subclass with its own forward): why.
+    note: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,9 +197,7 @@ def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[s
         return None, "already expanded"
     if _is_quantized(module):
         return None, "quantized layers are not supported"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return None, "transposed convolutions are not supported"
-    relevant = [EXPANSIONS[k] for k in kinds if isinstance(module, EXPANSIONS[k].source_types)]
+    relevant = [expansion_for(k, module) for k in kinds if isinstance(module, expansion_for(k, module).source_types)]
     if not relevant:
         needs = "fc" if isinstance(module, nn.Linear) else "cl or ck"
         return None, f"not selected by the strategy (a {type(module).__name__} needs {needs})"
@@ -236,10 +236,11 @@ def plan(
         else:
             kind, entry.reason = _choose(module, kinds, pointwise)
             if kind is not None:
-                cls = EXPANSIONS[kind]
+                cls = expansion_for(kind, module)
                 entry.kind = kind
                 entry.hidden = cls.hidden_for(module, rate)
                 entry.factors, entry.params_after = factor_parameters(cls, module, entry.hidden)
+                entry.note = fused_only_reason(module)
         entries.append(entry)
     return Plan(entries, "+".join(kinds), rate, pointwise, include, exclude)
 
@@ -318,7 +319,7 @@ def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Mod
             module, paths = by_path[path]
             if cfg["kind"] not in EXPANSIONS:
                 raise UsageError(f"unknown expansion kind {cfg['kind']!r} for layer {path!r}")
-            cls = EXPANSIONS[cfg["kind"]]
+            cls = expansion_for(cfg["kind"], module)
             reason = cls.accepts(module, pointwise=True)
             if reason is not None:
                 raise UsageError(f"layer {path!r} cannot take a {cls.kind} expansion: {reason}")

@@ -304,8 +304,9 @@ def check_contraction(
     reports = []
     for d in dtypes:
         coarser = [p for p in expanded.parameters() if torch.finfo(p.dtype).eps > torch.finfo(d).eps]
+        source = expanded
         if coarser:
-            widened = copy.deepcopy(expanded).to(d)
+            source = widened = copy.deepcopy(expanded).to(d)
             report = compare_models(
                 widened, contract(widened), input_shape, dtype=d, kind="expanded-vs-contracted", **settings
             )
@@ -314,8 +315,58 @@ def check_contraction(
             report = compare_models(
                 expanded, contracted, input_shape, dtype=d, kind="expanded-vs-contracted", **settings
             )
+        linear = _check_linear_parts(source, report)
+        if linear is not None:
+            report.outputs.append(linear)
+            report.notes.append(
+                "fused-only layers run their own forward on the composed kernel in both models; "
+                f"{linear.name} compares that kernel with the chain run on the layers' inputs"
+            )
         reports.append(report)
     return reports
+
+
+@torch.no_grad()
+def _check_linear_parts(expanded: nn.Module, report: Report) -> OutputCheck | None:
+    """For fused-only layers (subclasses running their own forward on the composed kernel): the
+    composed kernel as one plain layer against the chain run on the activations, at the inputs each
+    layer sees in the model, with the report's inputs and tolerances. ``None`` if there are none."""
+    model = _prepare(expanded, getattr(torch, report.dtype))
+    layers = [(path, layer) for path, layer in expanded_layers(model) if layer.fused_only is not None]
+    if not layers:
+        return None
+    accs = {path: _Accumulator() for path, _ in layers}
+
+    def hook(path):
+        def check(layer, args):
+            composed, chain = layer.linear_part(args[0])
+            accs[path].add("linear", chain, composed)
+
+        return check
+
+    handles = [layer.register_forward_pre_hook(hook(path)) for path, layer in layers]
+    try:
+        device = _device(model)
+        for x in _inputs(report.input_shape, report.samples, report.batch, report.seed):
+            model(x.to(getattr(torch, report.dtype)).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    checks = {path: acc.checks(report.atol, report.rtol) for path, acc in accs.items()}
+    checks = {path: c[0] for path, c in checks.items() if c}
+    name = f"linear part of {len(layers)} fused-only layers"
+    if not checks:
+        return OutputCheck(name, math.nan, math.nan, False, "no fused-only layer ran on the inputs")
+    worst = max(checks, key=lambda p: _nan_last(checks[p].max_rel))
+    failed = [p for p, c in checks.items() if not c.passed]
+    reason = f"worst {worst}" + (f"; failed: {', '.join(failed[:5])}" if failed else "")
+    return OutputCheck(
+        name,
+        max(c.max_abs for c in checks.values()),
+        checks[worst].max_rel,
+        not failed and len(checks) == len(layers),
+        None if not failed else reason,
+    )
 
 
 @torch.no_grad()

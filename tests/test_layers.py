@@ -178,7 +178,7 @@ def test_plan_reports_every_candidate_with_reasons():
     assert rows["0"].params_after == (12 * 3 * 9 + 12) + (32 * 12 * 9 + 32) + (8 * 32 * 9 + 8)
     assert rows["1"].kind is None and "3 or smaller" in rows["1"].reason
     assert rows["2"].kind is None
-    assert rows["3"].kind is None and "transposed" in rows["3"].reason
+    assert rows["3"].kind is None and "3 or smaller" in rows["3"].reason  # transposed: ck needs k > 3
     assert rows["4"].kind is None and "lazy" in rows["4"].reason
     assert rows["5"].kind == "fc"
     p2 = expandctl.plan(model, strategy="cl", rate=4, exclude=["0"])
@@ -202,11 +202,11 @@ class PlainSubclass(nn.Conv2d):
     tag = "mine"
 
 
-def test_subclasses_that_change_forward_are_left_alone():
+def test_subclasses_that_change_forward_run_fused_only():
     model = nn.Sequential(WeightStandardizedConv(3, 8, 3), PlainSubclass(8, 8, 3))
     p = expandctl.plan(model, strategy="cl")
-    assert p.entries[0].kind is None and "overrides forward" in p.entries[0].reason
-    assert p.entries[1].kind == "cl"
+    assert p.entries[0].kind == "cl" and "fused only" in p.entries[0].note and "overrides forward" in p.entries[0].note
+    assert p.entries[1].kind == "cl" and p.entries[1].note is None
     small = expandctl.contract(expandctl.expand(model, strategy="cl"))
     assert type(small[1]) is PlainSubclass and type(small[0]) is WeightStandardizedConv
 

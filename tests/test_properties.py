@@ -143,3 +143,88 @@ def test_linear_contracts_exactly(m, n, bias, rate, lead):
     x = torch.randn(*lead, m, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(small(x), big(x)) < TOL
+
+
+TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+@st.composite
+def conv_transpose_case(draw, dims):
+    groups_kind = draw(st.sampled_from(["1", "g", "dw"]))
+    g = 1 if groups_kind == "1" else draw(st.integers(2, 3)) if groups_kind == "g" else draw(st.integers(2, 4))
+    c_in = g * (1 if groups_kind == "dw" else draw(st.integers(1, 3)))
+    c_out = g * draw(st.integers(1, 3))
+    max_k = {1: 9, 2: 7, 3: 5}[dims]
+    kernel = tuple(draw(st.integers(1, max_k)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    # torch: output_padding < max(stride, dilation) per dimension; padding crops the full output.
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    sizes = [draw(st.integers(1, {1: 7, 2: 4, 3: 2}[dims])) for _ in range(dims)]
+    padding = []
+    for k, s, d, op, n in zip(kernel, stride, dilation, output_padding, sizes):
+        full = (n - 1) * s + d * (k - 1) + op + 1
+        padding.append(draw(st.integers(0, (full - 1) // 2)))  # at least one output position
+    options = ["cl"] + (["ck"] if max(kernel) > 3 else [])
+    return dict(
+        dims=dims,
+        c_in=c_in,
+        c_out=c_out,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        output_padding=output_padding,
+        padding=tuple(padding),
+        groups=g,
+        bias=draw(st.booleans()),
+        rate=draw(st.sampled_from([1, 1.5, 2, 4])),
+        sizes=sizes,
+        batch=draw(st.integers(1, 2)),
+        kind=draw(st.sampled_from(options)),
+    )
+
+
+def check_conv_transpose(case):
+    conv = TRANSPOSED[case["dims"]](
+        case["c_in"],
+        case["c_out"],
+        case["kernel"],
+        stride=case["stride"],
+        padding=case["padding"],
+        output_padding=case["output_padding"],
+        groups=case["groups"],
+        bias=case["bias"],
+        dilation=case["dilation"],
+        dtype=torch.float64,
+    )
+    big = expandctl.expand(conv, strategy=case["kind"], rate=case["rate"], pointwise=True, forward="explicit")
+    assert isinstance(big, expandctl.ExpandedLayer) and big.kind == case["kind"]
+    for f in big.factors:
+        assert type(f) is type(conv) and f.groups == case["groups"]
+    small = expandctl.contract(big)
+    assert type(small) is type(conv)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "dilation"):
+        assert getattr(small, attr) == getattr(conv, attr), attr
+    assert small.groups == conv.groups and (small.bias is None) == (conv.bias is None)
+    x = torch.randn(case["batch"], case["c_in"], *case["sizes"], dtype=torch.float64)
+    with torch.no_grad():
+        expected = big(x)
+        assert expected.shape == conv(x).shape
+        assert rel_err(small(x), expected) < TOL
+        big.set_forward("fused")
+        assert rel_err(big(x), expected) < TOL
+
+
+@given(conv_transpose_case(1))
+def test_conv_transpose1d_contracts_exactly(case):
+    check_conv_transpose(case)
+
+
+@given(conv_transpose_case(2))
+def test_conv_transpose2d_contracts_exactly(case):
+    check_conv_transpose(case)
+
+
+@given(conv_transpose_case(3))
+def test_conv_transpose3d_contracts_exactly(case):
+    check_conv_transpose(case)

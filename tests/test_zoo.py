@@ -16,7 +16,7 @@ ZOO = [
     ("regnetx_002", {}, 64, "grouped 3x3"),
     ("mixnet_s", {}, 64, "mixed 3/5/7/9 depthwise kernels"),
     ("mobilenetv3_small_050", {}, 64, "timm Linear subclass, hard-swish, SE"),
-    ("tf_efficientnet_b0", {}, 64, "Conv2dSame (runtime padding) must be left alone"),
+    ("tf_efficientnet_b0", {}, 64, "Conv2dSame (runtime padding): fused-only"),
     ("resnet18", {"output_stride": 8}, 48, "dilated 3x3 convs"),
     ("inception_v3", {}, 80, "1x7 / 7x1 non-square kernels"),
     ("levit_128s", {}, 224, "attention and linear-heavy"),
@@ -37,10 +37,13 @@ def test_timm_model_roundtrip(name, kwargs, size, why):
         err = ((small(x) - reference).abs().max() / reference.abs().max()).item()
     assert err < 1e-10, f"{name}: {err:.3g}"
     left = {e.reason for e in plan if e.kind is None}
+    assert not any("overrides" in r for r in left), left
+    notes = {e.note for e in plan.expanded if e.note}
     if name == "tf_efficientnet_b0":
-        assert any("Conv2dSame overrides forward" in r for r in left)
+        assert notes and all("Conv2dSame overrides forward" in n for n in notes)
+        assert any(type(m).__name__ == "Conv2dSame" for m in small.modules())
     else:
-        assert not any("overrides" in r for r in left), left
+        assert not notes
     if name == "inception_v3":
         kernels = {tuple(e.shape.split()[1].split("x")) for e in plan.expanded if e.kind == "ck"}
         assert ("1", "7") in kernels and ("7", "1") in kernels

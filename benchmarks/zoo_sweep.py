@@ -1,0 +1,385 @@
+"""Whole-zoo sweep: every timm architecture and torchvision's classification, segmentation and
+detection models, built without weights, expanded with ``ck+cl+fc`` at rate 2, contracted, and
+compared in float64 against the explicit chain.
+
+Per model (each in its own process, so a crash or a memory blow-up costs one model):
+
+1. build it on the meta device to count parameters; above ``--max-params`` it is recorded as
+   ``skipped`` (its expanded float64 copies would not fit in memory), not dropped;
+2. build it for real (random init, random BatchNorm statistics, eval mode, float64) and find a
+   small input it accepts (64 px first, then larger);
+3. ``plan`` / ``expand`` (seed 0) / ``contract``, then ``verify.check_contraction`` in float64
+   (1 sample, batch 1): the contracted model against the expanded one running its chains
+   explicitly, plus the linear-part check of fused-only layers;
+4. on a sample (1 model in ``--preserve-every``, by a hash of its name), ``init="preserve"``
+   with ``cl+fc`` at rate 2 (the exact construction) against the original model.
+
+Results go to a JSON-lines file, one line per model: status (``exact``, ``inexact``, ``failed``,
+``skipped``, ``nothing`` when no layer is selected), expanded / candidate layers, the worst
+relative error, seconds, the stage and reason of a failure, and the reasons layers were left
+alone. The file is the resume point: a rerun skips the models already in it.
+
+    python benchmarks/zoo_sweep.py [--workers 2] [--out benchmarks/results/zoo_sweep.jsonl]
+                                   [--models resnet18,timm:vit_*] [--limit 10] [--max-params 40e6]
+    python benchmarks/zoo_sweep.py --summary     # the markdown summary for the README
+
+Run it under ``nice``: it takes hours of CPU for the whole zoo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "zoo_sweep.jsonl"
+STRATEGY, RATE = "ck+cl+fc", 2
+PRESERVE_STRATEGY = "cl+fc"
+SIZES = (64, 128, 224, 299)
+#: Default parameter bound: an expanded float64 model at rate 2 holds up to ~8x the parameters
+#: (fc: m -> 2m -> 2n -> n) at 8 bytes each, and the check keeps ~3 expanded and ~3 compact copies.
+MAX_PARAMS = 40_000_000
+
+
+# --------------------------------------------------------------------------------------------------
+# Model lists and construction
+# --------------------------------------------------------------------------------------------------
+def all_models() -> list[str]:
+    """``source:name`` for every model, in sweep order: torchvision's segmentation and detection
+    models, then all the others in the order of a hash of their names, so that a partial sweep is
+    a sample of every family rather than the alphabetical first few."""
+    import timm
+    import torchvision.models as tvm
+
+    names = [f"timm:{n}" for n in timm.list_models()]
+    for source, module in (("tv", tvm), ("tvseg", tvm.segmentation), ("tvdet", tvm.detection)):
+        names += [f"{source}:{n}" for n in tvm.list_models(module=module)]
+    first = [n for n in names if n.startswith(("tvseg:", "tvdet:"))]
+    rest = sorted((n for n in names if n not in first), key=lambda n: zlib.crc32(n.encode()))
+    return first + rest
+
+
+def _timm_build(name: str, device: str):
+    import timm
+
+    last = None
+    for kwargs in ({"num_classes": 10, "img_size": 64}, {"num_classes": 10}, {}):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return timm.create_model(name, pretrained=False, device=device, **kwargs), kwargs
+        except Exception as e:  # an architecture that does not take these arguments: try fewer
+            last = e
+    raise last
+
+
+def _tv_build(source: str, name: str, device: str):
+    import torch
+    import torchvision.models as tvm
+
+    kwargs = {"weights": None}
+    if source == "tv":
+        kwargs["num_classes"] = 10
+        if name.startswith("vit_"):
+            kwargs["image_size"] = 64
+    elif source == "tvseg":
+        kwargs.update(num_classes=5, weights_backbone=None)
+    else:
+        kwargs.update(num_classes=5, weights_backbone=None)
+        if "rcnn" in name or "retinanet" in name or "fcos" in name:
+            kwargs.update(min_size=128, max_size=128)
+    with torch.device(device):
+        return tvm.get_model(name, **kwargs), {k: v for k, v in kwargs.items() if k != "weights"}
+
+
+def build(model_id: str, device: str = "cpu"):
+    source, name = model_id.split(":", 1)
+    if source == "timm":
+        return _timm_build(name, device)
+    return _tv_build(source, name, device)
+
+
+def count_params(model_id: str) -> int | None:
+    """Parameters, counted on the meta device (no memory); ``None`` if it cannot build there."""
+    try:
+        model, _ = build(model_id, "meta")
+    except Exception:
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------------
+def _reason(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def _input_shape(model, model_id: str):
+    import torch
+
+    source = model_id.split(":", 1)[0]
+    sizes = (300, 320) if model_id.startswith("tvdet:ssd") else SIZES
+    last = None
+    for s in sizes:
+        shape = [3, s, s]
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, *shape, dtype=torch.float64))
+            return shape
+        except Exception as e:
+            last = e
+            if source == "tvdet":
+                break
+    raise last
+
+
+def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from helpers import randomize_batchnorm
+
+    import expandctl
+    from expandctl.verify import check_contraction, compare_models
+
+    t0 = time.time()
+    rec: dict = {"model": model_id}
+    stage = "build"
+    try:
+        params = count_params(model_id)
+        rec["params"] = params
+        if params is not None and params > max_params:
+            rec.update(status="skipped", reason=f"{params / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
+            return rec
+        torch.manual_seed(0)
+        model, kwargs = build(model_id)
+        rec["kwargs"] = kwargs
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        if rec["params"] > max_params:
+            rec.update(status="skipped", reason=f"{rec['params'] / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
+            return rec
+        model = randomize_batchnorm(model).double().eval()
+        stage = "forward"
+        shape = _input_shape(model, model_id)
+        rec["input"] = shape
+        stage = "plan"
+        plan = expandctl.plan(model, strategy=STRATEGY, rate=RATE)
+        rec["candidates"] = len(plan.entries)
+        rec["expanded"] = len(plan.expanded)
+        rec["fused_only"] = sum(e.note is not None for e in plan.expanded)
+        rec["left_alone"] = dict(collections.Counter(e.reason for e in plan if e.kind is None))
+        if not plan.expanded:
+            rec["status"] = "nothing"
+            return rec
+        stage = "expand"
+        big = expandctl.expand(model, strategy=STRATEGY, rate=RATE, seed=0)
+        stage = "contract"
+        small = expandctl.contract(big)
+        same = [type(m) for m in small.modules()] == [type(m) for m in model.modules()]
+        stage = "compare"
+        (report,) = check_contraction(big, small, shape, dtypes=(torch.float64,), samples=1, batch=1)
+        del big, small
+        rec["max_rel"] = report.max_rel if math.isfinite(report.max_rel) else None
+        rec["status"] = "exact" if report.passed and same else "inexact"
+        if not report.passed:
+            rec["reason"] = "; ".join(
+                f"{o.name}: {o.reason or f'{o.max_rel:.3g}'}" for o in report.outputs if not o.passed
+            )
+        elif not same:
+            rec["reason"] = "contracted model's module types differ from the original's"
+        if preserve_every and zlib.crc32(model_id.encode()) % preserve_every == 0:
+            stage = "preserve"
+            try:
+                kept = expandctl.expand(model, strategy=PRESERVE_STRATEGY, rate=RATE, init="preserve", seed=0)
+                rep = compare_models(model, kept, shape, dtype=torch.float64, samples=1, batch=1)
+                rec["preserve_max_rel"] = rep.max_rel if math.isfinite(rep.max_rel) else None
+                rec["preserve_passed"] = rep.passed
+            except expandctl.NothingToExpandError:
+                rec["preserve_passed"] = None
+    except Exception as e:
+        rec.update(status="failed", stage=stage, reason=_reason(e), trace=traceback.format_exc()[-2000:])
+    finally:
+        rec["seconds"] = round(time.time() - t0, 2)
+    return rec
+
+
+def _child(model_id, max_params, preserve_every, conn):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    warnings.filterwarnings("ignore")
+    conn.send(run_one(model_id, max_params, preserve_every))
+    conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep: a few processes, one model each, results appended as they come
+# --------------------------------------------------------------------------------------------------
+def done_models(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    return {json.loads(line)["model"] for line in out.read_text().splitlines() if line.strip()}
+
+
+def sweep(models: list[str], out: Path, workers: int, max_params: int, preserve_every: int, timeout: float, log):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    todo = [m for m in models if m not in done_models(out)]
+    log(f"{len(models)} models, {len(models) - len(todo)} already in {out}, {len(todo)} to run")
+    ctx = mp.get_context("spawn")
+    running: dict[str, tuple] = {}
+    with out.open("a") as f:
+        while todo or running:
+            while todo and len(running) < workers:
+                model_id = todo.pop(0)
+                parent, child = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_child, args=(model_id, max_params, preserve_every, child), daemon=True)
+                p.start()
+                child.close()
+                running[model_id] = (p, parent, time.time())
+            time.sleep(0.2)
+            for model_id, (p, conn, t0) in list(running.items()):
+                rec = None
+                if conn.poll():
+                    try:
+                        rec = conn.recv()
+                    except EOFError:
+                        rec = None
+                    p.join(30)
+                elif not p.is_alive():
+                    rec = {
+                        "model": model_id,
+                        "status": "failed",
+                        "stage": "process",
+                        "reason": f"exit code {p.exitcode}",
+                    }
+                elif time.time() - t0 > timeout:
+                    p.kill()
+                    p.join()
+                    rec = {"model": model_id, "status": "failed", "stage": "timeout", "reason": f"over {timeout:g} s"}
+                else:
+                    continue
+                if rec is None:
+                    rec = {
+                        "model": model_id,
+                        "status": "failed",
+                        "stage": "process",
+                        "reason": f"exit code {p.exitcode}",
+                    }
+                rec.setdefault("seconds", round(time.time() - t0, 2))
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                del running[model_id]
+                err = rec.get("max_rel")
+                log(
+                    f"{rec['status']:8s} {model_id} {rec.get('expanded', '-')}/{rec.get('candidates', '-')} "
+                    f"err {err if err is None else f'{err:.2g}'} {rec['seconds']:.1f}s {rec.get('reason', '')[:120]}"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------------
+def _group(reason: str) -> str:
+    """Failure reasons without the model-specific numbers, so that the same cause groups."""
+    return re.sub(r"\d+", "N", reason or "")[:160]
+
+
+def summary(out: Path, total: int | None) -> str:
+    recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    by = collections.Counter(r["status"] for r in recs)
+    ran = [r for r in recs if r["status"] in ("exact", "inexact")]
+    worst = max((r for r in ran if r.get("max_rel") is not None), key=lambda r: r["max_rel"], default=None)
+    built = len(recs) - by["skipped"] - sum(1 for r in recs if r["status"] == "failed" and r.get("stage") == "build")
+    lines = [
+        f"Models covered: {len(recs)}" + (f" of {total}" if total else "") + " (the results file is resumable).",
+        "",
+        "| status | models |",
+        "|---|---|",
+    ]
+    lines += [f"| {s} | {by[s]} |" for s in ("exact", "inexact", "failed", "nothing", "skipped") if by[s]]
+    exact_share = by["exact"] / built if built else float("nan")
+    lines += [
+        "",
+        f"Built and run: {built}; exact: {by['exact']} ({100 * exact_share:.1f}% of those built).",
+    ]
+    if worst:
+        lines.append(f"Worst float64 relative error of an exact model: {worst['max_rel']:.3g} ({worst['model']}).")
+    layers = sum(r.get("expanded", 0) for r in ran)
+    candidates = sum(r.get("candidates", 0) for r in ran)
+    fused = sum(r.get("fused_only", 0) for r in ran)
+    lines.append(f"Layers expanded: {layers} of {candidates} candidates ({fused} of them fused-only subclasses).")
+    pres = [r for r in recs if "preserve_passed" in r and r["preserve_passed"] is not None]
+    if pres:
+        pw = max((r["preserve_max_rel"] or 0) for r in pres)
+        ok = sum(bool(r["preserve_passed"]) for r in pres)
+        lines.append(
+            f'`init="preserve"` ({PRESERVE_STRATEGY}) on a sample: {ok} of {len(pres)} equal to the original '
+            f"(worst relative error {pw:.3g})."
+        )
+    for status in ("inexact", "failed", "nothing"):
+        group = collections.defaultdict(list)
+        for r in recs:
+            if r["status"] == status:
+                key = (
+                    f"{r.get('stage', '')}: {_group(r.get('reason', ''))}"
+                    if status == "failed"
+                    else _group(r.get("reason", ""))
+                )
+                group[key].append(r["model"])
+        if group:
+            lines += ["", f"{status.capitalize()}, grouped by reason:", ""]
+            for key, ms in sorted(group.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(m.split(":", 1)[1] for m in ms[:6]) + (", ..." if len(ms) > 6 else "")
+                lines.append(f"- {len(ms)} x `{key or 'no layer selected'}`: {shown}")
+    left = collections.Counter()
+    for r in ran:
+        for reason, n in r.get("left_alone", {}).items():
+            left[reason] += n
+    if left:
+        lines += ["", "Layers left alone, by the plan's reason:", ""]
+        lines += [f"- {n} x {reason}" for reason, n in left.most_common()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--models", default="", help="comma-separated source:name globs (timm:*, tv:*, tvseg:*, tvdet:*)")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N selected models")
+    ap.add_argument("--max-params", type=float, default=MAX_PARAMS)
+    ap.add_argument("--preserve-every", type=int, default=10)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    ap.add_argument("--summary", action="store_true", help="print the markdown summary of --out and exit")
+    args = ap.parse_args(argv)
+    models = all_models()
+    if args.summary:
+        print(summary(args.out, len(models)))
+        return
+    if args.models:
+        pats = [p if ":" in p else f"*:{p}" for p in args.models.split(",")]
+        models = [m for m in models if any(fnmatch.fnmatchcase(m, p) for p in pats)]
+    if args.limit:
+        models = models[: args.limit]
+
+    def log(msg):
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+    sweep(models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log)
+
+
+if __name__ == "__main__":
+    main()
