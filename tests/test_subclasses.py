@@ -95,7 +95,9 @@ def test_linear_part_check_catches_a_wrong_composition(monkeypatch):
     # A composition that forgets the last factor: the subclass forward of both models agrees with
     # itself, only the comparison with the chain on activations can see it.
     monkeypatch.setattr(
-        type(layer), "_compose", lambda self, w, b: expandctl.algebra.compose_chain(w[:2] + [w[2] * 2], b, self.groups)
+        type(layer),
+        "_compose",
+        lambda self, w, b, fast=False: expandctl.algebra.compose_chain(w[:2] + [w[2] * 2], b, self.groups),
     )
     layer._cache = None
     report = check_contraction(big, expandctl.contract(big), [3, 8, 8], dtypes=(torch.float64,))[0]
