@@ -806,7 +806,8 @@ def plot_bars(path: Path, groups: dict[str, list[dict]], title: str, hline=None)
     for i, n in enumerate(names):
         accs = [100 * r["final_acc"] for r in groups[n]]
         m, s = mean_std(accs)
-        ax.bar(i, m, yerr=s, color=COLORS[n], alpha=0.8, capsize=4, label=f"{LABELS[n]}: {m:.2f} +- {s:.2f} (n={len(accs)})")
+        label = f"{LABELS[n]}: {m:.2f} +- {s:.2f} (n={len(accs)})"
+        ax.bar(i, m, yerr=s, color=COLORS[n], alpha=0.8, capsize=4, label=label)
         ax.scatter([i] * len(accs), accs, color="black", s=10, zorder=3)
     if hline:
         ax.axhline(hline[0], color="black", ls="--", lw=1, label=f"{hline[1]}: {hline[0]:.2f}")
