@@ -64,13 +64,13 @@ from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
 from expandctl.evaluate import evaluate_torch
 from expandctl.models import SmallNet
-from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data, train
+from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data, train
 from expandctl.train.data import random_crop, random_flip
 from expandctl.train.losses import product_l2, split_decay_parameters
 from expandctl.verify import check_contraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import subset_indices, welch_p  # noqa: E402
+from reproduce import Progress, subset_indices, welch_p  # noqa: E402
 
 #: The recipe every run shares unless its spec says otherwise (the reproduction's settings).
 SETTINGS = {
@@ -286,16 +286,6 @@ def build(spec: Spec, shape: tuple[int, ...], settings: dict) -> tuple[nn.Module
     if spec.strategy:
         model = expandctl.expand(model, spec.strategy, settings["rate"], exclude=spec.exclude, seed=spec.seed)
     return model, arch, kwargs
-
-
-class Progress(Callbacks):
-    def __init__(self, name: str, verbose: bool):
-        self.name, self.verbose = name, verbose
-
-    def on_epoch_end(self, metrics, is_best):
-        if self.verbose:
-            print(f"  {self.name} epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} "
-                  f"test {metrics['val_acc']:.4f} ({metrics['seconds']:.1f} s)", flush=True)  # fmt: skip
 
 
 def regulariser_hook(spec: Spec):

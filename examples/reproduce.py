@@ -42,6 +42,7 @@ from expandctl.evaluate import evaluate_torch
 from expandctl.models import SmallNet
 from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data, train
 from expandctl.train import loop as train_loop
+from expandctl.train.data import stratified_subset
 from expandctl.verify import check_contraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,18 +102,9 @@ def applicable(variant: str, kernel: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Data: loaded once, optional fixed subsets
 # --------------------------------------------------------------------------------------------------
-def subset_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` indices stratified by class (each class in proportion, remainder to the largest
-    fractions), drawn by a generator seeded with ``seed``: the same images on every machine."""
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = labels.unique(return_counts=True)
-    quota = counts.double() * n / len(labels)
-    take = quota.floor().long()
-    for i in torch.argsort(quota - take, descending=True)[: n - int(take.sum())]:
-        take[i] += 1
-    picked = [torch.nonzero(labels == c).flatten()[torch.randperm(int(k), generator=g)[: int(t)]]
-              for c, k, t in zip(classes, counts, take)]  # fmt: skip
-    return torch.cat(picked).sort().values
+#: ``n`` indices stratified by class, drawn from a generator seeded with ``seed`` (the library's
+#: ``--train-subset``): the same images on every machine.
+subset_indices = stratified_subset
 
 
 def fixed_subset(dataset, n: int, seed: int, flag: str):
