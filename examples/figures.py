@@ -820,7 +820,7 @@ def plot_real(out: Path, runs: list[dict]) -> None:
             rs = select(runs, arch=arch, variant=v)
             if rs:
                 _band(ax, rs, lambda h: 100 * (1 - h["val_acc"]), LABELS[v], COLORS[v])
-        ax.set(title=arch, xlabel="epoch", ylabel="test error (%)")
+        ax.set(title=arch, xlabel="epoch", ylabel=f"test error (%), {REAL_CURVE_IMAGES:,} test images")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("torchvision models on Fashion-MNIST (3x32x32): compact vs CL rate 4 "
