@@ -70,7 +70,7 @@ from expandctl.train.losses import product_l2, split_decay_parameters
 from expandctl.verify import check_contraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import Progress, subset_indices, welch_p  # noqa: E402
+from reproduce import Progress, finish_run, subset_indices, welch_p  # noqa: E402
 
 #: The recipe every run shares unless its spec says otherwise (the reproduction's settings).
 SETTINGS = {
@@ -393,12 +393,7 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
         "torch": str(torch.__version__), "expandctl": expandctl.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })  # fmt: skip
-    for name in ("last.pt", "best.pt", "src.pt"):
-        (work / name).unlink(missing_ok=True)
-    target = result_path(out, spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    finish_run(work, result_path(out, spec), result)
     return result
 
 

@@ -232,14 +232,18 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
              extra={"teacher": {k: v for k, v in result.items() if k != "history"}})  # fmt: skip
     else:
         save(compact, work / "contracted.pt", arch="smallnet", arch_kwargs=kwargs, input_shape=data.input_shape)
-    # Training state (optimizer, RNG) is only needed to resume; the JSON below marks the run finished.
+    finish_run(work, result_path(out, run), result)
+    return result
+
+
+def finish_run(work: Path, target: Path, result: dict) -> None:
+    """Drop the training state (optimizer, RNG: only needed to resume) and write the run's JSON
+    atomically; the JSON marks the run finished."""
     for name in ("last.pt", "best.pt", "src.pt"):
         (work / name).unlink(missing_ok=True)
-    target = result_path(out, run)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def settings_of(args) -> dict:
