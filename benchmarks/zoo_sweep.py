@@ -2,7 +2,8 @@
 detection models, built without weights, expanded with ``ck+cl+fc`` at rate 2, contracted, and
 compared in float64 against the explicit chain.
 
-Per model (each in its own process, so a crash or a memory blow-up costs one model):
+Per model (in a worker process that is replaced after a crash, a timeout or ``--per-worker``
+models, so a crash or a memory blow-up costs one model):
 
 1. build it on the meta device to count parameters; above ``--max-params`` it is recorded as
    ``skipped`` (its expanded float64 copies would not fit in memory), not dropped;
@@ -159,7 +160,14 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
 
     t0 = time.time()
     rec: dict = {"model": model_id}
-    stage = "build"
+    stage, times, t_stage = "build", {}, time.time()
+
+    def mark(next_stage):
+        nonlocal stage, t_stage
+        now = time.time()
+        times[stage] = round(times.get(stage, 0.0) + now - t_stage, 2)
+        stage, t_stage = next_stage, now
+
     try:
         params = count_params(model_id)
         rec["params"] = params
@@ -174,10 +182,10 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
             rec.update(status="skipped", reason=f"{rec['params'] / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
             return rec
         model = randomize_batchnorm(model).double().eval()
-        stage = "forward"
+        mark("forward")
         shape = _input_shape(model, model_id)
         rec["input"] = shape
-        stage = "plan"
+        mark("plan")
         plan = expandctl.plan(model, strategy=STRATEGY, rate=RATE)
         rec["candidates"] = len(plan.entries)
         rec["expanded"] = len(plan.expanded)
@@ -186,12 +194,12 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
         if not plan.expanded:
             rec["status"] = "nothing"
             return rec
-        stage = "expand"
+        mark("expand")
         big = expandctl.expand(model, strategy=STRATEGY, rate=RATE, seed=0)
-        stage = "contract"
+        mark("contract")
         small = expandctl.contract(big)
         same = [type(m) for m in small.modules()] == [type(m) for m in model.modules()]
-        stage = "compare"
+        mark("compare")
         (report,) = check_contraction(big, small, shape, dtypes=(torch.float64,), samples=1, batch=1)
         del big, small
         rec["max_rel"] = report.max_rel if math.isfinite(report.max_rel) else None
@@ -203,7 +211,7 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
         elif not same:
             rec["reason"] = "contracted model's module types differ from the original's"
         if preserve_every and zlib.crc32(model_id.encode()) % preserve_every == 0:
-            stage = "preserve"
+            mark("preserve")
             try:
                 kept = expandctl.expand(model, strategy=PRESERVE_STRATEGY, rate=RATE, init="preserve", seed=0)
                 rep = compare_models(model, kept, shape, dtype=torch.float64, samples=1, batch=1)
@@ -214,19 +222,30 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
     except Exception as e:
         rec.update(status="failed", stage=stage, reason=_reason(e), trace=traceback.format_exc()[-2000:])
     finally:
+        mark("")
         rec["seconds"] = round(time.time() - t0, 2)
+        rec["stage_seconds"] = times
     return rec
 
 
-def _child(model_id, max_params, preserve_every, conn):
+def _worker(max_params, preserve_every, conn):
+    """A worker process: imports once, then runs the models the parent sends, one at a time, until
+    it is sent ``None`` (or killed: a crash, a memory blow-up or a timeout costs one model)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")
-    conn.send(run_one(model_id, max_params, preserve_every))
+    import gc
+
+    while True:
+        model_id = conn.recv()
+        if model_id is None:
+            break
+        conn.send(run_one(model_id, max_params, preserve_every))
+        gc.collect()
     conn.close()
 
 
 # --------------------------------------------------------------------------------------------------
-# The sweep: a few processes, one model each, results appended as they come
+# The sweep: a few worker processes, one model at a time each, results appended as they come
 # --------------------------------------------------------------------------------------------------
 def done_models(out: Path) -> set[str]:
     if not out.exists():
@@ -234,59 +253,97 @@ def done_models(out: Path) -> set[str]:
     return {json.loads(line)["model"] for line in out.read_text().splitlines() if line.strip()}
 
 
-def sweep(models: list[str], out: Path, workers: int, max_params: int, preserve_every: int, timeout: float, log):
+class _Slot:
+    """One worker process and the model it is running. A worker is replaced after ``per_worker``
+    models (memory a model leaves behind stays bounded) and whenever it dies or times out."""
+
+    def __init__(self, ctx, max_params, preserve_every):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(max_params, preserve_every, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.model, self.t0, self.done = None, 0.0, 0
+
+    def send(self, model_id):
+        self.model, self.t0 = model_id, time.time()
+        self.conn.send(model_id)
+
+    def stop(self, kill=False):
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                self.proc.kill()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def sweep(
+    models: list[str],
+    out: Path,
+    workers: int,
+    max_params: int,
+    preserve_every: int,
+    timeout: float,
+    log,
+    per_worker: int = 25,
+):
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = [m for m in models if m not in done_models(out)]
     log(f"{len(models)} models, {len(models) - len(todo)} already in {out}, {len(todo)} to run")
     ctx = mp.get_context("spawn")
-    running: dict[str, tuple] = {}
+    slots: list[_Slot] = []
     with out.open("a") as f:
-        while todo or running:
-            while todo and len(running) < workers:
-                model_id = todo.pop(0)
-                parent, child = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_child, args=(model_id, max_params, preserve_every, child), daemon=True)
-                p.start()
-                child.close()
-                running[model_id] = (p, parent, time.time())
+        while todo or any(s.model for s in slots):
+            for i in range(workers):
+                if i >= len(slots):
+                    slots.append(_Slot(ctx, max_params, preserve_every))
+                if slots[i].model is None and todo:
+                    if not slots[i].proc.is_alive():
+                        slots[i].stop(kill=True)
+                        slots[i] = _Slot(ctx, max_params, preserve_every)
+                    slots[i].send(todo.pop(0))
             time.sleep(0.2)
-            for model_id, (p, conn, t0) in list(running.items()):
-                rec = None
-                if conn.poll():
+            for i, slot in enumerate(slots):
+                if slot.model is None:
+                    continue
+                rec, replace = None, False
+                if slot.conn.poll():
                     try:
-                        rec = conn.recv()
+                        rec = slot.conn.recv()
                     except EOFError:
-                        rec = None
-                    p.join(30)
-                elif not p.is_alive():
-                    rec = {
-                        "model": model_id,
-                        "status": "failed",
-                        "stage": "process",
-                        "reason": f"exit code {p.exitcode}",
-                    }
-                elif time.time() - t0 > timeout:
-                    p.kill()
-                    p.join()
-                    rec = {"model": model_id, "status": "failed", "stage": "timeout", "reason": f"over {timeout:g} s"}
+                        replace = True
+                elif not slot.proc.is_alive():
+                    replace = True
+                elif time.time() - slot.t0 > timeout:
+                    slot.stop(kill=True)
+                    rec = {"model": slot.model, "status": "failed", "stage": "timeout", "reason": f"over {timeout:g} s"}
+                    replace = True
                 else:
                     continue
                 if rec is None:
-                    rec = {
-                        "model": model_id,
-                        "status": "failed",
-                        "stage": "process",
-                        "reason": f"exit code {p.exitcode}",
-                    }
-                rec.setdefault("seconds", round(time.time() - t0, 2))
+                    slot.proc.join(5)
+                    reason = f"exit code {slot.proc.exitcode}"
+                    rec = {"model": slot.model, "status": "failed", "stage": "process", "reason": reason}
+                rec.setdefault("seconds", round(time.time() - slot.t0, 2))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
-                del running[model_id]
+                slot.model, slot.done = None, slot.done + 1
+                if replace or slot.done >= per_worker:
+                    slot.stop(kill=replace)
+                    slots[i] = _Slot(ctx, max_params, preserve_every)
                 err = rec.get("max_rel")
                 log(
-                    f"{rec['status']:8s} {model_id} {rec.get('expanded', '-')}/{rec.get('candidates', '-')} "
+                    f"{rec['status']:8s} {rec['model']} {rec.get('expanded', '-')}/{rec.get('candidates', '-')} "
                     f"err {err if err is None else f'{err:.2g}'} {rec['seconds']:.1f}s {rec.get('reason', '')[:120]}"
                 )
+    for slot in slots:
+        slot.stop()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +420,7 @@ def main(argv=None):
     ap.add_argument("--max-params", type=float, default=MAX_PARAMS)
     ap.add_argument("--preserve-every", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    ap.add_argument("--per-worker", type=int, default=25, help="models per worker process before a fresh one")
     ap.add_argument("--summary", action="store_true", help="print the markdown summary of --out and exit")
     args = ap.parse_args(argv)
     models = all_models()
@@ -378,7 +436,9 @@ def main(argv=None):
     def log(msg):
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
-    sweep(models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log)
+    sweep(
+        models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log, args.per_worker
+    )
 
 
 if __name__ == "__main__":

@@ -483,10 +483,12 @@ def toom_order(shapes: tuple[tuple[int, ...], ...]):
 
 #: Composition methods of :func:`compose_chain_fast`.
 COMPOSE_METHODS = ("auto", "direct", "toom")
-#: Below this many multiply-adds the direct composition is as fast: both take ~1 ms forward and
-#: backward, mostly per-call overhead (measured on 1 CPU thread, under load: chains of 0.3-3M
-#: MACs ran 0.95-1.2x as fast with Toom-Cook, chains of 25M-1.6G MACs 1.3-1.9x as fast).
-TOOM_MIN_MACS = 2_000_000
+#: Below this many multiply-adds (direct composition, forward) the direct path is as fast or
+#: faster: Toom-Cook's transforms, interpolation and per-point batches are extra calls and memory
+#: passes. Measured on an idle 2-core CPU, forward + backward, SmallNet 7x7 CK r=4 chains: 0.3-36M
+#: MACs ran 0.74-0.98x as fast with Toom-Cook (1 and 2 threads), 203M MACs 1.00-1.09x, 1.6G MACs
+#: 1.19-1.60x.
+TOOM_MIN_MACS = 100_000_000
 #: Toom-Cook must need this many times fewer multiply-adds (transforms included): its transforms
 #: are memory-bound. (The wide network's first chain, 3 -> 12 -> 128 -> 32, has a gain of 1.57
 #: and ran 0.8-1.0x as fast; its second, 3.1x, ran 1.1-1.9x as fast.)
