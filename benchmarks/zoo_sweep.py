@@ -436,9 +436,7 @@ def main(argv=None):
     def log(msg):
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
-    sweep(
-        models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log, args.per_worker
-    )
+    sweep(models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log, args.per_worker)
 
 
 if __name__ == "__main__":
