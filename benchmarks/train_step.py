@@ -19,6 +19,11 @@ repeats the whole sequence and keeps each configuration's median.
 
     python benchmarks/train_step.py [--threads 1 2] [--batch 128 64] [--steps 30] [--rounds 1]
                                     [--explicit] [--device cpu|cuda] [--json out.json]
+    python benchmarks/train_step.py --interleave [--rounds 3] ...   # time ratios only
+
+``--interleave`` builds the compact model and every fused configuration in one process and steps
+them in turn, so that what differs between processes (placement, allocator state, load) cannot
+tell them apart; each of ``--rounds`` processes gives a ratio, the median and range are printed.
 
 Run it alone on the machine: on two cores a concurrent process distorts timings by 10-100x.
 """
@@ -72,14 +77,13 @@ def _compose_ms(layers, method: str, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(variant, strategy, forward, composition, batch, steps, threads, device_name) -> dict:
+def _setup(variant, strategy, forward, composition, batch, device):
+    """``(model, its expanded layers, step())``: one SGD step of SmallNet 7x7 on a fixed batch."""
     import torch
 
     import expandctl
     from expandctl.models import SmallNet
 
-    torch.set_num_threads(threads)
-    device = torch.device(device_name)
     torch.manual_seed(0)
     model = SmallNet(kernel_size=7, channels=VARIANTS[variant])
     if strategy:
@@ -100,6 +104,40 @@ def measure(variant, strategy, forward, composition, batch, steps, threads, devi
             loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
+
+    return model, layers, step
+
+
+def interleaved(variant, batch, steps, threads, device_name) -> dict:
+    """Every configuration of :data:`CONFIGS` built in one process and stepped in turn (one step
+    each, ``steps`` times), so that a change of machine load or of process placement hits all of
+    them alike: median step time and ratio to the compact model. No memory figures here."""
+    import torch
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    steps_of = {name: _setup(variant, s, f, c, batch, device)[2] for name, s, f, c in CONFIGS}
+    times: dict = {name: [] for name in steps_of}
+    for k in range(steps + 3):
+        for name, step in steps_of.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if k >= 3:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: {"median_ms": ms, "time_ratio": ms / med["compact"]} for name, ms in med.items()}
+
+
+def measure(variant, strategy, forward, composition, batch, steps, threads, device_name) -> dict:
+    import torch
+
+    import expandctl
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model, layers, step = _setup(variant, strategy, forward, composition, batch, device)
 
     base = _rss_kib()  # model, data and optimizer exist; gradients, momentum and activations not yet
     if device.type == "cuda":
@@ -146,6 +184,34 @@ def _one(args, variant, strategy, forward, composition, batch, threads) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _main_interleaved(args) -> None:
+    rows = []
+    for t in args.threads:
+        for b in args.batch:
+            for v in args.variants:
+                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
+                       "--one-interleaved", v, str(b), str(t)]  # fmt: skip
+                rounds = [
+                    json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                    for _ in range(args.rounds)
+                ]
+                for name in rounds[0]:
+                    ms = statistics.median(r[name]["median_ms"] for r in rounds)
+                    ratios = [r[name]["time_ratio"] for r in rounds]
+                    rows.append({"threads": t, "batch": b, "variant": v, "model": name, "median_ms": ms,
+                                 "time_ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                                 "ratio_max": max(ratios)})  # fmt: skip
+    print(f"SmallNet 7x7, 3x32x32, SGD step on {args.device}, configurations interleaved in one process; "
+          f"{args.steps} steps each, {args.rounds} process(es): median ratio and its range over processes")  # fmt: skip
+    print(f"{'thr':>3} {'batch':>5} {'variant':7} {'model':18} {'step ms':>9} {'x compact':>9} {'range':>11}")
+    for r in rows:
+        print(f"{r['threads']:>3} {r['batch']:>5} {r['variant']:7} {r['model']:18} {r['median_ms']:>9.1f} "
+              f"{r['time_ratio']:>9.2f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -157,8 +223,21 @@ def main() -> None:
     ap.add_argument("--explicit", action="store_true", help="also time the chains run on activations (slow)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="instead: all configurations in one process, steps alternating (time ratios only)",
+    )
     ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--one-interleaved", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_interleaved:
+        v, b, t = args.one_interleaved
+        print(json.dumps(interleaved(v, int(b), args.steps, int(t), args.device)))
+        return
+    if args.interleave:
+        _main_interleaved(args)
+        return
     if args.one:
         v, s, f, c, b, t = args.one
         dash = lambda a: None if a == "-" else a  # noqa: E731

@@ -72,11 +72,12 @@ def all_models() -> list[str]:
     return first + rest
 
 
-def _timm_build(name: str, device: str):
+def _timm_build(name: str, device: str, native_size: bool = False):
     import timm
 
     last = None
-    for kwargs in ({"num_classes": 10, "img_size": 64}, {"num_classes": 10}, {}):
+    options = ({"num_classes": 10, "img_size": 64}, {"num_classes": 10}, {})
+    for kwargs in options[1:] if native_size else options:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -105,10 +106,12 @@ def _tv_build(source: str, name: str, device: str):
         return tvm.get_model(name, **kwargs), {k: v for k, v in kwargs.items() if k != "weights"}
 
 
-def build(model_id: str, device: str = "cpu"):
+def build(model_id: str, device: str = "cpu", native_size: bool = False):
+    """``(model, kwargs)``; timm models are built for 64 px inputs where they take ``img_size``,
+    or at their own size with ``native_size``."""
     source, name = model_id.split(":", 1)
     if source == "timm":
-        return _timm_build(name, device)
+        return _timm_build(name, device, native_size)
     return _tv_build(source, name, device)
 
 
@@ -134,6 +137,9 @@ def _input_shape(model, model_id: str):
 
     source = model_id.split(":", 1)[0]
     sizes = (300, 320) if model_id.startswith("tvdet:ssd") else SIZES
+    native = getattr(model, "pretrained_cfg", {}).get("input_size")  # timm: the size it was made for
+    if native and native[0] == 3 and native[1] == native[2] and native[1] not in sizes:
+        sizes = (*sizes[:2], native[1], *sizes[2:])
     last = None
     for s in sizes:
         shape = [3, s, s]
@@ -146,6 +152,49 @@ def _input_shape(model, model_id: str):
             if source == "tvdet":
                 break
     raise last
+
+
+def _kernel_error(model, expanded) -> float:
+    """Worst relative difference between an expanded layer's composed kernel and the weight of the
+    layer it replaced (``init="preserve"`` makes them equal up to rounding)."""
+    import torch
+
+    import expandctl
+
+    original = dict(model.named_modules())
+    worst = 0.0
+    with torch.no_grad():
+        for path, layer in expandctl.expanded_layers(expanded):
+            w = original[path].weight
+            worst = max(worst, ((layer.equivalent()[0] - w).abs().max() / w.abs().max()).item())
+    return worst
+
+
+def _noise_floor(model, shape, eps: float = 1e-15) -> float:
+    """Relative change of the model's float64 output when every conv / linear weight is multiplied by
+    ``1 + eps * N(0, 1)``: what a perturbation of float64 rounding size does to this network
+    (randomly initialised networks with random BatchNorm statistics can amplify it a millionfold)."""
+    import copy
+
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in noisy.modules():
+            if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+                m.weight.mul_(1 + eps * torch.randn(m.weight.shape, dtype=m.weight.dtype, generator=g))
+        a, b = _first_tensor(model(x)), _first_tensor(noisy(x))
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def _first_tensor(out):
+    import torch
+
+    while not isinstance(out, torch.Tensor):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out
 
 
 def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
@@ -183,7 +232,18 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
             return rec
         model = randomize_batchnorm(model).double().eval()
         mark("forward")
-        shape = _input_shape(model, model_id)
+        try:
+            shape = _input_shape(model, model_id)
+        except Exception:
+            if "img_size" not in kwargs:
+                raise
+            # built for 64 px but does not run there (a window or block size that 64 px does not
+            # divide, a token grid it rounds differently): its own input size, then the others
+            torch.manual_seed(0)
+            model, kwargs = build(model_id, native_size=True)
+            rec["kwargs"] = kwargs
+            model = randomize_batchnorm(model).double().eval()
+            shape = _input_shape(model, model_id)
         rec["input"] = shape
         mark("plan")
         plan = expandctl.plan(model, strategy=STRATEGY, rate=RATE)
@@ -217,6 +277,9 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
                 rep = compare_models(model, kept, shape, dtype=torch.float64, samples=1, batch=1)
                 rec["preserve_max_rel"] = rep.max_rel if math.isfinite(rep.max_rel) else None
                 rec["preserve_passed"] = rep.passed
+                rec["preserve_kernel_max_rel"] = _kernel_error(model, kept)
+                if not rep.passed:  # how far the model itself moves under float64 rounding of its weights
+                    rec["preserve_noise_floor"] = _noise_floor(model, shape)
             except expandctl.NothingToExpandError:
                 rec["preserve_passed"] = None
     except Exception as e:
