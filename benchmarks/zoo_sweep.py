@@ -417,6 +417,17 @@ def _group(reason: str) -> str:
     return re.sub(r"\d+", "N", reason or "")[:160]
 
 
+def _family(model_id: str) -> str:
+    """A model's architecture family: the timm module that defines it (``vision_transformer``), or
+    for torchvision the builder name without its size suffix (``resnet``, ``vit``)."""
+    source, name = model_id.split(":", 1)
+    if source == "timm":
+        from timm.models import _registry
+
+        return "timm:" + _registry._model_to_module.get(name, name)
+    return f"{source}:" + re.split(r"[_\d]", name, maxsplit=1)[0]
+
+
 def summary(out: Path, total: int | None) -> str:
     recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     by = collections.Counter(r["status"] for r in recs)
@@ -447,8 +458,23 @@ def summary(out: Path, total: int | None) -> str:
         ok = sum(bool(r["preserve_passed"]) for r in pres)
         lines.append(
             f'`init="preserve"` ({PRESERVE_STRATEGY}) on a sample: {ok} of {len(pres)} equal to the original '
-            f"(worst relative error {pw:.3g})."
+            f"within the float64 tolerance (worst relative error {pw:.3g})."
         )
+        kern = [r["preserve_kernel_max_rel"] for r in pres if r.get("preserve_kernel_max_rel") is not None]
+        if kern:
+            lines[-1] += f" Composed kernels against the original weights, worst: {max(kern):.3g} ({len(kern)} models)."
+        for r in pres:
+            if not r["preserve_passed"]:
+                floor = r.get("preserve_noise_floor")
+                lines.append(
+                    f"- {r['model']}: output off by {r['preserve_max_rel']:.3g}, composed kernels by "
+                    f"{r.get('preserve_kernel_max_rel', float('nan')):.3g}; "
+                    + (
+                        f"the same model moves by {floor:.3g} when its weights get 1e-15 relative noise"
+                        if floor is not None
+                        else "noise floor not measured"
+                    )
+                )
     for status in ("inexact", "failed", "nothing"):
         group = collections.defaultdict(list)
         for r in recs:
@@ -464,6 +490,18 @@ def summary(out: Path, total: int | None) -> str:
             for key, ms in sorted(group.items(), key=lambda kv: -len(kv[1])):
                 shown = ", ".join(m.split(":", 1)[1] for m in ms[:6]) + (", ..." if len(ms) > 6 else "")
                 lines.append(f"- {len(ms)} x `{key or 'no layer selected'}`: {shown}")
+    skipped = [r["model"] for r in recs if r["status"] == "skipped"]
+    if skipped:
+        families = {m: _family(m) for m in skipped}
+        covered = {_family(r["model"]) for r in recs if r["status"] == "exact"}
+        with_smaller = [m for m in skipped if families[m] in covered]
+        lines += [
+            "",
+            f"Skipped above the parameter bound: {len(skipped)} models from {len(set(families.values()))} "
+            f"architecture families (timm's model file; torchvision's builder); {len(with_smaller)} of them "
+            f"belong to a family of which a smaller model is in the sweep and exact "
+            f"({len(set(families[m] for m in with_smaller))} families).",
+        ]
     left = collections.Counter()
     for r in ran:
         for reason, n in r.get("left_alone", {}).items():
