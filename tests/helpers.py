@@ -38,14 +38,14 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-def load_script(name: str):
-    """An example script (examples/NAME.py) imported as a module."""
+def load_script(name: str, folder: str = "examples"):
+    """A script (FOLDER/NAME.py, FOLDER one of examples, benchmarks) imported as a module."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
