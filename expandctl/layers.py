@@ -567,6 +567,24 @@ class ExpandedConvCL(ExpandedConv):
         ]
 
 
+def _ck_accepts(reason: str | None, module: nn.Module) -> str | None:
+    """A conv kind's refusal, or CK's own: it needs a kernel dimension > 3."""
+    if reason is None and max(module.kernel_size) <= 3:
+        return "kernel is 3 or smaller in every dimension (ck needs a dimension > 3)"
+    return reason
+
+
+def _ck_steps(module: nn.Module, hidden: Sequence[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """``(kernel steps, output widths)`` of a CK chain for ``module`` with these hidden widths."""
+    steps = algebra.kernel_steps(module.kernel_size)
+    if len(hidden) != len(steps) - 1:
+        raise UsageError(
+            f"a ck chain for kernel {'x'.join(map(str, module.kernel_size))} has {len(steps) - 1} hidden widths, "
+            f"not {len(hidden)}"
+        )
+    return steps, [*hidden, module.out_channels]
+
+
 @register_expansion
 class ExpandedConvCK(ExpandedConv):
     """CK expansion: a ``ConvNd`` with a kernel dimension > 3 -> a chain of small kernels
@@ -580,10 +598,7 @@ class ExpandedConvCK(ExpandedConv):
 
     @classmethod
     def accepts(cls, module, pointwise=False):
-        reason = super().accepts(module, pointwise)
-        if reason is None and max(module.kernel_size) <= 3:
-            return "kernel is 3 or smaller in every dimension (ck needs a dimension > 3)"
-        return reason
+        return _ck_accepts(super().accepts(module, pointwise), module)
 
     @classmethod
     def hidden_for(cls, module, rate):
@@ -595,13 +610,7 @@ class ExpandedConvCK(ExpandedConv):
 
     @classmethod
     def _factor_specs(cls, module, hidden):
-        steps = algebra.kernel_steps(module.kernel_size)
-        if len(hidden) != len(steps) - 1:
-            raise UsageError(
-                f"a ck chain for kernel {'x'.join(map(str, module.kernel_size))} has {len(steps) - 1} hidden widths, "
-                f"not {len(hidden)}"
-            )
-        outs = [*hidden, module.out_channels]
+        steps, outs = _ck_steps(module, hidden)
         last = len(steps) - 1
         return [
             {"out": o, "kernel_size": k, "stride": module.stride if j == last else 1}
@@ -887,20 +896,11 @@ class ExpandedConvTransposeCK(ExpandedConvTranspose):
 
     @classmethod
     def accepts(cls, module, pointwise=False):
-        reason = super().accepts(module, pointwise)
-        if reason is None and max(module.kernel_size) <= 3:
-            return "kernel is 3 or smaller in every dimension (ck needs a dimension > 3)"
-        return reason
+        return _ck_accepts(super().accepts(module, pointwise), module)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
-        steps = algebra.kernel_steps(module.kernel_size)
-        if len(hidden) != len(steps) - 1:
-            raise UsageError(
-                f"a ck chain for kernel {'x'.join(map(str, module.kernel_size))} has {len(steps) - 1} hidden widths, "
-                f"not {len(hidden)}"
-            )
-        outs = [*hidden, module.out_channels]
+        steps, outs = _ck_steps(module, hidden)
         last = len(steps) - 1
         return [
             {
