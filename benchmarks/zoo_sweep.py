@@ -94,8 +94,8 @@ def _tv_build(source: str, name: str, device: str):
     kwargs = {"weights": None}
     if source == "tv":
         kwargs["num_classes"] = 10
-        if name.startswith("vit_"):
-            kwargs["image_size"] = 64
+        if name.startswith("vit_"):  # 4 x 4 patches: 64 px for vit_b_16, 56 px for vit_h_14
+            kwargs["image_size"] = 4 * int(name.rsplit("_", 1)[1])
     elif source == "tvseg":
         kwargs.update(num_classes=5, weights_backbone=None)
     else:
@@ -140,6 +140,8 @@ def _input_shape(model, model_id: str):
     native = getattr(model, "pretrained_cfg", {}).get("input_size")  # timm: the size it was made for
     if native and native[0] == 3 and native[1] == native[2] and native[1] not in sizes:
         sizes = (*sizes[:2], native[1], *sizes[2:])
+    if isinstance(getattr(model, "image_size", None), int):  # torchvision's ViT: the size it was built for
+        sizes = (model.image_size, *sizes)
     last = None
     for s in sizes:
         shape = [3, s, s]
