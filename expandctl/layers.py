@@ -79,6 +79,24 @@ def _orthonormal(rows: int, cols: int, groups: int, like: torch.Tensor) -> torch
     return q.reshape(groups * rows, cols).to(like)
 
 
+#: Hyper-parameters of the replaced layer that an expanded layer answers for it (read-only).
+TEMPLATE_ATTRIBUTES = frozenset(
+    {
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "output_padding",
+        "padding_mode",
+        "transposed",
+        "in_features",
+        "out_features",
+    }
+)
+
+
 class ExpandedLayer(nn.Module):
     """Base class: ``factors`` (an ``nn.ModuleList``) applied first to last."""
 
@@ -190,6 +208,15 @@ class ExpandedLayer(nn.Module):
         transform: the algebra a fused-only layer rests on, for the contraction check."""
         weight, bias = self.equivalent()
         return self._single(x, weight, bias), self._chain(x)
+
+    def __getattr__(self, name: str):
+        # Model code reads the replaced layer's hyper-parameters off it (timm's DaViT pads by
+        # ``self.conv.kernel_size``): they stay readable on the expanded layer, from the template.
+        if name in TEMPLATE_ATTRIBUTES:
+            template = self.__dict__.get("_template")
+            if template is not None and hasattr(template, name):
+                return getattr(template, name)
+        return super().__getattr__(name)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -245,6 +245,33 @@ def test_attention_reads_the_composed_weight():
         torch.testing.assert_close(expandctl.contract(big)(x), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_model_code_reads_the_replaced_layers_hyperparameters():
+    class Downsample(nn.Module):  # pads by its conv's kernel size at run time, as timm's DaViT does
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, (2, 3), stride=2)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            k_h, k_w = self.conv.kernel_size
+            x = nn.functional.pad(x, (0, (k_w - x.shape[-1] % k_w) % k_w, 0, (k_h - x.shape[-2] % k_h) % k_h))
+            x = self.conv(x).mean((2, 3))
+            assert x.shape[1] == self.conv.out_channels and self.fc.in_features == 6
+            return self.fc(x)
+
+    model = Downsample().double().eval()
+    big = expandctl.expand(model, strategy="cl+fc", rate=2, init="preserve")
+    assert isinstance(big.conv, ExpandedConvCL)
+    assert (big.conv.kernel_size, big.conv.stride, big.conv.in_channels) == ((2, 3), (2, 2), 3)
+    assert (big.fc.in_features, big.fc.out_features) == (6, 4)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(expandctl.set_forward(copy.deepcopy(big), "explicit")(x), model(x))
+    with pytest.raises(AttributeError):
+        big.conv.not_an_attribute  # noqa: B018
+
+
 def test_no_grad_cache_tracks_parameter_updates():
     big = expandctl.expand(nn.Conv2d(2, 3, 5, padding=2), strategy="ck", rate=2)
     with torch.no_grad():
