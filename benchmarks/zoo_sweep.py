@@ -436,7 +436,8 @@ def summary(out: Path, total: int | None) -> str:
     recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     by = collections.Counter(r["status"] for r in recs)
     ran = [r for r in recs if r["status"] in ("exact", "inexact")]
-    worst = max((r for r in ran if r.get("max_rel") is not None), key=lambda r: r["max_rel"], default=None)
+    exact = [r for r in ran if r["status"] == "exact" and r.get("max_rel") is not None]
+    worst = max(exact, key=lambda r: r["max_rel"], default=None)
     built = len(recs) - by["skipped"] - sum(1 for r in recs if r["status"] == "failed" and r.get("stage") == "build")
     lines = [
         f"Models covered: {len(recs)}" + (f" of {total}" if total else "") + " (the results file is resumable).",
@@ -466,7 +467,10 @@ def summary(out: Path, total: int | None) -> str:
         )
         kern = [r["preserve_kernel_max_rel"] for r in pres if r.get("preserve_kernel_max_rel") is not None]
         if kern:
-            lines[-1] += f" Composed kernels against the original weights, worst: {max(kern):.3g} ({len(kern)} models)."
+            lines[-1] += (
+                f" Composed kernels against the original weights, worst: {max(kern):.3g} "
+                f"(in the {len(kern)} records that have it)."
+            )
         for r in pres:
             if not r["preserve_passed"]:
                 floor = r.get("preserve_noise_floor")
