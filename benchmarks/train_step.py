@@ -177,11 +177,16 @@ def measure(variant, strategy, forward, composition, batch, steps, threads, devi
     return result
 
 
-def _one(args, variant, strategy, forward, composition, batch, threads) -> dict:
-    cmd = [sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
-           "--one", variant, strategy or "-", forward or "-", composition or "-", str(batch), str(threads)]  # fmt: skip
+def _child(args, *mode: str):
+    """This script run in a subprocess in a ``--one`` / ``--one-interleaved`` mode: its JSON result."""
+    cmd = [sys.executable, __file__, "--steps", str(args.steps), "--device", args.device, *mode]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _one(args, variant, strategy, forward, composition, batch, threads) -> dict:
+    dash = [a or "-" for a in (strategy, forward, composition)]
+    return _child(args, "--one", variant, *dash, str(batch), str(threads))
 
 
 def _main_interleaved(args) -> None:
@@ -189,12 +194,7 @@ def _main_interleaved(args) -> None:
     for t in args.threads:
         for b in args.batch:
             for v in args.variants:
-                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
-                       "--one-interleaved", v, str(b), str(t)]  # fmt: skip
-                rounds = [
-                    json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                    for _ in range(args.rounds)
-                ]
+                rounds = [_child(args, "--one-interleaved", v, str(b), str(t)) for _ in range(args.rounds)]
                 for name in rounds[0]:
                     ms = statistics.median(r[name]["median_ms"] for r in rounds)
                     ratios = [r[name]["time_ratio"] for r in rounds]

@@ -173,30 +173,23 @@ def _kernel_error(model, expanded) -> float:
 
 
 def _noise_floor(model, shape, eps: float = 1e-15) -> float:
-    """Relative change of the model's float64 output when every conv / linear weight is multiplied by
+    """How far ``model``'s float64 output moves, measured as the contraction check measures (same
+    input, every output, worst relative error), when every conv / linear weight is multiplied by
     ``1 + eps * N(0, 1)``: what a perturbation of float64 rounding size does to this network
     (randomly initialised networks with random BatchNorm statistics can amplify it a millionfold)."""
     import copy
 
     import torch
 
+    from expandctl.verify import compare_models
+
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     noisy = copy.deepcopy(model)
     with torch.no_grad():
         for m in noisy.modules():
             if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
                 m.weight.mul_(1 + eps * torch.randn(m.weight.shape, dtype=m.weight.dtype, generator=g))
-        a, b = _first_tensor(model(x)), _first_tensor(noisy(x))
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def _first_tensor(out):
-    import torch
-
-    while not isinstance(out, torch.Tensor):
-        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
-    return out
+    return compare_models(model, noisy, shape, dtype=torch.float64, samples=1, batch=1).max_rel
 
 
 def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:

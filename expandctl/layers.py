@@ -560,6 +560,13 @@ def _conv_base(module: nn.Module) -> type[nn.Module]:
     raise TypeError(type(module).__name__)
 
 
+def _cl_accepts(reason: str | None, module: nn.Module, pointwise: bool) -> str | None:
+    """A conv kind's refusal, or CL's own: a 1x1 kernel only with ``pointwise``."""
+    if reason is None and max(module.kernel_size) == 1 and not pointwise:
+        return "1x1 convolution (pass pointwise=True / --pointwise to expand it)"
+    return reason
+
+
 @register_expansion
 class ExpandedConvCL(ExpandedConv):
     """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
@@ -573,10 +580,7 @@ class ExpandedConvCL(ExpandedConv):
 
     @classmethod
     def accepts(cls, module, pointwise=False):
-        reason = super().accepts(module, pointwise)
-        if reason is None and max(module.kernel_size) == 1 and not pointwise:
-            return "1x1 convolution (pass pointwise=True / --pointwise to expand it)"
-        return reason
+        return _cl_accepts(super().accepts(module, pointwise), module, pointwise)
 
     @classmethod
     def hidden_for(cls, module, rate):
@@ -884,10 +888,7 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
 
     @classmethod
     def accepts(cls, module, pointwise=False):
-        reason = super().accepts(module, pointwise)
-        if reason is None and max(module.kernel_size) == 1 and not pointwise:
-            return "1x1 convolution (pass pointwise=True / --pointwise to expand it)"
-        return reason
+        return _cl_accepts(super().accepts(module, pointwise), module, pointwise)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
