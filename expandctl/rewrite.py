@@ -197,10 +197,10 @@ def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[s
         return None, "already expanded"
     if _is_quantized(module):
         return None, "quantized layers are not supported"
-    relevant = [expansion_for(k, module) for k in kinds if isinstance(module, expansion_for(k, module).source_types)]
+    relevant = [cls for cls in (expansion_for(k, module) for k in kinds) if cls is not None]
     if not relevant:
-        needs = "fc" if isinstance(module, nn.Linear) else "cl or ck"
-        return None, f"not selected by the strategy (a {type(module).__name__} needs {needs})"
+        needs = [k for k in EXPANSIONS if expansion_for(k, module) is not None]
+        return None, f"not selected by the strategy (a {type(module).__name__} takes {' or '.join(needs) or 'none'})"
     reason = None
     for cls in sorted(relevant, key=lambda c: -c.priority):
         reason = cls.accepts(module, pointwise)
@@ -320,6 +320,8 @@ def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Mod
             if cfg["kind"] not in EXPANSIONS:
                 raise UsageError(f"unknown expansion kind {cfg['kind']!r} for layer {path!r}")
             cls = expansion_for(cfg["kind"], module)
+            if cls is None:
+                raise UsageError(f"layer {path!r} is a {type(module).__name__}, which {cfg['kind']!r} does not expand")
             reason = cls.accepts(module, pointwise=True)
             if reason is not None:
                 raise UsageError(f"layer {path!r} cannot take a {cls.kind} expansion: {reason}")

@@ -89,7 +89,7 @@ def test_every_toom_bracketing_gives_the_same_kernel():
     shapes = [(4, 3, 3), (5, 4, 3), (6, 5, 2), (2, 6, 1)]  # four factors: five bracketings
     weights = [torch.randn(s, dtype=torch.float64) for s in shapes]
     reference, _ = algebra.compose_chain(weights)
-    trees = list(algebra._bracketings(0, len(weights) - 1))
+    trees = list(algebra.toom._bracketings(0, len(weights) - 1))
     assert len(trees) == 5
     for tree in trees:
         assert rel(algebra.compose_toom(weights, 1, tree), reference) <= 1e-11

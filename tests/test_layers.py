@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import expandctl
 from expandctl import algebra
-from expandctl.layers import ExpandedConvCK, ExpandedConvCL, ExpandedLinear
+from expandctl.layers import ExpandedConvCK, ExpandedConvCL, ExpandedConvTransposeCK, ExpandedLinear
 
 
 def conv_net(dtype=torch.float64):
@@ -288,8 +288,12 @@ def test_no_grad_cache_tracks_parameter_updates():
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError):
         expandctl.register_expansion(ExpandedConvCL)
-    assert set(expandctl.EXPANSIONS) == {"fc", "cl", "ck"}
-    assert expandctl.EXPANSIONS["ck"] is ExpandedConvCK
+    assert {"fc", "cl", "ck"} <= set(expandctl.EXPANSIONS)
+    assert ExpandedConvCK in expandctl.EXPANSIONS["ck"]
+    # One registry for every layer type: the transposed classes are found under the same names.
+    assert expandctl.layers.expansion_for("ck", nn.ConvTranspose2d(4, 4, 5)) is ExpandedConvTransposeCK
+    assert expandctl.layers.expansion_for("ck", nn.Conv2d(4, 4, 5)) is ExpandedConvCK
+    assert expandctl.layers.expansion_for("fc", nn.Conv2d(4, 4, 5)) is None
 
 
 def test_chain_order_is_cheapest_for_cl():

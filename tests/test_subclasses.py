@@ -97,7 +97,11 @@ def test_linear_part_check_catches_a_wrong_composition(monkeypatch):
     monkeypatch.setattr(
         type(layer),
         "_compose",
-        lambda self, w, b, fast=False: expandctl.algebra.compose_chain(w[:2] + [w[2] * 2], b, self.groups),
+        lambda self, fast=False: expandctl.algebra.compose_chain(
+            [f.weight for f in self.factors[:2]] + [self.factors[2].weight * 2],
+            [f.bias for f in self.factors],
+            self.groups,
+        ),
     )
     layer._cache = None
     report = check_contraction(big, expandctl.contract(big), [3, 8, 8], dtypes=(torch.float64,))[0]

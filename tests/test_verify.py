@@ -9,7 +9,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import expandctl
 from expandctl.errors import UsageError
-from expandctl.layers import ExpandedLayer
+from expandctl.layers import ChainLayer
 from expandctl.models import SmallNet
 from expandctl.verify import DEFAULT_TOLERANCES, check_contraction, check_finite, compare_models
 
@@ -124,8 +124,8 @@ def test_comparison_uses_eval_mode_copies_and_leaves_the_caller_alone():
 def test_expanded_layers_run_explicit_chain_on_a_copy(monkeypatch):
     expanded = expandctl.expand(small_net(), "ck+fc", rate=2, seed=0)
     calls = []
-    original = ExpandedLayer._chain
-    monkeypatch.setattr(ExpandedLayer, "_chain", lambda self, x: calls.append(1) or original(self, x))
+    original = ChainLayer._explicit
+    monkeypatch.setattr(ChainLayer, "_explicit", lambda self, x: calls.append(1) or original(self, x))
     assert compare_models(expanded, expandctl.contract(expanded), SHAPE, samples=1).passed
     assert calls  # the factors ran one by one, not the composed kernel
     assert all(layer.forward_mode == "fused" for _, layer in expandctl.expanded_layers(expanded))
