@@ -47,10 +47,21 @@ from .cli_common import (
     parse_shape,
     running_model,
 )
-from .console import UI, fmt_count, kv_table, layers_table, plan_table, report_settings, report_table
+from .console import UI, fmt_count, fmt_rate, kv_table, layers_table, plan_table, report_settings, report_table
 from .errors import CheckFailed, NothingToExpandError, UnsupportedError, UsageError
 from .fold import fold_batchnorm
 from .shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_input_shape, run_once
+
+
+def _strategy_help() -> str:
+    """``--strategy`` help, read from the registry (a new kind shows up here by registering)."""
+    from .layers import EXPANSIONS
+
+    kinds = "; ".join(f"{k}: {EXPANSIONS[k][0].summary}" for k in EXPANSIONS)
+    return f"'+'-joined expansion kinds ({kinds})."
+
+
+STRATEGY_HELP = _strategy_help()
 
 app = typer.Typer(
     name="expandctl",
@@ -187,10 +198,13 @@ def expand(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     input_shape: ShapeOpt = None,
-    strategy: Annotated[
-        str, typer.Option(metavar="KINDS", help="'+'-joined expansions: ck (k>3 kernels), cl (convs), fc (linears).")
-    ] = "ck+fc",
-    rate: Annotated[float, typer.Option(metavar="R", help="Expansion rate r >= 1 (hidden widths r*m, r*n).")] = 4.0,
+    strategy: Annotated[str, typer.Option(metavar="KINDS", help=STRATEGY_HELP)] = "ck+fc",
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            metavar="R", help="Expansion rate r >= 1 (hidden widths r*m, r*n); default: each kind's (4; dbb/orepa 1)."
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None,
         typer.Option("--include", metavar="GLOB", help="Only layers whose path matches this glob (repeatable)."),
@@ -296,7 +310,7 @@ def expand(
                 "whose builder cannot be "
                 "inferred, and an expandctl checkpoint must be rebuildable; pass --arch (and --arch-kwargs)"
             )
-        with ui.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, rate {plan.rate:g})"):
+        with ui.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, {fmt_rate(plan.rate)})"):
             expanded = expand_model(
                 ckpt.model,
                 strategy,
@@ -327,7 +341,7 @@ def expand(
             ui.print(plan_table(plan, only_expanded=True))
         ui.print(
             f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
-            f"({plan.strategy}, rate {plan.rate:g}, "
+            f"({plan.strategy}, {fmt_rate(plan.rate)}, "
             f"init {init}): {fmt_count(before)} -> {fmt_count(after)} parameters"
         )
         if shape is None:
@@ -721,7 +735,7 @@ def inspect(
                         f"{fmt_count(total)}" + (f" (compact: {fmt_count(compact)})" if rows else ""),
                     ),
                     ("expanded layers", len(rows)),
-                    ("plan", f"{ckpt.plan['strategy']}, rate {ckpt.plan['rate']:g}" if ckpt.plan else None),
+                    ("plan", f"{ckpt.plan['strategy']}, {fmt_rate(ckpt.plan['rate'])}" if ckpt.plan else None),
                     ("folded BatchNorm", len(ckpt.folded_bn) if ckpt.folded_bn else None),
                     ("extra", ", ".join(sorted(ckpt.extra)) or None),
                     ("sha256", ckpt.sha256),
@@ -834,8 +848,7 @@ def _short_meta(key: str, value: str) -> str:
         return value
     if key == "expandctl.plan" and isinstance(data, dict):
         done = [e["path"] for e in data.get("layers", []) if e.get("kind")]
-        rate = data.get("rate")
-        return f"{data.get('strategy')}, rate {rate}, {len(done)} layers expanded (whole plan: --json)"
+        return f"{data.get('strategy')}, {fmt_rate(data.get('rate'))}, {len(done)} layers expanded (whole plan: --json)"
     if key == "expandctl.source_provenance" and isinstance(data, dict):
         return ", ".join(f"{k}={v}" for k, v in data.items() if k in ("command", "time", "expandctl_version"))
     return value

@@ -90,6 +90,11 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------------
+def fmt_rate(rate: float | None) -> str:
+    """``rate 4`` or, when none was given, ``default rates`` (each kind's own)."""
+    return "default rates" if rate is None else f"rate {rate:g}"
+
+
 def fmt_count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
@@ -101,7 +106,7 @@ def fmt_err(x: float | None) -> str:
 
 
 def plan_table(plan, only_expanded: bool = False) -> Table:
-    t = Table(title=f"plan: strategy {plan.strategy}, rate {plan.rate:g}", title_justify="left")
+    t = Table(title=f"plan: strategy {plan.strategy}, {fmt_rate(plan.rate)}", title_justify="left")
     for col in ("path", "layer", "shape", "expansion", "factors", "params"):
         t.add_column(col, overflow="fold")
     if not only_expanded:

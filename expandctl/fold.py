@@ -17,7 +17,7 @@ from .algebra import fold_bn
 from .errors import UsageError
 from .rewrite import expanded_layers, set_module
 
-__all__ = ["fold_batchnorm", "fold_pairs", "apply_folds"]
+__all__ = ["fold_batchnorm", "fold_pairs", "apply_folds", "absorb_shifts", "add_biases"]
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -117,3 +117,41 @@ def apply_folds(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
         set_module(model, pair["bn"], nn.Identity())
+
+
+@torch.no_grad()
+def absorb_shifts(model: nn.Module, conv_paths: Sequence[str]) -> list[str]:
+    """Move the bias of each conv in ``conv_paths`` into the BatchNorm that alone consumes its output,
+    and drop it: ``BN(y + t)`` is ``BN(y)`` with running mean ``mu - t`` (in train mode the batch
+    mean absorbs ``t`` by itself). Contracted branch layers of a conv that had no bias get their
+    folded shifts out of the way so: the compact model keeps its structure. Returns the paths that
+    keep a bias (no BatchNorm follows them)."""
+    pairs = dict(fold_pairs(model))
+    kept = []
+    for path in conv_paths:
+        conv = model.get_submodule(path)
+        bn_path = pairs.get(path)
+        if conv.bias is None:
+            continue
+        if bn_path is None:
+            kept.append(path)
+            continue
+        bn = model.get_submodule(bn_path)
+        if bn.running_mean is not None:
+            bn.running_mean.sub_(conv.bias.to(bn.running_mean.dtype))
+        conv.bias = None
+    return kept
+
+
+def add_biases(model: nn.Module, paths: Sequence[str]) -> None:
+    """Give the layers at ``paths`` a (zero) bias: the structure of a contracted checkpoint whose
+    branch shifts stayed on convs that had none (recorded as ``added_bias``)."""
+    for path in paths:
+        try:
+            layer = model.get_submodule(path)
+        except (AttributeError, KeyError, TypeError):
+            raise UsageError(f"added bias at {path!r} does not exist in this architecture (corrupt header)") from None
+        if getattr(layer, "bias", "missing") is None:
+            layer.bias = nn.Parameter(
+                torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+            )

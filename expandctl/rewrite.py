@@ -62,7 +62,8 @@ class Plan:
 
     entries: list[PlanEntry]
     strategy: str
-    rate: float
+    #: ``None``: every kind used its own default (``ExpandedLayer.default_rate``).
+    rate: float | None
     pointwise: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -125,7 +126,9 @@ def parse_strategy(strategy: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
-def _check_rate(rate: float) -> float:
+def _check_rate(rate: float | None) -> float | None:
+    if rate is None:
+        return None
     try:
         rate = float(rate)
     except (TypeError, ValueError):
@@ -212,7 +215,7 @@ def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[s
 def plan(
     model: nn.Module,
     strategy: str | Iterable[str] = "ck+fc",
-    rate: float = 4,
+    rate: float | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     pointwise: bool = False,
@@ -238,7 +241,7 @@ def plan(
             if kind is not None:
                 cls = expansion_for(kind, module)
                 entry.kind = kind
-                entry.hidden = cls.hidden_for(module, rate)
+                entry.hidden = cls.hidden_for(module, rate if rate is not None else cls.default_rate)
                 entry.factors, entry.params_after = factor_parameters(cls, module, entry.hidden)
                 entry.note = fused_only_reason(module)
         entries.append(entry)
@@ -283,7 +286,7 @@ def _check_already_expanded(model, kinds, include, exclude, pointwise):
 def expand(
     model: nn.Module,
     strategy: str | Iterable[str] = "ck+fc",
-    rate: float = 4,
+    rate: float | None = None,
     init: str = "scratch",
     forward: str = "fused",
     include: Sequence[str] = (),
@@ -347,11 +350,18 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
     expanded layer comes back unchanged (a copy unless ``inplace``)."""
     if not inplace:
         model = copy.deepcopy(model)
+    shifted = []
     for module, paths, inside in _walk(model):
         if isinstance(module, ExpandedLayer) and inside is None:
             new = module.contract()
+            if getattr(module, "source_bias", True) is False and new.bias is not None and len(paths) == 1:
+                shifted.append(paths[0])
             for q in paths:
                 model = set_module(model, q, new)
+    if shifted:
+        from .fold import absorb_shifts
+
+        absorb_shifts(model, shifted)
     return model
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..errors import UnsafeInputError, UsageError
-from ..fold import apply_folds
+from ..fold import add_biases, apply_folds
 from ..models import build_arch, resolve_arch
 from ..rewrite import Plan, apply_layout, layout
 from .files import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, _corrupt, _existing, atomic_write, sha256_file, sniff_format
@@ -58,6 +58,8 @@ class Checkpoint:
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
     folded_bn: list = field(default_factory=list)
+    #: Layers given a bias the architecture lacks (a contracted branch layer's shift; see fold.add_biases).
+    added_bias: list = field(default_factory=list)
     format_version: int | None = None
     path: Path | None = None
     sha256: str | None = None
@@ -73,6 +75,7 @@ class Checkpoint:
             "layout": self.layout,
             "plan": self.plan,
             "folded_bn": self.folded_bn,
+            "added_bias": self.added_bias,
             "provenance": self.provenance,
             "extra_keys": sorted(self.extra),
             "sha256": self.sha256,
@@ -156,7 +159,7 @@ def save(
     folded = [{"conv": str(p["conv"]), "bn": str(p["bn"])} for p in (folded_bn or [])]
     lay = layout(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _check_rebuild(spec, arch_kwargs, lay, folded, state)
+    added = _check_rebuild(spec, arch_kwargs, lay, folded, state)
     if isinstance(command, (list, tuple)):
         command = shlex.join(command)
     header = {
@@ -167,6 +170,7 @@ def save(
         "layout": lay,
         "plan": plan.to_dict() if isinstance(plan, Plan) else plan,
         "folded_bn": folded,
+        "added_bias": added,
         "provenance": _provenance(parent_sha256, command),
     }
     extra = dict(extra or {})
@@ -268,7 +272,8 @@ def _from_header(header: Mapping, state: Any, path: Path, arch, arch_kwargs, fmt
         raise UsageError(f"{str(path)!r} records no architecture; pass --arch")
     lay = dict(header.get("layout") or {})
     folded = list(header.get("folded_bn") or [])
-    model = _rebuild(spec, kwargs, lay, folded)
+    added = [str(p) for p in header.get("added_bias") or []]
+    model = _rebuild(spec, kwargs, lay, folded, added)
     _load_into(model, dict(state), path, spec, kwargs)
     shape = header.get("input_shape")
     return Checkpoint(
@@ -282,6 +287,7 @@ def _from_header(header: Mapping, state: Any, path: Path, arch, arch_kwargs, fmt
         format=fmt,
         extra=dict(header.get("extra") or {}),
         folded_bn=folded,
+        added_bias=added,
         format_version=version,
     )
 
@@ -312,27 +318,44 @@ def _from_module(module: nn.Module, path: Path, arch, arch_kwargs) -> Checkpoint
     return Checkpoint(module, spec, kwargs, layout=lay, provenance=prov, format="pickled_module")
 
 
-def _rebuild(spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], device: str | None = None) -> nn.Module:
+def _rebuild(
+    spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], added: Sequence[str] = (), device: str | None = None
+) -> nn.Module:
     with _quiet_rng(), torch.device(device) if device else contextlib.nullcontext():
         model = build_arch(spec, kwargs)
         if lay:
             model = apply_layout(model, lay, inplace=True)
         apply_folds(model, folded)
+        add_biases(model, added)
     return model
 
 
-def _check_rebuild(spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], state: Mapping) -> None:
+def _check_rebuild(spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], state: Mapping) -> list[str]:
+    """Check that ``spec`` rebuilds a model taking ``state``; returns the layers that need a bias the
+    architecture does not give them (contracted branch layers whose shift stayed on the conv)."""
     try:
         skeleton = _rebuild(spec, kwargs, lay, folded, device="meta")
     except (UsageError, UnsafeInputError):
         raise
     except Exception:  # some builders compute on tensors in __init__; the meta device cannot
         skeleton = _rebuild(spec, kwargs, lay, folded)
+    expected = skeleton.state_dict()
+    added = []
+    for key in state:
+        path, _, name = key.rpartition(".")
+        if name == "bias" and key not in expected:
+            with contextlib.suppress(AttributeError):
+                layer = skeleton.get_submodule(path)
+                if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and layer.bias is None:
+                    added.append(path)
+    if added:
+        add_biases(skeleton, added)
     problem = _mismatch(skeleton.state_dict(), state)
     if problem:
         raise UsageError(
             f"--arch {spec} {json.dumps(kwargs)} does not rebuild this model ({problem}); pass the right --arch"
         )
+    return added
 
 
 def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:

@@ -25,10 +25,15 @@ from .base import (
     register_expansion,
     strategy_names,
 )
-from .conv import ExpandedConv, ExpandedConvCK, ExpandedConvCL, input_padding  # noqa: I001 (registration order)
 from .hosts import fused_only_reason
+
+# isort: off
+# Registration order is the order of the CLI help: ExpandNets' chains, then the branch kinds.
 from .linear import ExpandedLinear
+from .conv import ExpandedConv, ExpandedConvCK, ExpandedConvCL, input_padding
 from .transposed import ExpandedConvTranspose, ExpandedConvTransposeCK, ExpandedConvTransposeCL
+from .branches import ACBConv, BranchedConv, DBBConv, OREPAConv, RepConv
+# isort: on
 
 __all__ = [
     "ExpandedLayer",
@@ -40,6 +45,11 @@ __all__ = [
     "ExpandedConvTranspose",
     "ExpandedConvTransposeCL",
     "ExpandedConvTransposeCK",
+    "BranchedConv",
+    "ACBConv",
+    "RepConv",
+    "DBBConv",
+    "OREPAConv",
     "expansion_for",
     "strategy_names",
     "factor_parameters",

@@ -99,9 +99,12 @@ class ExpandedLayer(nn.Module):
     #: Higher runs first when several kinds accept the same layer (ck before cl).
     priority: ClassVar[int] = 0
     source_types: ClassVar[tuple[type[nn.Module], ...]] = ()
-    #: Whether the training forward can run the composed kernel (False where branches carry a
-    #: BatchNorm with batch statistics: then training runs the branches and eval fuses).
-    trains_fused: ClassVar[bool] = True
+    #: Whether training runs the same composed kernel that contraction folds (False where branches
+    #: carry a BatchNorm with batch statistics, or a BatchNorm follows the sum: then training runs
+    #: :meth:`_train_forward`, and eval mode fuses as usual).
+    trains_on_equivalent: ClassVar[bool] = True
+    #: Rate used when the caller gives none (``None``: the kind has no width to set).
+    default_rate: ClassVar[float | None] = 4.0
 
     def __init__(self, template: nn.Module, forward: str):
         super().__init__()
@@ -188,9 +191,15 @@ class ExpandedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_only is not None:
             return run_host(self.host, x, *self.equivalent())
-        if self.forward_mode == "fused" and (self.trains_fused or not self.training):
+        if self.training and not self.trains_on_equivalent:
+            return self._train_forward(x)
+        if self.forward_mode == "fused":
             weight, bias = self.equivalent()
             return self._single(x, weight, bias)
+        return self._explicit(x)
+
+    def _train_forward(self, x):
+        """The training forward of a kind whose training function is not its contracted kernel."""
         return self._explicit(x)
 
     def _single(self, x, weight, bias):
@@ -292,7 +301,9 @@ class ComposeOnce:
 
     def __init__(self, layers: Sequence[ExpandedLayer]):
         self.layers = [
-            layer for layer in layers if layer.forward_mode == "fused" and (layer.trains_fused or not layer.training)
+            layer
+            for layer in layers
+            if layer.forward_mode == "fused" and (layer.trains_on_equivalent or not layer.training)
         ]
         self._pending: list[tuple[tuple, tuple]] = []
 

@@ -204,7 +204,7 @@ class ExpandedConvCL(ExpandedConv):
     """
 
     kind = "cl"
-    summary = "conv k -> 1x1 (m->rm), k (rm->rn), 1x1 (rn->n) (ExpandNets CL)"
+    summary = "conv -> 1x1, kxk, 1x1 chain (ExpandNets CL)"
     priority = 1
 
     @classmethod
@@ -235,7 +235,7 @@ class ExpandedConvCK(ExpandedConv):
     """
 
     kind = "ck"
-    summary = "conv k > 3 -> chain of 3x3 convs m->rm->...->n (ExpandNets CK)"
+    summary = "conv k>3 -> chain of 3x3 convs (ExpandNets CK)"
     priority = 2
 
     @classmethod

@@ -19,7 +19,7 @@ class ExpandedLinear(ChainLayer):
     with ``h1 = ceil(r m)``, ``h2 = ceil(r n)``; ``W = W3 W2 W1``, ``b = W3 (W2 b1 + b2) + b3``."""
 
     kind = "fc"
-    summary = "Linear -> three Linears m->rm->rn->n (ExpandNets FC)"
+    summary = "Linear -> 3 Linears (ExpandNets FC)"
     source_types = (nn.Linear,)
 
     @classmethod
