@@ -46,6 +46,7 @@ CONFIGS = [
     ("ck r=4 fused old", "ck", "fused", "direct"),
     ("ck r=4 fused new", "ck", "fused", "auto"),
     ("cl r=4 fused", "cl", "fused", "auto"),
+    ("orepa fused", "orepa", "fused", "auto"),
 ]
 EXPLICIT = [("ck r=4 explicit", "ck", "explicit", "direct"), ("cl r=4 explicit", "cl", "explicit", "direct")]
 
@@ -87,8 +88,11 @@ def _setup(variant, strategy, forward, composition, batch, device):
     torch.manual_seed(0)
     model = SmallNet(kernel_size=7, channels=VARIANTS[variant])
     if strategy:
-        model = expandctl.expand(model, strategy=strategy, rate=4, forward=forward, seed=0)
-    layers = [layer for _, layer in expandctl.expanded_layers(model)]
+        rate = 4 if strategy in ("ck", "cl") else None  # the branch kinds at their own default
+        model = expandctl.expand(model, strategy=strategy, rate=rate, forward=forward, seed=0)
+    # Chains only: their composition is what this benchmark times on its own (orepa composes its
+    # branches every step too, but is timed as a whole step only).
+    layers = [layer for _, layer in expandctl.expanded_layers(model) if isinstance(layer, expandctl.layers.ChainLayer)]
     for layer in layers:
         layer.composition = composition
     model.to(device)

@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import atomic_write, load_checkpoint, save
 from ..errors import ExpandctlError, UsageError
-from ..layers import FORWARD_MODES, ComposeOnce
+from ..layers import FORWARD_MODES, ChainLayer, ComposeOnce
 from ..rewrite import contract, expanded_layers, set_forward
 from ..shapes import data_mismatch, first_layer_channels
 from .data import DataOptions, DataSplits, load_data
@@ -459,6 +459,13 @@ def _train(
     n_expanded = sum(1 for _ in expanded_layers(model))
     if config.nonlinear_warmup and not n_expanded:
         raise UsageError("--nonlinear-warmup needs expanded layers, and this model has none (run expandctl expand)")
+    if config.nonlinear_warmup:
+        branched = [f"{p} ({layer.kind})" for p, layer in expanded_layers(model) if not isinstance(layer, ChainLayer)]
+        if branched:
+            raise UsageError(
+                "--nonlinear-warmup puts ReLUs between the factors of serial chains (fc, cl, ck); "
+                f"parallel-branch layers have none: {', '.join(branched[:3])}"
+            )
     if data is None:
         data = load_data(config.data, input_shape=ckpt.input_shape, options=config.data_options())
     model.to(device)
