@@ -7,8 +7,9 @@ on a fixed batch:
 * **time**: all configurations are built in one process and stepped in turn (one step each, then
   the next), so machine load hits them alike; median step time and its ratio to the compact
   model's, per process; ``--rounds`` processes give the median ratio and its range;
-* **memory**: each configuration in its own process, peak RSS after warm-up and timed steps
-  (torch itself included), and its ratio to the compact model's.
+* **memory**: each configuration in its own process: the peak RSS over warm-up and timed steps
+  minus the RSS before the model was built (parameters, gradients, momentum, activations and
+  composition buffers; torch itself left out), and its ratio to the compact model's.
 
 Strategies: ExpandNets ``ck`` / ``cl`` at rate 4 (fused: one composed kernel per layer), the
 parallel-branch kinds ``acb``, ``rep``, ``dbb`` (BatchNorm branches run on the activations while
@@ -107,6 +108,8 @@ def memory(model_name: str, strategy: str | None, rate, batch: int, steps: int, 
     import torch
 
     torch.set_num_threads(threads)
+    with open("/proc/self/statm") as f:  # resident set before the model exists: torch and the data
+        base_mib = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     model = _build(model_name, strategy, rate)
     if model is None:
         return {}
@@ -115,6 +118,7 @@ def memory(model_name: str, strategy: str | None, rate, batch: int, steps: int, 
         step()
     return {
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mib,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -168,22 +172,24 @@ def main() -> None:
                     "ratio_min": min(ratios),
                     "ratio_max": max(ratios),
                     "peak_mib": mem[name]["peak_mib"],
-                    "mem_ratio": mem[name]["peak_mib"] / mem["compact"]["peak_mib"],
+                    "train_mib": mem[name]["train_mib"],
+                    "mem_ratio": mem[name]["train_mib"] / mem["compact"]["train_mib"],
                     "params": mem[name]["params"],
                 }
             )
     print(
         f"SGD training step, {args.threads} thread(s), {args.steps} steps; time: configurations interleaved in one "
-        f"process, median ratio to compact over {args.rounds} processes (range); memory: peak RSS, one process each"
+        f"process, median ratio to compact over {args.rounds} processes (range); memory: peak RSS above the RSS before "
+        "the model was built, one process each"
     )
-    print(f"{'model':13} {'batch':>5} {'config':8} {'step ms':>8} {'x compact':>9} {'range':>11} {'peak MiB':>8} "
+    print(f"{'model':13} {'batch':>5} {'config':8} {'step ms':>8} {'x compact':>9} {'range':>11} {'train MiB':>9} "
           f"{'x compact':>9} {'params':>10}")  # fmt: skip
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:13} {r['batch']:>5} {r['config']:8} {'(' + r['skipped'] + ')':>40}")
             continue
         print(f"{r['model']:13} {r['batch']:>5} {r['config']:8} {r['step_ms']:>8.1f} {r['time_ratio']:>9.2f} "
-              f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {r['peak_mib']:>8.0f} {r['mem_ratio']:>9.2f} "
+              f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {r['train_mib']:>9.0f} {r['mem_ratio']:>9.2f} "
               f"{r['params']:>10,}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -399,3 +399,62 @@ def test_branch_kinds_are_in_the_registry_and_the_help():
     for kind in BRANCH_KINDS:
         assert kind in expandctl.EXPANSIONS and f"{kind}:" in STRATEGY_HELP
     assert math.isclose(DBBConv.default_rate, 1.0) and RepConv.default_rate is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: expand -> train -> train --resume -> contract -> verify -> export
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", BRANCH_KINDS)
+def test_cli_pipeline_with_a_branch_strategy(kind, tmp_path):
+    import json
+
+    import onnx
+    from typer.testing import CliRunner
+
+    from expandctl.cli import app
+    from expandctl.models import SmallNet
+
+    tiny = {"in_channels": 1, "image_size": 8, "kernel_size": 5, "channels": [4, 8], "hidden": 16}
+    torch.manual_seed(0)
+    torch.save(SmallNet(**tiny).state_dict(), tmp_path / "sn.pt")
+    runner = CliRunner()
+
+    def cli(*args):
+        r = runner.invoke(app, [str(a) for a in args] + ["--json"])
+        assert r.exit_code == 0, (args, r.stdout, r.stderr)
+        return json.loads(r.stdout)
+
+    arch = ["--arch", "smallnet", "--arch-kwargs", json.dumps(tiny)]
+    out = cli("expand", tmp_path / "sn.pt", *arch, "--strategy", kind, "--seed", "0", "-o", tmp_path / "x.pt")
+    assert out["strategy"] == kind and out["rate"] is None and len(out["expanded_layers"]) == 2
+    trained = cli("train", tmp_path / "x.pt", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
+                  "--lr", "0.05", "--out", tmp_path / "run")  # fmt: skip
+    assert [h["epoch"] for h in trained["history"]] == [1]
+    cli("contract", tmp_path / "run" / "last.pt", "-o", tmp_path / "small.pt")
+    report = cli("verify", tmp_path / "run" / "last.pt", tmp_path / "small.pt", "--dtype", "float64")
+    assert report["ok"] is True
+    cli("export", tmp_path / "small.pt", "-o", tmp_path / "small.onnx")
+    cli("export", tmp_path / "sn.pt", *arch, "--input-shape", "1,8,8", "-o", tmp_path / "compact.onnx")
+    ops = [[n.op_type for n in onnx.load(tmp_path / f).graph.node] for f in ("small.onnx", "compact.onnx")]
+    assert ops[0] == ops[1]  # the contracted graph is the compact model's
+
+
+@pytest.mark.parametrize("kind", ["rep", "orepa"])
+def test_resume_of_a_branch_run_is_exact(kind, tmp_path):
+    """Interrupted after epoch 1, resumed: the same weights and BatchNorm statistics as one go."""
+    from test_train import StopAfter, config, make_src, same_weights, state_of
+
+    from expandctl.train.loop import train
+
+    compact = make_src(tmp_path, expanded=False)
+    src = expandctl.save(
+        expandctl.expand(expandctl.load(compact), strategy=kind, seed=0), tmp_path / "x.pt",
+        arch="smallnet", arch_kwargs=expandctl.load_checkpoint(compact).arch_kwargs, input_shape=(1, 8, 8),
+    )  # fmt: skip
+    train(config(src, tmp_path / "once", epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        train(config(src, tmp_path / "twice", epochs=2), StopAfter(1))
+    train(config(src, tmp_path / "twice", epochs=2, resume=True))
+    a, b = state_of(tmp_path / "once/last.pt"), state_of(tmp_path / "twice/last.pt")
+    assert any(".branches." in k and "running_mean" in k for k in a) or kind == "orepa"
+    assert same_weights(a, b)
