@@ -61,7 +61,18 @@ def _strategy_help() -> str:
     return f"'+'-joined expansion kinds ({kinds})."
 
 
+def _rate_help() -> str:
+    from .layers import EXPANSIONS
+
+    by_rate: dict = {}
+    for k, classes in EXPANSIONS.items():
+        by_rate.setdefault(classes[0].default_rate, []).append(k)
+    defaults = ", ".join(f"{'/'.join(ks)} {'unused' if r is None else f'{r:g}'}" for r, ks in by_rate.items())
+    return f"Expansion rate r >= 1 (hidden widths r*m, r*n); default per kind: {defaults}."
+
+
 STRATEGY_HELP = _strategy_help()
+RATE_HELP = _rate_help()
 
 app = typer.Typer(
     name="expandctl",
@@ -202,7 +213,7 @@ def expand(
     rate: Annotated[
         float | None,
         typer.Option(
-            metavar="R", help="Expansion rate r >= 1 (hidden widths r*m, r*n); default: each kind's (4; dbb/orepa 1)."
+            metavar="R", help=RATE_HELP
         ),
     ] = None,
     include: Annotated[
