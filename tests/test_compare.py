@@ -35,15 +35,21 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
+def options(model: Path, out: Path, *extra) -> list[str]:
+    return ["compare", str(model), *RECIPE, "--out", str(out), *extra]
+
+
 def command(model: Path, out: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "expandctl", "compare", str(model), *RECIPE, "--out", str(out), *extra]
+    """The command line of a separate compare process."""
+    return [sys.executable, "-m", "expandctl", *options(model, out, *extra)]
 
 
 def run_json(args: list[str]) -> dict:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout  # --json: one object on stdout, nothing else
+    """Compare in this process (its runs still train in processes of their own); its --json object."""
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout  # --json: one object on stdout, nothing else
     return json.loads(lines[0])
 
 
@@ -51,7 +57,7 @@ def run_json(args: list[str]) -> dict:
 def one_process(model, tmp_path_factory) -> tuple[Path, dict]:
     """The study in one compare process, two runs at a time."""
     out = tmp_path_factory.mktemp("one") / "study"
-    return out, run_json(command(model, out, "--jobs", "2", "--json"))
+    return out, run_json(options(model, out, "--jobs", "2"))
 
 
 def untimed(report: dict) -> dict:
@@ -111,7 +117,7 @@ def test_two_shards_merge_into_the_one_process_report(model, one_process, tmp_pa
     assert [p.returncode for p in shards] == [0, 0], outputs
     ran = [json.loads(o)["ran"] for o, _ in outputs]
     assert sorted(ran[0] + ran[1]) == sorted(result["ran"]) and not set(ran[0]) & set(ran[1])
-    merged = run_json(command(model, shared, "--report-only", "--json"))
+    merged = run_json(options(model, shared, "--report-only"))
     assert merged["ran"] == []
     assert untimed(merged["report"])["strategies"] == untimed(result["report"])["strategies"]
     assert merged["report"]["verdict"] == result["report"]["verdict"]
@@ -125,8 +131,8 @@ def test_two_shards_merge_into_the_one_process_report(model, one_process, tmp_pa
 def test_killed_compare_resumes_and_reuses_finished_runs(model, tmp_path):
     out = tmp_path / "killed"
     # long enough runs (small batches, more epochs) to be killed in the middle of one
-    args = command(model, out, "--jobs", "1", "--seeds", "1", "--epochs", "20", "--batch-size", "8")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = ["--jobs", "1", "--seeds", "1", "--epochs", "20", "--batch-size", "8"]
+    proc = subprocess.Popen(command(model, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first, second = out / "runs" / "compact-s0.json", out / "work" / "cl-s0" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (first.is_file() and second.is_file() and second.read_text().count("\n") >= 2):
@@ -146,7 +152,7 @@ def test_killed_compare_resumes_and_reuses_finished_runs(model, tmp_path):
     else:
         pytest.fail("the killed compare's run still holds its lock")
 
-    again = run_json([*args, "--json"])
+    again = run_json(options(model, out, *extra))
     assert again["reused"] == ["compact-s0"] and again["ran"] == ["cl-s0"]
     assert first.stat().st_mtime_ns == mtime
     resumed = json.loads((out / "runs" / "cl-s0.json").read_text())
@@ -187,6 +193,15 @@ def test_a_folder_keeps_its_recipe(model, one_process):
     before = sorted(p.name for p in (out / "runs").iterdir())
     error = cli_error("compare", model, *RECIPE[:-2], "--lr", "0.5", "--out", out, code=2)["error"]
     assert "other settings" in error and "lr" in error
+    error = cli_error("compare", model, *RECIPE[:-2], "--lr", "0.5", "--out", out, "--report-only", code=2)["error"]
+    assert "other settings" in error
+    # --report-only with nothing but the folder reads its recipe: the same report
+    args = ["compare", "--out", str(out), "--report-only", "--seeds", "2", "--strategies", "compact,cl,ck", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert again["ran"] == [] and again["report"] == json.loads((out / "report.json").read_text())
+    assert [r["strategy"] for r in again["report"]["strategies"]] == ["compact", "cl", "ck"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == before
 
 
@@ -235,3 +250,12 @@ def test_a_lock_passed_to_a_child_is_held_until_the_child_exits(tmp_path):
     again = claim(path)
     assert again is not None
     again.release()
+
+
+def test_a_failing_run_stops_the_study_with_its_exit_code(model, tmp_path):
+    out = tmp_path / "diverges"
+    args = ["compare", model, "--data", "synthetic:1x8x8", "--strategies", "compact,cl", "--seeds", "1",
+            "--epochs", "2", "--lr", "1e12", "--out", out]  # fmt: skip
+    error = cli_error(*args, code=1)["error"]  # the run's own exit code: training diverged
+    assert error.startswith("run compact-s0 failed: the loss became") and "log.txt" in error
+    assert not (out / "runs" / "compact-s0.json").exists() and not (out / "report.json").exists()

@@ -33,10 +33,17 @@ from ..cli_common import (
     parse_shape,
 )
 from ..console import UI
-from ..errors import UsageError
+from ..errors import ExpandctlError, UsageError
 from . import compare as study_lib
+from .runs import check_settings
 
-__all__ = ["compare"]
+__all__ = ["compare", "CompareInterrupted"]
+
+
+class CompareInterrupted(ExpandctlError):
+    """Ctrl-C (exit 130): finished runs are kept, cut-off runs resume from their last.pt."""
+
+    exit_code = 130
 
 
 def _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui: UI, **rest) -> study_lib.Study:
@@ -60,7 +67,7 @@ def _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui: UI, **rest) 
     if not shape:
         raise UsageError("the model's input shape is not recorded and cannot be inferred; pass --input-shape C,H,W")
     return study_lib.Study(arch=spec, arch_kwargs=kwargs, input_shape=list(shape),
-                           model=str(Path(model).resolve()) if model else None, **rest)  # fmt: skip
+                           model=str(model) if model else None, **rest)  # fmt: skip
 
 
 def _table(summary: dict) -> Table:
@@ -146,29 +153,35 @@ def compare(
 
     ui = UI("compare", as_json, quiet, debug)
     with guard(ui):
-        if not data:
-            raise UsageError("--data is required: the data set to train and score on (e.g. --data digits)")
         names = study_lib.parse_strategies(strategies)
         part = study_lib.parse_shard(shard)
         for ok, message in ((seeds >= 1, "--seeds must be at least 1"), (jobs >= 1, "--jobs must be at least 1"),
                             (threads >= 1, "--threads must be at least 1")):  # fmt: skip
             if not ok:
                 raise UsageError(message)
-        recipe = {
-            "epochs": epochs, "batch_size": batch_size, "accumulate": accumulate, "lr": lr,
-            "optimizer": optimizer.lower(), "momentum": momentum, "nesterov": nesterov, "schedule": schedule.lower(),
-            "weight_decay": weight_decay, "decay_on": decay_on.lower(),
-            "teacher": str(teacher.resolve()) if teacher else None, "kd_alpha": kd_alpha,
-            "kd_temperature": kd_temperature, "nonlinear_warmup": nonlinear_warmup, "forward": forward.lower(),
-            "device": device.lower(), "workers": workers, "channels": channels, "image_size": image_size,
-            "augment": augment.lower() if augment else None, "train_subset": train_subset, "download": download,
-            "trust_pickle": trust_pickle,
-        }  # fmt: skip
-        TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
         if report_only and not (out / "study.json").is_file():
             raise UsageError(f"--report-only: {out} holds no study yet; run expandctl compare without it first")
-        study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe, rate=rate,
-                       include=list(include or ()), exclude=list(exclude or ()), pointwise=pointwise)  # fmt: skip
+        if report_only and model is None and arch is None and data is None:
+            study = study_lib.Study.load(out)  # the folder's own recipe
+        else:
+            if not data:
+                raise UsageError("--data is required: the data set to train and score on (e.g. --data digits)")
+            recipe = {
+                "epochs": epochs, "batch_size": batch_size, "accumulate": accumulate, "lr": lr,
+                "optimizer": optimizer.lower(), "momentum": momentum, "nesterov": nesterov,
+                "schedule": schedule.lower(), "weight_decay": weight_decay, "decay_on": decay_on.lower(),
+                "teacher": str(teacher.resolve()) if teacher else None, "kd_alpha": kd_alpha,
+                "kd_temperature": kd_temperature, "nonlinear_warmup": nonlinear_warmup, "forward": forward.lower(),
+                "device": device.lower(), "workers": workers, "channels": channels, "image_size": image_size,
+                "augment": augment.lower() if augment else None, "train_subset": train_subset, "download": download,
+                "trust_pickle": trust_pickle,
+            }  # fmt: skip
+            TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
+            study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,
+                           rate=rate, include=list(include or ()), exclude=list(exclude or ()),
+                           pointwise=pointwise)  # fmt: skip
+            if report_only:  # the report must describe the runs in the folder: the same recipe
+                check_settings(out / "settings.json", study.settings())
         runnable, skipped, _ = study_lib.plan_strategies(study, names)
         seed_list = list(range(seeds))
         result = {"ran": [], "reused": [], "waited": []}
@@ -193,7 +206,12 @@ def compare(
                 elif kind == "start":
                     ui.note(f"training {study_lib.run_name(strategy, seed)}")
 
-            result = study_lib.execute(out, todo, jobs=jobs, threads=threads, on_event=on_event)
+            try:
+                result = study_lib.execute(out, todo, jobs=jobs, threads=threads, on_event=on_event)
+            except KeyboardInterrupt:
+                raise CompareInterrupted(
+                    f"interrupted; the finished runs in {out} are kept: rerun the same command to continue"
+                ) from None
             if result["reused"]:
                 ui.note(f"reused {len(result['reused'])} finished runs")
         summary = study_lib.summarize(out, names, seed_list, skipped)

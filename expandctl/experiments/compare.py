@@ -284,8 +284,10 @@ def execute(
                 strategy, seed = running.pop(proc)
                 if proc.returncode != 0:
                     log = work_dir(out, strategy, seed) / "log.txt"
+                    why = _last_error(log) if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
                     raise RunFailed(
-                        f"run {run_name(strategy, seed)} failed: {_last_error(log)} (its log: {log})",
+                        f"run {run_name(strategy, seed)} failed: {why} (its log: {log}); the finished runs are "
+                        "kept, and rerunning the command continues",
                         proc.returncode if 0 < proc.returncode < 256 else 70,
                     )
                 done["ran"].append(run_name(strategy, seed))
@@ -445,8 +447,12 @@ def render_markdown(summary: dict) -> str:
         "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
         *("| " + " | ".join(table_row(r)) + " |" for r in rows),
         "",
-        *(f"{r['strategy']}: {r['status']}, {r['reason']}." for r in rows if r["status"] != "ok"),
-        "",
+        *[
+            line
+            for r in rows
+            if r["status"] != "ok"
+            for line in (f"{r['strategy']}: {r['status']}, {r['reason']}.", "")
+        ],
         f"**Verdict:** {summary['verdict']}",
         "",
     ]

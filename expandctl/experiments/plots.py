@@ -33,25 +33,30 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_curves(path: Path, runs: dict[str, list[dict]], title: str) -> None:
-    """Validation accuracy after each epoch: mean over seeds, band from the lowest to the highest seed."""
+    """Validation error after each epoch (log scale: late differences of a point or less stay
+    visible), mean over seeds, band from the lowest to the highest seed."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     plt = _plt()
     colors = _colors(list(runs))
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for name, rs in runs.items():
         n = min(len(r["history"]) for r in rs)
-        ys = [[100 * r["history"][e]["val_acc"] for e in range(n)] for r in rs]
+        ys = [[100 * (1 - r["history"][e]["val_acc"]) for e in range(n)] for r in rs]
         epochs = list(range(1, n + 1))
         cols = list(zip(*ys))
-        ax.plot(epochs, [statistics.fmean(c) for c in cols], color=colors[name], lw=1.8,
+        ax.plot(epochs, [statistics.fmean(c) for c in cols], color=colors[name], lw=1.6,
                 label=f"{name} (n={len(rs)})")  # fmt: skip
         ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colors[name], alpha=0.18)
-    ax.set(xlabel="epoch", ylabel="validation accuracy (%)",
-           title=f"{title}: validation accuracy per epoch\nmean over seeds, band = min..max over seeds")  # fmt: skip
-    from matplotlib.ticker import MaxNLocator
-
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.set(xlabel="epoch", ylabel="validation error (%), log scale",
+           title=f"{title}: validation error per epoch\nmean over seeds, band = min..max over seeds")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     _save(fig, path)
 
@@ -83,8 +88,8 @@ def plot_gain(path: Path, summary: dict, title: str) -> None:
     xs = range(len(names))
     sec = [r["seconds_ratio"] or 0 for r in rows]
     mem = [r["memory_ratio"] or 0 for r in rows]
-    bx.bar([x - width / 2 for x in xs], sec, width, color="#1f77b4", label="seconds per epoch")
-    bx.bar([x + width / 2 for x in xs], mem, width, color="#ff7f0e", label="peak memory")
+    bx.bar([x - width / 2 for x in xs], sec, width, color="#555555", label="seconds per epoch")
+    bx.bar([x + width / 2 for x in xs], mem, width, color="#bbbbbb", label="peak memory")
     for x, a, b in zip(xs, sec, mem):
         bx.text(x - width / 2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
         bx.text(x + width / 2, b, f"{b:.2f}", ha="center", va="bottom", fontsize=8)
@@ -94,9 +99,9 @@ def plot_gain(path: Path, summary: dict, title: str) -> None:
     bx.set(xlabel="strategy", ylabel="multiple of compact's (x)",
            title=f"training cost relative to compact\n(compact: {base['seconds_per_epoch']:.2f} s/epoch, "
                  f"{base['peak_memory_mib']:.0f} MiB {memory})")  # fmt: skip
-    bx.set_ylim(0, max([*sec, *mem, 1.0]) * 1.2)
+    bx.set_ylim(0, max([*sec, *mem, 1.0]) * 1.45)  # room for the legend above the bars
     bx.grid(alpha=0.3, axis="y")
-    bx.legend(loc="lower right")
+    bx.legend(loc="upper left", ncol=3, fontsize=8)
     fig.suptitle(f"{title}: does expansion help? ({summary['runs']['finished']} runs)", fontsize=12)
     fig.tight_layout()
     _save(fig, path)
