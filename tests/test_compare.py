@@ -259,3 +259,22 @@ def test_a_failing_run_stops_the_study_with_its_exit_code(model, tmp_path):
     error = cli_error(*args, code=1)["error"]  # the run's own exit code: training diverged
     assert error.startswith("run compact-s0 failed: the loss became") and "log.txt" in error
     assert not (out / "runs" / "compact-s0.json").exists() and not (out / "report.json").exists()
+
+
+def test_a_run_another_process_holds_is_waited_for_and_taken_over_when_it_dies(tmp_path):
+    out = tmp_path / "study"
+    train = {k: None for k in compare.RECIPE_FIELDS} | {
+        "epochs": 1, "batch_size": 64, "accumulate": 1, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+        "nesterov": False, "schedule": "paper", "weight_decay": 0.0, "decay_on": "factors", "kd_alpha": 0.9,
+        "kd_temperature": 4.0, "nonlinear_warmup": 0, "forward": "fused", "device": "cpu", "workers": 0,
+        "download": False, "trust_pickle": False,
+    }  # fmt: skip
+    compare.Study("smallnet", TINY, [1, 8, 8], "synthetic:1x8x8", train).save(out)
+    lock = claim(compare.lock_path(out, "compact", 0))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], pass_fds=(lock.fd,))
+    lock.release()  # now only the holder has it: a live process that never writes the run
+    events = []
+    result = compare.execute(out, [("compact", 0)], on_event=lambda kind, *a: events.append(kind))
+    assert holder.wait() == 0
+    assert result == {"ran": ["compact-s0"], "reused": [], "waited": []} and events == ["start", "done"]
+    assert json.loads(compare.run_path(out, "compact", 0).read_text())["seed"] == 0
