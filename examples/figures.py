@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -58,19 +57,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import expandctl
-from expandctl import ExpandctlError
+from expandctl import CheckFailed, ExpandctlError
 from expandctl.analysis.confusion import grad_confusion_hook, gradient_confusion
 from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
-from expandctl.evaluate import evaluate_torch
+from expandctl.experiments.runs import Lock, finish_run, read_runs, train_contracted
+from expandctl.experiments.runs import claim as claim_lock
+from expandctl.experiments.stats import mean_std, welch_p
 from expandctl.models import SmallNet
-from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data, train
+from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data
 from expandctl.train.data import random_crop, random_flip
 from expandctl.train.losses import product_l2, split_decay_parameters
-from expandctl.verify import check_contraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import Progress, finish_run, subset_indices, welch_p  # noqa: E402
+from reproduce import Progress, subset_indices  # noqa: E402
 
 #: The recipe every run shares unless its spec says otherwise (the reproduction's settings).
 SETTINGS = {
@@ -314,27 +314,18 @@ def teacher_module(out: Path, data: Data, settings: dict, verbose: bool) -> nn.M
         if lock is None:
             time.sleep(20)
             continue
-        try:
+        with lock:
             if not path.is_file():
                 print("training the distillation teacher first", flush=True)
                 run_one(TEACHER_SPEC, out, data, settings, verbose)
-        finally:
-            lock.unlink(missing_ok=True)
     return load_checkpoint(path).model
 
 
 def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) -> dict:
     """Train, contract, check and evaluate one run; write its JSON."""
-    cpu0, wall0 = time.process_time(), time.perf_counter()
     splits = data.for_spec(spec)
     shape = tuple(splits.input_shape)
     work = out / "work" / spec.experiment / spec.name
-    work.mkdir(parents=True, exist_ok=True)
-    resume = (work / "last.pt").is_file()
-    src = work / "src.pt"
-    if not resume:
-        model, arch, kwargs = build(spec, shape, settings)
-        save(model, src, arch=arch, arch_kwargs=kwargs, input_shape=shape)
     teacher = CachedTeacher(teacher_module(out, data, settings, verbose), splits.train) if spec.kd else None
     hooks = []
     if spec.confusion:
@@ -343,33 +334,27 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
         hooks.append(regulariser_hook(spec))
     is_teacher = spec.variant == "teacher"
     config = TrainConfig(
-        src=str(src), data=settings["data"], out=str(work),
+        src="", data=settings["data"],
         epochs=TEACHER["epochs"] if is_teacher else settings["epochs"],
         batch_size=settings["batch_size"], lr=TEACHER["lr"] if is_teacher else settings["lr"],
         momentum=settings["momentum"], schedule=TEACHER["schedule"] if is_teacher else settings["schedule"],
         weight_decay=TEACHER["weight_decay"] if is_teacher else spec.weight_decay, decay_on=spec.decay_on,
         teacher="cached-teacher" if spec.kd else None, nonlinear_warmup=spec.warmup, forward="fused",
-        device="cpu", seed=spec.seed, resume=resume, command=shlex.join(sys.argv),
+        device="cpu", seed=spec.seed, command=shlex.join(sys.argv),
     )  # fmt: skip
-    summary = train(config, Progress(spec.name, verbose), hooks, data=splits, teacher=teacher)
-
-    ckpt = load_checkpoint(work / "last.pt")
-    expanded = ckpt.model
-    compact = expandctl.contract(expanded)
-    max_rel = None
-    if any(True for _ in expandctl.expanded_layers(expanded)):
-        (report,) = check_contraction(expanded, compact, shape, dtypes=(torch.float64,), samples=1)
-        if not report.passed:
-            raise SystemExit(f"{spec.name}: the contracted model differs from the expanded one: {report.summary()}")
-        max_rel = report.max_rel
-    final = evaluate_torch(compact, data.full_test(spec), batch_size=500)
+    try:
+        t = train_contracted(work, lambda: (*build(spec, shape, settings), shape), config, splits,
+                             score_on=data.full_test(spec), callbacks=Progress(spec.name, verbose), hooks=hooks,
+                             teacher=teacher, name=spec.name)  # fmt: skip
+    except CheckFailed as e:
+        raise SystemExit(str(e)) from None
+    summary, expanded, ckpt = t.summary, t.expanded, t.checkpoint
     result = {
         "name": spec.name, "spec": {k: v for k, v in asdict(spec).items() if k != "extra"},
-        "settings": settings, "final_acc": final["accuracy"], "final_loss": final["loss"],
-        "params_trained": sum(p.numel() for p in expanded.parameters()),
-        "params_compact": sum(p.numel() for p in compact.parameters()),
-        "contraction_max_rel_float64": max_rel, "train_size": len(splits.train), "curve_test_size": len(splits.val),
-        "history": summary["history"], "resumed": resume,
+        "settings": settings, "final_acc": t.final["accuracy"], "final_loss": t.final["loss"],
+        "params_trained": t.params_trained, "params_compact": t.params_compact,
+        "contraction_max_rel_float64": t.contraction_max_rel, "train_size": len(splits.train),
+        "curve_test_size": len(splits.val), "history": summary["history"], "resumed": t.resumed,
     }  # fmt: skip
     if teacher is not None:
         result["teacher_lookups_missed"] = teacher.misses
@@ -384,11 +369,12 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
         result["landscape_2d"] = loss_landscape(expanded, probe, dims=2, steps=17, span=1.0, seed=0,
                                                 batch_size=250, max_batches=4)  # fmt: skip
     if is_teacher:
-        save(compact, out / "work" / "teacher.pt", arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=shape)
+        save(t.compact, out / "work" / "teacher.pt", arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=shape)
     result.update({
-        # CPU seconds of this process for the whole run (build, train, contract, check, evaluate,
-        # measurements): what a run costs on an idle core; wall seconds also count waiting for one.
-        "cpu_seconds": round(time.process_time() - cpu0, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
+        # CPU seconds of this process for the whole run (build, train, contract, check, evaluate): what a
+        # run costs on an idle core; wall seconds also count waiting for one. (The measurements after
+        # training are not counted.)
+        "cpu_seconds": t.cpu_seconds, "wall_seconds": t.wall_seconds,
         "train_seconds": round(sum(m["seconds"] for m in summary["history"]), 2),
         "torch": str(torch.__version__), "expandctl": expandctl.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -404,42 +390,20 @@ def result_path(out: Path, spec: Spec) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Claims: several processes share one OUT
 # --------------------------------------------------------------------------------------------------
-def claim(out: Path, spec: Spec) -> Path | None:
-    """A lock file for ``spec``, or ``None`` if a live process holds it (a dead one's is taken over)."""
-    lock = out / "work" / "locks" / f"{spec.experiment}-{spec.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                return None  # alive
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # its owner died: take it over (the run resumes)
-                continue
-            except PermissionError:
-                return None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return lock
-    return None
+def claim(out: Path, spec: Spec) -> Lock | None:
+    """The lock of ``spec`` (:func:`expandctl.experiments.claim`), or ``None`` if a live process holds it."""
+    return claim_lock(out / "work" / "locks" / f"{spec.experiment}-{spec.name}.lock")
 
 
 # --------------------------------------------------------------------------------------------------
 # Report: tables and figures from whatever run files exist
 # --------------------------------------------------------------------------------------------------
 def collect(out: Path) -> dict[str, list[dict]]:
-    return {e: [json.loads(p.read_text()) for p in sorted((out / e).glob("*.json"))] for e in EXPERIMENTS}
+    return {e: read_runs(out / e) for e in EXPERIMENTS}
 
 
 def select(runs: list[dict], **where) -> list[dict]:
     return [r for r in runs if all(r["spec"][k] == v for k, v in where.items())]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def pct(runs: list[dict], key: str = "final_acc") -> str:
@@ -864,14 +828,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             lock = claim(out, spec)
             if lock is None:
                 continue
-            try:
+            with lock:
+                if result_path(out, spec).is_file():
+                    continue  # finished by another process between our check and our claim
                 t0 = time.perf_counter()
                 r = run_one(spec, out, data, SETTINGS, args.verbose)
                 ran += 1
                 print(f"{spec.experiment}/{spec.name}: {100 * r['final_acc']:.2f}% "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-            finally:
-                lock.unlink(missing_ok=True)
     if args.no_report:
         print(f"ran {ran}", flush=True)
         return {"ran": ran}

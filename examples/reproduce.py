@@ -11,8 +11,9 @@ teacher of the same kernel size trained with another seed (1000 + seed).
         --epochs 15 --train-subset 10000 --out results/fashion
     python examples/reproduce.py --data cifar10:/data --epochs 150 --out results/cifar10   # the paper's recipe
 
-Resumable in pieces: every finished run writes ``OUT/runs/<variant>-k<k>-s<seed>.json`` (atomically)
-and is skipped next time; a run killed mid-way continues from its ``last.pt``. Several processes may
+Resumable in pieces (the run bookkeeping of :mod:`expandctl.experiments`, as ``expandctl compare``):
+every finished run writes ``OUT/runs/<variant>-k<k>-s<seed>.json`` (atomically) and is skipped next
+time; a run killed mid-way continues from its ``last.pt``. Several processes may
 share one OUT if they run different seeds or kernels (``--seeds 0,2,4`` and ``--seeds 1,3``). Every
 invocation ends by regenerating ``OUT/results.md``, ``OUT/results.json`` and the figures from all the
 run files present (``--report-only`` does just that).
@@ -23,13 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,15 @@ from pathlib import Path
 import torch
 
 import expandctl
-from expandctl.checkpoint import atomic_write, load_checkpoint, save
-from expandctl.evaluate import evaluate_torch
+from expandctl import CheckFailed, ExpandctlError
+from expandctl.checkpoint import atomic_write, save
+from expandctl.experiments.runs import check_settings as check_run_settings
+from expandctl.experiments.runs import finish_run, train_contracted
+from expandctl.experiments.stats import mean_std, welch_p
 from expandctl.models import SmallNet
-from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data, train
+from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data
 from expandctl.train import loop as train_loop
 from expandctl.train.data import stratified_subset
-from expandctl.verify import check_contraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smallnet import VARIANTS as SMALLNET_VARIANTS  # noqa: E402
@@ -145,11 +146,6 @@ class Progress(Callbacks):
                   f"val {metrics['val_acc']:.4f} ({metrics['seconds']:.1f} s)", flush=True)  # fmt: skip
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset, device: torch.device, batch: int = 1000) -> float:
-    return evaluate_torch(model.to(device), dataset, batch_size=batch)["accuracy"]
-
-
 def model_kwargs(kernel: int, data) -> dict:
     c, h, w = data.input_shape
     if h != w:
@@ -171,36 +167,29 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
     (a teacher also its checkpoint)."""
     kwargs = model_kwargs(run.kernel, data)
     strategy, exclude = run.strategy
-    cpu0, wall0 = time.process_time(), time.perf_counter()
     work = out / "work" / run.name
-    work.mkdir(parents=True, exist_ok=True)
-    resume = (work / "last.pt").is_file()
-    src = work / "src.pt"
-    if not resume:
+
+    def build():
         torch.manual_seed(run.train_seed)
         model = SmallNet(**kwargs)
         if strategy:
             model = expandctl.expand(model, strategy, args.rate, exclude=exclude, seed=run.train_seed)
-        save(model, src, arch="smallnet", arch_kwargs=kwargs, input_shape=data.input_shape)
+        return model, "smallnet", kwargs, data.input_shape
+
     teacher = teacher_path(out, run.kernel, run.seed) if run.uses_teacher else None
     config = TrainConfig(
-        src=str(src), data=args.data, out=str(work), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        src="", data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, schedule=args.schedule, weight_decay=0.0, teacher=str(teacher) if teacher else None,
         kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, forward="fused", device=args.device,
-        seed=run.train_seed, resume=resume, command=shlex.join(sys.argv),
+        seed=run.train_seed, command=shlex.join(sys.argv),
     )  # fmt: skip
-    summary = train(config, Progress(run.name, args.verbose), data=seen)
-
-    # The result is the contracted model's accuracy, measured here, independently of the loop.
-    expanded = load_checkpoint(work / "last.pt").model
-    compact = expandctl.contract(expanded)
-    max_rel = None
-    if any(True for _ in expandctl.expanded_layers(expanded)):
-        (report,) = check_contraction(expanded, compact, data.input_shape, dtypes=(torch.float64,), samples=1)
-        if not report.passed:
-            raise SystemExit(f"{run.name}: the contracted model differs from the expanded one: {report.summary()}")
-        max_rel = report.max_rel
-    final_acc = accuracy(compact, data.val, device)
+    try:
+        # The result is the contracted model's accuracy, measured independently of the loop.
+        t = train_contracted(work, build, config, seen, score_on=data.val, callbacks=Progress(run.name, args.verbose),
+                             batch_size=1000, name=run.name)  # fmt: skip
+    except CheckFailed as e:
+        raise SystemExit(str(e)) from None
+    summary, compact = t.summary, t.compact
     history = [{k: m[k] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
                for m in summary["history"]]  # fmt: skip
     result = {
@@ -208,18 +197,17 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
         "train_seed": run.train_seed,
         "strategy": strategy, "exclude": list(exclude), "teacher": str(teacher) if teacher else None,
         "settings": settings_of(args),
-        "final_acc": final_acc,
+        "final_acc": t.final["accuracy"],
         "last_epoch_val_acc": history[-1]["val_acc"],  # expanded model, per-epoch validation set
         "best_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
         "train_size": len(seen.train), "val_size_per_epoch": len(seen.val), "val_size": len(data.val),
-        "params_trained": sum(p.numel() for p in expanded.parameters()),
-        "params_compact": sum(p.numel() for p in compact.parameters()),
-        "contraction_max_rel_float64": max_rel,
+        "params_trained": t.params_trained, "params_compact": t.params_compact,
+        "contraction_max_rel_float64": t.contraction_max_rel,
         "seconds": round(sum(m["seconds"] for m in history), 2),
-        "resumed": resume,
+        "resumed": t.resumed,
         # CPU seconds of this process for the whole run (build, train, contract, check, evaluate):
         # what a run costs on an idle core; "wall_seconds" also counts waiting for a busy one.
-        "cpu_seconds": round(time.process_time() - cpu0, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
+        "cpu_seconds": t.cpu_seconds, "wall_seconds": t.wall_seconds,
         "history": history,
         "torch": str(torch.__version__), "expandctl": expandctl.__version__, "threads": torch.get_num_threads(),
         "device": str(device), "machine": platform.machine(),
@@ -236,42 +224,21 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
     return result
 
 
-def finish_run(work: Path, target: Path, result: dict) -> None:
-    """Drop the training state (optimizer, RNG: only needed to resume) and write the run's JSON
-    atomically; the JSON marks the run finished."""
-    for name in ("last.pt", "best.pt", "src.pt"):
-        (work / name).unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-
-
 def settings_of(args) -> dict:
     return {k: getattr(args, k) for k in SETTING_KEYS}
 
 
 def check_settings(out: Path, args) -> None:
     """All runs in one OUT share the settings that shape a result; a mismatch would mix tables."""
-    path = out / "settings.json"
-    ours = settings_of(args)
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        diff = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in SETTING_KEYS if theirs.get(k) != ours[k]]
-        if diff:
-            raise SystemExit(f"{out} holds runs with other settings ({'; '.join(diff)}); use another --out")
-        return
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(ours, indent=1) + "\n")
+    try:
+        check_run_settings(out / "settings.json", settings_of(args))
+    except ExpandctlError as e:
+        raise SystemExit(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # Tables and figures, from whatever run files exist
 # --------------------------------------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single run)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def fmt(values: Sequence[float]) -> str:
     if not values:
         return "-"
@@ -288,17 +255,6 @@ def aggregate(runs: list[dict], metric: str = "final_acc") -> dict:
     for r in runs:
         cells.setdefault(r["variant"], {}).setdefault(r["kernel"], []).append(r[metric])
     return cells
-
-
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
-    if len(a) < 2 or len(b) < 2:
-        return None
-    from scipy.stats import ttest_ind
-
-    with warnings.catch_warnings():  # identical samples (e.g. all at chance) warn; p is then nan
-        warnings.simplefilter("ignore")
-        p = float(ttest_ind(a, b, equal_var=False).pvalue)
-    return None if math.isnan(p) else p
 
 
 def comparison(cells: dict, variant: str, kernel: int) -> str:

@@ -837,6 +837,16 @@ def _register_analysis() -> None:
 _register_analysis()
 
 
+def _register_compare() -> None:
+    """``expandctl compare`` lives in :mod:`expandctl.experiments.command`."""
+    from .experiments.command import compare
+
+    app.command("compare", cls=Command)(compare)
+
+
+_register_compare()
+
+
 def _onnx_shape(path: str) -> tuple[int, ...] | None:
     """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
     else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""

@@ -5,12 +5,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import load_script
 
 from expandctl.train import DataSplits, TensorImages
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +73,17 @@ def test_cached_teacher_gives_the_teachers_logits(figures):
 def test_claims_exclude_live_processes_and_take_over_dead_ones(figures, tmp_path):
     spec = figures.Spec("behaviour", "ck", 0)
     lock = figures.claim(tmp_path, spec)
-    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert lock is not None and lock.path.read_text().split()[1] == str(os.getpid())
     assert figures.claim(tmp_path, spec) is None  # held by this (live) process
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(dead.stdout.strip())
+    lock.release()
+    # a process that dies holding the lock releases it (the kernel closes its descriptor)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'examples')!r}); from pathlib import Path; "
+            f"import figures; l = figures.claim(Path({str(tmp_path)!r}), figures.Spec('behaviour', 'ck', 0)); "
+            "assert l is not None; import os; os._exit(9)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     again = figures.claim(tmp_path, spec)
-    assert again == lock and lock.read_text() == str(os.getpid())
+    assert again is not None and again.path == lock.path
+    again.release()
 
 
 def test_plan_covers_every_experiment_teacher_first_students_after(figures):

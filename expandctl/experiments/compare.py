@@ -1,0 +1,488 @@
+"""Does expansion help *this* model on *this* data? Compact vs expansion strategies, several seeds.
+
+A study folder ``OUT`` holds one recipe (``settings.json``: the architecture, data, expansion and
+training options) and one run per strategy and seed:
+
+* ``OUT/runs/<strategy>-s<seed>.json``: a finished run (the contracted model's accuracy on the
+  validation split, per-epoch curves, seconds per epoch, peak memory, parameter counts);
+* ``OUT/work/<strategy>-s<seed>/``: the run while it trains (``last.pt`` to resume, ``log.txt``) and
+  its contracted model afterwards (``contracted.pt``); ``OUT/work/locks/``: one lock per run.
+
+Every run of a seed starts from the same initialisation of the layers it does not expand (the
+architecture rebuilt with ``torch.manual_seed(seed)``; the factors drawn from the same seed) and
+sees the same data order (the loader's generator is seeded with the seed), so strategies differ
+only by their expansion. Each run trains in a child process of its own (:mod:`.worker`): its
+peak memory is its own, and ``--jobs`` runs several at once. The bookkeeping is :mod:`.runs`, the
+statistics :mod:`.stats`; the report (:func:`summarize`, :func:`write_report`) reads only the run
+files, so any process, on any machine sharing ``OUT``, can write it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import atomic_write
+from ..errors import ExpandctlError, NothingToExpandError, UsageError
+from .runs import check_settings, claim, read_run
+from .stats import mean_std, std_error_of_difference, welch_p
+
+__all__ = [
+    "COMPACT",
+    "ALPHA",
+    "Study",
+    "RunFailed",
+    "parse_strategies",
+    "parse_shard",
+    "run_name",
+    "run_path",
+    "work_dir",
+    "plan_strategies",
+    "schedule",
+    "execute",
+    "summarize",
+    "write_report",
+    "render_markdown",
+]
+
+#: The baseline: the model as it is, trained with the same recipe.
+COMPACT = "compact"
+#: Significance level of the verdict.
+ALPHA = 0.05
+#: The TrainConfig fields that make the recipe (every run of a study shares them).
+RECIPE_FIELDS = (
+    "epochs", "batch_size", "accumulate", "lr", "optimizer", "momentum", "nesterov", "schedule", "weight_decay",
+    "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "forward", "device", "workers",
+    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle",
+)  # fmt: skip
+#: Fields that change the timing but not the result: a later invocation may change them.
+NOT_COMPARED = ("workers", "download", "trust_pickle")
+
+
+class RunFailed(ExpandctlError):
+    """A run's process failed; ``exit_code`` is its own (1 diverged or check failed, 2 bad input, ...)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Study:
+    """The recipe of a study folder: what is built, expanded, trained and scored."""
+
+    arch: str
+    arch_kwargs: dict
+    input_shape: list[int]
+    data: str
+    train: dict  # RECIPE_FIELDS of expandctl.train.TrainConfig
+    rate: float = 4.0
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    pointwise: bool = False
+    model: str | None = None  # the MODEL file the architecture was read from (for the record)
+
+    def settings(self) -> dict:
+        """What must be equal for two invocations to share a folder."""
+        d = dataclasses.asdict(self)
+        d.pop("model")
+        d["train"] = {k: v for k, v in self.train.items() if k not in NOT_COMPARED}
+        return d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, out: Path) -> Study:
+        path = Path(out) / "study.json"
+        if not path.is_file():
+            raise UsageError(f"{out} holds no study ({path.name} is missing); run expandctl compare with --out {out}")
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, out: Path) -> None:
+        """Check the folder's settings (first invocation: record them), then write the full recipe."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out / "settings.json", self.settings())
+        with atomic_write(out / "study.json") as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and plans
+# --------------------------------------------------------------------------------------------------
+def parse_strategies(text: str) -> list[str]:
+    """``"compact,ck,cl+fc"`` -> ``["compact", "ck", "cl+fc"]``: each expansion checked against the
+    registry (:func:`expandctl.rewrite.parse_strategy`); ``compact`` first, added if missing."""
+    from ..rewrite import parse_strategy
+
+    names: list[str] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        name = COMPACT if part == COMPACT else "+".join(parse_strategy(part))
+        if name not in names:
+            names.append(name)
+    if not names or names == [COMPACT]:
+        raise UsageError(f"--strategies {text!r} names no expansion to compare with compact (e.g. compact,ck,cl)")
+    if COMPACT in names:
+        names.remove(COMPACT)
+    return [COMPACT, *names]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: the second of four slices (1-based)."""
+    if text is None:
+        return 1, 1
+    i, _, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i = n = 0
+    if not (n >= 1 and 1 <= i <= n):
+        raise UsageError(f"--shard {text!r} must be I/N with 1 <= I <= N (e.g. 1/4 for the first of four machines)")
+    return i, n
+
+
+def run_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-s{seed}"
+
+
+def run_path(out: Path, strategy: str, seed: int) -> Path:
+    return Path(out) / "runs" / f"{run_name(strategy, seed)}.json"
+
+
+def work_dir(out: Path, strategy: str, seed: int) -> Path:
+    return Path(out) / "work" / run_name(strategy, seed)
+
+
+def lock_path(out: Path, strategy: str, seed: int) -> Path:
+    return Path(out) / "work" / "locks" / f"{run_name(strategy, seed)}.lock"
+
+
+def plan_strategies(study: Study, strategies: Sequence[str]) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """``(runnable, skipped, layers)``: the strategies that select at least one layer of the model
+    (compact always), the reason for each that selects none, and the layers each expands."""
+    from ..models import build_arch
+    from ..rewrite import plan
+
+    model = build_arch(study.arch, study.arch_kwargs)
+    runnable, skipped, layers = [COMPACT], {}, {COMPACT: []}
+    for s in strategies:
+        if s == COMPACT:
+            continue
+        p = plan(model, s, study.rate, study.include, study.exclude, study.pointwise)
+        if p.expanded:
+            runnable.append(s)
+            layers[s] = [e.path for e in p.expanded]
+        else:
+            skipped[s] = p.why_nothing()
+    if len(runnable) == 1:
+        raise NothingToExpandError(
+            "no strategy selects a layer of this model: "
+            + "; ".join(f"{s}: {why}" for s, why in skipped.items())
+            + ". Try other --strategies, --pointwise or --include"
+        )
+    return runnable, skipped, layers
+
+
+def schedule(strategies: Sequence[str], seeds: Sequence[int], shard: tuple[int, int] = (1, 1)) -> list[tuple[str, int]]:
+    """Every ``(strategy, seed)``, seeds outermost (a partial study covers every strategy), then the
+    shard's slice: every N-th run from the I-th on, so that slices take about equal time."""
+    runs = [(s, seed) for seed in seeds for s in strategies]
+    i, n = shard
+    return runs[i - 1 :: n]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running: one child process per run, at most ``jobs`` at once
+# --------------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the compare process dies, and its run resumes next time
+    (elsewhere an orphan keeps its lock until it finishes, which is just as safe)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    return (errors[-1][len("error: ") :] if errors else lines[-1] if lines else "no output").strip()
+
+
+def execute(
+    out: Path,
+    todo: Sequence[tuple[str, int]],
+    jobs: int = 1,
+    threads: int = 1,
+    on_event: Callable[[str, str, int, dict | None], None] | None = None,
+    poll: float = 0.2,
+) -> dict:
+    """Run every ``(strategy, seed)`` of ``todo`` that has no run file yet, ``jobs`` child processes
+    at a time, each claiming its run's lock first. A run locked by another process (another
+    ``--jobs`` worker, a shard on another machine) is waited for; if its holder dies, it is run here.
+
+    ``on_event(kind, strategy, seed, result)`` reports ``"start"``, ``"done"`` (with the run's
+    record) and ``"reused"``. Returns ``{"ran": [...], "reused": [...], "waited": [...]}``.
+    Raises :class:`RunFailed` when a run fails (the others are stopped; they resume next time).
+    """
+    out = Path(out)
+    emit = on_event or (lambda *a: None)
+    pending, deferred, ever_deferred = list(todo), [], set()
+    running: dict[subprocess.Popen, tuple[str, int]] = {}
+    done: dict[str, list[str]] = {"ran": [], "reused": [], "waited": []}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    try:
+        while pending or deferred or running:
+            while pending and len(running) < jobs:
+                strategy, seed = run = pending.pop(0)
+                name = run_name(strategy, seed)
+                if run_path(out, strategy, seed).is_file():
+                    done["waited" if run in ever_deferred else "reused"].append(name)
+                    emit("reused", strategy, seed, None)
+                    continue
+                lock = claim(lock_path(out, strategy, seed))
+                if lock is None:
+                    deferred.append(run)
+                    ever_deferred.add(run)
+                    continue
+                try:
+                    if run_path(out, strategy, seed).is_file():  # finished between the check and the claim
+                        done["reused"].append(name)
+                        continue
+                    work = work_dir(out, strategy, seed)
+                    work.mkdir(parents=True, exist_ok=True)
+                    with open(work / "log.txt", "ab") as log:
+                        cmd = [sys.executable, "-m", "expandctl.experiments.worker", str(out), strategy, str(seed),
+                               "--threads", str(threads)]  # fmt: skip
+                        # The child inherits the locked descriptor: the lock is its own until it exits.
+                        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                pass_fds=(lock.fd,), env=env, preexec_fn=_die_with_parent)  # fmt: skip
+                finally:
+                    lock.release()
+                running[proc] = run
+                emit("start", strategy, seed, None)
+            if not running:
+                if deferred:  # runs other processes hold: wait, then look again
+                    time.sleep(max(poll, 1.0))
+                    pending, deferred = deferred, []
+                continue
+            time.sleep(poll)
+            for proc in [p for p in running if p.poll() is not None]:
+                strategy, seed = running.pop(proc)
+                if proc.returncode != 0:
+                    log = work_dir(out, strategy, seed) / "log.txt"
+                    why = _last_error(log) if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
+                    raise RunFailed(
+                        f"run {run_name(strategy, seed)} failed: {why} (its log: {log}); the finished runs are "
+                        "kept, and rerunning the command continues",
+                        proc.returncode if 0 < proc.returncode < 256 else 70,
+                    )
+                done["ran"].append(run_name(strategy, seed))
+                emit("done", strategy, seed, read_run(run_path(out, strategy, seed)))
+    finally:
+        for proc in running:  # interrupted or failed: stop the others; their last.pt resumes them
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The report: from the run files only
+# --------------------------------------------------------------------------------------------------
+def _seconds_per_epoch(run: dict) -> float:
+    return sum(h["seconds"] for h in run["history"]) / len(run["history"])
+
+
+def _ratio(x: float | None, base: float | None) -> float | None:
+    return None if x is None or not base else x / base
+
+
+def summarize(
+    out: Path,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    skipped: dict[str, str] | None = None,
+    alpha: float = ALPHA,
+) -> dict:
+    """The study's numbers, from the run files of ``strategies`` x ``seeds`` present in ``out``."""
+    out = Path(out)
+    skipped = skipped or {}
+    runs = {s: [read_run(run_path(out, s, seed)) for seed in seeds if run_path(out, s, seed).is_file()]
+            for s in strategies if s not in skipped}  # fmt: skip
+    planned = [run_name(s, seed) for s in runs for seed in seeds]
+    missing = [n for n in planned if not (out / "runs" / f"{n}.json").is_file()]
+    base = runs.get(COMPACT, [])
+    base_acc = [100 * r["final_acc"] for r in base]
+    base_sec = mean_std([_seconds_per_epoch(r) for r in base])[0] if base else None
+    base_mem = mean_std([r["peak_memory_mib"] for r in base])[0] if base else None
+    rows = []
+    for s in strategies:
+        if s in skipped:
+            rows.append({"strategy": s, "status": "skipped", "reason": skipped[s], "n": 0})
+            continue
+        rs = runs[s]
+        if not rs:
+            rows.append({"strategy": s, "status": "missing", "reason": "no finished run yet", "n": 0})
+            continue
+        acc = [100 * r["final_acc"] for r in rs]
+        m, sd = mean_std(acc)
+        sec = mean_std([_seconds_per_epoch(r) for r in rs])[0]
+        mem = mean_std([r["peak_memory_mib"] for r in rs])[0]
+        row = {
+            "strategy": s, "status": "ok", "reason": None, "n": len(rs), "seeds": [r["seed"] for r in rs],
+            "accuracy": {"mean": m, "std": sd, "values": acc},
+            "vs_compact": None,
+            "seconds_per_epoch": sec, "seconds_ratio": _ratio(sec, base_sec),
+            "peak_memory_mib": mem, "memory_ratio": _ratio(mem, base_mem), "memory_kind": rs[0]["memory_kind"],
+            "params_trained": rs[0]["params_trained"], "params_compact": rs[0]["params_compact"],
+            "expanded_layers": rs[0]["expanded_layers"],
+            "contraction_max_rel_float64": max((r["contraction_max_rel_float64"] or 0.0) for r in rs) if s != COMPACT
+            else None,
+        }  # fmt: skip
+        if s != COMPACT and base_acc:
+            row["vs_compact"] = {
+                "difference": m - statistics.fmean(base_acc),
+                "std_error": std_error_of_difference(acc, base_acc),
+                "p": welch_p(acc, base_acc),
+            }
+        rows.append(row)
+    better, worse, verdict = _verdict(rows, alpha, len(planned) - len(missing), len(planned))
+    return {
+        "study": Study.load(out).to_dict() if (out / "study.json").is_file() else None,
+        "strategies": rows,
+        "seeds": list(seeds),
+        "alpha": alpha,
+        "better": better,
+        "worse": worse,
+        "verdict": verdict,
+        "runs": {"planned": len(planned), "finished": len(planned) - len(missing), "missing": missing},
+    }
+
+
+def _fmt_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.2g}"
+
+
+def _verdict(rows: list[dict], alpha: float, finished: int, planned: int) -> tuple[list[str], list[str], str]:
+    """Which strategies beat (or lose to) compact at ``p < alpha``, as a sentence."""
+    ok = {r["strategy"]: r for r in rows if r["status"] == "ok"}
+    prefix = "" if finished == planned else f"Partial ({finished} of {planned} runs finished): "
+    if COMPACT not in ok:
+        return [], [], prefix + "no compact run has finished, so there is nothing to compare against yet."
+    tested = [r for r in ok.values() if r["vs_compact"] and r["vs_compact"]["p"] is not None]
+
+    def says(r):
+        v = r["vs_compact"]
+        return f"{r['strategy']} ({v['difference']:+.2f} points, p={_fmt_p(v['p'])})"
+
+    better = [r for r in tested if r["vs_compact"]["difference"] > 0 and r["vs_compact"]["p"] < alpha]
+    worse = [r for r in tested if r["vs_compact"]["difference"] < 0 and r["vs_compact"]["p"] < alpha]
+    if not tested and min(r["n"] for r in ok.values()) < 2:
+        text = "too few seeds for Welch's test (it needs 2 runs per strategy); rerun with --seeds 3 or more."
+    elif not tested:
+        text = "Welch's test is undefined: every run of each strategy scored the same; try more data or epochs."
+    elif better:
+        text = f"{', '.join(says(r) for r in better)} beat{'s' if len(better) == 1 else ''} compact at p < {alpha:g}."
+    else:
+        n = sorted({r["n"] for r in tested} | {ok[COMPACT]["n"]})
+        seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        top = max(tested, key=lambda r: r["vs_compact"]["difference"])
+        text = (f"no strategy beat compact at p < {alpha:g} with {seeds} seeds per strategy "
+                f"(largest difference: {says(top)}).")  # fmt: skip
+    if worse:
+        text += f" Worse than compact at p < {alpha:g}: {', '.join(says(r) for r in worse)}."
+    text = prefix + text
+    return [r["strategy"] for r in better], [r["strategy"] for r in worse], text[0].upper() + text[1:]
+
+
+def table_row(r: dict) -> list[str]:
+    if r["status"] != "ok":
+        return [r["strategy"], "0", f"{r['status']} (below)", "", "", "", "", ""]
+    a, v = r["accuracy"], r["vs_compact"]
+
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    return [
+        r["strategy"], str(r["n"]), f"{a['mean']:.2f} +- {a['std']:.2f}",
+        "-" if v is None else f"{v['difference']:+.2f}", "-" if v is None else _fmt_p(v["p"]),
+        ratio(r["seconds_ratio"]), ratio(r["memory_ratio"]), f"{r['params_trained']:,}",
+    ]  # fmt: skip
+
+
+TABLE_HEADER = ("strategy", "runs", "accuracy (%)", "vs compact (points)", "Welch p", "s/epoch (x compact)",
+                "peak memory (x compact)", "params trained")  # fmt: skip
+
+
+def render_markdown(summary: dict) -> str:
+    study = summary["study"] or {}
+    rows = summary["strategies"]
+    base = next((r for r in rows if r["strategy"] == COMPACT and r["status"] == "ok"), None)
+    lines = [
+        f"# expandctl compare: {study.get('arch', '?')} on {study.get('data', '?')}",
+        "",
+        "Generated by `expandctl compare` from the run files in `runs/`; do not edit by hand.",
+        "Accuracy: top-1 of the *contracted* model on the validation split, mean +- std over seeds; "
+        "differences to compact in points, with Welch's t-test p.",
+        "",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
+        *("| " + " | ".join(table_row(r)) + " |" for r in rows),
+        "",
+        *[
+            line
+            for r in rows
+            if r["status"] != "ok"
+            for line in (f"{r['strategy']}: {r['status']}, {r['reason']}.", "")
+        ],
+        f"**Verdict:** {summary['verdict']}",
+        "",
+    ]
+    if base:
+        kind = "peak GPU memory allocated" if base["memory_kind"] == "cuda" else "peak resident memory of the process"
+        lines += [f"Compact: {base['seconds_per_epoch']:.2f} s per epoch, {base['peak_memory_mib']:.0f} MiB "
+                  f"({kind}), {base['params_trained']:,} parameters.", ""]  # fmt: skip
+    if study:
+        recipe = {k: v for k, v in study["train"].items() if v not in (None, False)}
+        lines += [f"Recipe: `{json.dumps(recipe)}`; rate {study['rate']:g}; seeds {summary['seeds']}.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict) -> dict[str, str]:
+    """``report.md``, ``report.json`` and the figures (when a run has finished), atomically."""
+    from .plots import plot_curves, plot_gain
+
+    out = Path(out)
+    files = {"markdown": out / "report.md", "json": out / "report.json"}
+    with atomic_write(files["markdown"]) as tmp:
+        tmp.write_text(render_markdown(summary))
+    with atomic_write(files["json"]) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    runs = {r["strategy"]: [read_run(run_path(out, r["strategy"], s)) for s in r["seeds"]]
+            for r in summary["strategies"] if r["status"] == "ok"}  # fmt: skip
+    if runs:
+        title = f"{(summary['study'] or {}).get('arch', '')} on {(summary['study'] or {}).get('data', '')}"
+        files["curves"] = out / "curves.png"
+        plot_curves(files["curves"], runs, title)
+        if any(r["vs_compact"] for r in summary["strategies"] if r["status"] == "ok"):
+            files["gain"] = out / "gain.png"
+            plot_gain(files["gain"], summary, title)
+    return {k: str(v) for k, v in files.items()}
