@@ -234,7 +234,10 @@ class ExpandedLayer(nn.Module):
 
     def config(self) -> dict:
         """What is needed to rebuild this layer's structure from the original layer."""
-        return {"kind": self.kind, "hidden": [f.weight.shape[0] for f in self.factors[:-1]]}
+        # Output widths by name: a transposed factor's weight is (in, out / groups, ...), so its
+        # shape[0] is the input width.
+        widths = [getattr(f, "out_channels", None) or f.out_features for f in self.factors[:-1]]
+        return {"kind": self.kind, "hidden": widths}
 
     def __getstate__(self):
         # The no-grad cache is derived data tied to this instance's tensors; never pickle it.
