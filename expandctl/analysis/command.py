@@ -168,7 +168,7 @@ def grad_confusion(
             )
         title = f"{Path(src).name} on {data} ({split}), {r['pairs']} pairs of {batch_size}"
         _write(out, lambda tmp: plot_confusion({Path(src).name: r["similarities"]}, tmp, title))
-        ui.print(
+        ui.detail(
             kv_table(
                 [
                     ("min", f"{r['min']:.4f}"),
@@ -254,7 +254,7 @@ def landscape(
         title = f"{Path(src).name} on {data} ({split}, {r['samples']} images), {r['space']} weights"
         _write(out, lambda tmp: plot_landscape(r, tmp, title))
         flat_loss = r["loss"] if dims == 1 else [v for row in r["loss"] for v in row]
-        ui.print(
+        ui.detail(
             kv_table(
                 [
                     ("loss at 0", f"{r['loss_at_0']:.4f} (error {100 * r['error_at_0']:.2f}%)"),
@@ -274,7 +274,7 @@ def landscape(
                 table.add_column(col, justify="right")
             for a, loss, err in zip(r["alphas"], r["loss"], r["error"]):
                 table.add_row(f"{a:+.3f}", f"{loss:.4f}", f"{100 * err:.2f}%")
-            ui.print(table)
+            ui.detail(table)
         ui.print(f"wrote {out}")
         ui.emit({"source": src, "data": data, "split": split, **r, "output": str(out)})
 
@@ -282,7 +282,7 @@ def landscape(
 # --- plot ------------------------------------------------------------------------------------------
 def plot(
     runs: Annotated[
-        list[str], typer.Argument(metavar="RUN_DIR...", help="Run folders of expandctl train (metrics.jsonl).")
+        list[str], typer.Argument(metavar="RUN_DIR", help="Run folders of expandctl train (metrics.jsonl).")
     ],
     output: Annotated[str, typer.Option("-o", "--output", metavar="PNG", help="Figure to write.")] = "runs.png",
     labels: Annotated[
@@ -315,7 +315,7 @@ def plot(
                 name, run, str(len(history)), _num(last.get("train_loss")), _pct(last.get("train_acc")),
                 _num(last.get("val_loss")), _pct(last.get("val_acc")), _pct(best),
             )  # fmt: skip
-        ui.print(table)
+        ui.detail(table)
         ui.print(f"wrote {out}")
         ui.emit({"output": str(out), "runs": summary})
 

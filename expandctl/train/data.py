@@ -305,6 +305,8 @@ def load_data(
     """
     opts = (options or DataOptions()).validate()
     name, arg = parse_spec(spec)
+    if arg and name != "synthetic" and not Path(arg).exists() and not (opts.download and name in DOWNLOADABLE):
+        raise UsageError(f"--data {name}:{arg}: no such folder {arg!r}; check the path")
     shape = tuple(int(s) for s in input_shape)[-3:] if input_shape else None
     if name == "digits":
         sets = _digits()
@@ -433,11 +435,23 @@ def _download(name: str, root: Path) -> Path:
         "cifar10": datasets.CIFAR10,
         "cifar100": datasets.CIFAR100,
     }[name]
+    # On failure, remove what this call created (the cache folders, torchvision's partial files), so a
+    # failed download leaves the cache as it found it.
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # no network, proxy, disk full, bad checksum: urllib and torchvision raise many types
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for new in (set(root.iterdir()) - before) if root.is_dir() else ():
+                if new.is_dir():
+                    shutil.rmtree(new, ignore_errors=True)
+                else:
+                    new.unlink(missing_ok=True)
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         debian = "install Debian's dataset-fashion-mnist, " if name == "fashion-mnist" else ""
         raise UsageError(
