@@ -40,6 +40,7 @@ from .cli_common import (
     ShapeOpt,
     TrainSubsetOpt,
     TrustOpt,
+    ValFractionOpt,
     data_options,
     guard,
     input_shape_of,
@@ -770,6 +771,7 @@ def evaluate(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -787,7 +789,7 @@ def evaluate(
             raise UsageError(f"--split must be val or train, not {split!r}")
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         if ckpt_io.sniff_format(src) == "onnx":
             shape = _onnx_shape(src)
             sets = load_data(data, shape, augment=False, options=opts)

@@ -217,3 +217,91 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, cache
         assert sorted(p.name for p in cache.iterdir()) == ["mine"]
     else:
         assert not cache.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Image folders: class folders directly under DIR, a seeded per-class split, augmentation that keeps
+#    the image, and advice when the batch size leaves a few steps per epoch
+# --------------------------------------------------------------------------------------------------
+def _digit_folder(root: Path, classes=3, per_class=10, size=16) -> Path:
+    """Real digits (scikit-learn's 8x8 set) upscaled to ``size`` x ``size`` PNGs in ``root/CLASS/``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for j in np.nonzero(d.target == c)[0][:per_class]:
+            img = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
+            img.save(root / str(c) / f"{j}.png")
+    return root
+
+
+def _labels(ds):
+    return sorted(int(ds[i][1]) for i in range(len(ds)))
+
+
+def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_path):
+    from expandctl.train.data import load_data
+
+    root = _digit_folder(tmp_path / "digits")
+    s = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16))
+    assert (s.num_classes, s.input_shape, len(s.train), len(s.val)) == (3, (3, 16, 16), 24, 6)
+    assert _labels(s.val) == [0, 0, 1, 1, 2, 2] and _labels(s.train) == [0] * 8 + [1] * 8 + [2] * 8
+    again = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16))
+    assert again.val.indices == s.val.indices and not set(s.val.indices) & set(s.train.indices)
+    half = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16), options=DataOptions(val_fraction=0.5))
+    assert len(half.val) == 15 and len(half.train) == 15
+    sub = load_data(f"imagefolder:{root}", (3, 16, 16), options=DataOptions(train_subset=12))
+    assert _labels(sub.train) == [0] * 4 + [1] * 4 + [2] * 4  # --train-subset stays stratified
+
+
+def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
+    from expandctl.errors import UsageError
+    from expandctl.train.data import load_data
+
+    (tmp_path / "split").mkdir()
+    for split in ("train", "val"):
+        _digit_folder(tmp_path / "split" / split, classes=2, per_class=2)
+    with pytest.raises(UsageError, match="has its own train/ and val/ split"):
+        load_data(f"imagefolder:{tmp_path / 'split'}", options=DataOptions(val_fraction=0.3))
+    with pytest.raises(UsageError, match="--val-fraction applies to imagefolder"):
+        load_data("digits", options=DataOptions(val_fraction=0.3))
+    with pytest.raises(UsageError, match="--val-fraction must be between 0 and 1"):
+        load_data("digits", options=DataOptions(val_fraction=1.5))
+
+
+def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
+    from expandctl.errors import UsageError
+    from expandctl.train.data import load_data
+
+    _digit_folder(tmp_path / "train", classes=2, per_class=2)
+    with pytest.raises(UsageError, match="lacks val/.*or class folders directly under it"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_crop_flip_keeps_the_whole_image(tmp_path):
+    """Resize and centre-crop, then CIFAR's pad-crop by 1/8 and flip; validation reads the images as
+    training does without augmentation (no random-resized crop, no 8/7 zoom)."""
+    from expandctl.train.data import load_data
+
+    s = load_data(f"imagefolder:{_digit_folder(tmp_path / 'd')}", input_shape=(3, 16, 16))
+    steps = s.train.dataset.transform.transforms
+    assert [type(t).__name__ for t in steps[:4]] == ["Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip"]
+    assert steps[2].padding == 2
+    val = s.val.dataset.transform.transforms
+    assert [type(t).__name__ for t in val[:2]] == ["Resize", "CenterCrop"] and val[0].size == 16
+
+
+def test_train_on_a_small_folder_says_which_batch_size_learns(tmp_path):
+    root = _digit_folder(tmp_path / "d")
+    src = tmp_path / "m.pt"
+    kw = {"kernel_size": 3, "num_classes": 3, "image_size": 16}
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(kw), "-o", src, "-q").exit_code == 0
+    r = cli("train", src, "--data", f"imagefolder:{root}", "--epochs", "1", "--out", tmp_path / "run", "-q")
+    assert r.exit_code == 0, r.output
+    assert "24 training images make 1 step per epoch at --batch-size 128" in r.stderr
+    assert "pass --batch-size 8 (3 steps per epoch)" in r.stderr
+    r = cli("evaluate", tmp_path / "run" / "last.pt", "--data", f"imagefolder:{root}", "--json")
+    assert json.loads(r.stdout)["samples"] == 6  # the same held-out split as train's

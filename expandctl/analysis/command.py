@@ -28,6 +28,7 @@ from ..cli_common import (
     QuietOpt,
     TrainSubsetOpt,
     TrustOpt,
+    ValFractionOpt,
     data_options,
     guard,
     load_for_cli,
@@ -146,6 +147,7 @@ def grad_confusion(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -160,7 +162,7 @@ def grad_confusion(
     ui = UI("analyze grad-confusion", as_json, quiet, debug)
     with guard(ui):
         out = _output(output, src, "grad-confusion")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"gradients of {pairs} mini-batch pairs"):
             r = gradient_confusion(
@@ -221,6 +223,7 @@ def landscape(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -237,7 +240,7 @@ def landscape(
         if dims not in (1, 2):
             raise UsageError(f"--dims must be 1 or 2 (got {dims})")
         out = _output(output, src, f"landscape-{dims}d")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"evaluating {steps**dims} points"):
             r = loss_landscape(
