@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from .cli_common import (
     ShapeOpt,
     TrainSubsetOpt,
     TrustOpt,
+    ValFractionOpt,
     data_options,
     guard,
     input_shape_of,
@@ -48,9 +50,9 @@ from .cli_common import (
     running_model,
 )
 from .console import UI, fmt_count, fmt_rate, kv_table, layers_table, plan_table, report_settings, report_table
-from .errors import CheckFailed, NothingToExpandError, UnsupportedError, UsageError
+from .errors import CheckFailed, PreserveFitError, UnsupportedError, UsageError
 from .fold import fold_batchnorm
-from .shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_input_shape, run_once
+from .shapes import backend_message, data_mismatch, first_layer_channels, fmt_shape, onnx_input_shape, run_once
 
 
 def _strategy_help() -> str:
@@ -140,8 +142,8 @@ def _show_reports(ui: UI, reports: Sequence, title: str) -> None:
         return
     table = report_table(reports)
     table.title = title
-    ui.print(table)
-    ui.print(report_settings(reports))
+    ui.detail(table)
+    ui.detail(report_settings(reports))
     for n in dict.fromkeys(n for r in reports for n in r.notes):
         ui.note(f"note: {n}")
 
@@ -249,6 +251,7 @@ def expand(
     from .layers import INIT_MODES
     from .models import build_arch, resolve_arch
     from .rewrite import expand as expand_model
+    from .rewrite import expanded_layers
     from .rewrite import plan as make_plan
 
     ui = UI("expand", as_json, quiet, debug)
@@ -291,16 +294,14 @@ def expand(
             plan = make_plan(ckpt.model, strategy, rate, include or (), exclude or (), pointwise)
         before = _params(ckpt.model)
         if dry_run:
-            ui.print(plan_table(plan))
+            ui.detail(plan_table(plan))
             ui.print(
                 f"{len(plan.expanded)} of {len(plan.entries)} candidate layers would be expanded: "
                 f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
                 "nothing written"
             )
             if not plan.expanded:
-                raise NothingToExpandError(
-                    f"{plan.why_nothing()}; see the reasons above. Try another --strategy, --pointwise or --include"
-                )
+                raise plan.nothing_selected("see the reasons above. Try another --strategy, --pointwise or --include")
             ui.emit(
                 {
                     "dry_run": True,
@@ -314,7 +315,7 @@ def expand(
             )
             return
         if not plan.expanded:
-            raise NothingToExpandError(f"{plan.why_nothing()}; run with --dry-run to see why each was left alone")
+            raise plan.nothing_selected("run with --dry-run to see why each was left alone")
         if ckpt.arch is None:
             raise UsageError(
                 f"{src} holds a pickled {ckpt.provenance.get('pickled_class', 'model')} "
@@ -322,16 +323,23 @@ def expand(
                 "inferred, and an expandctl checkpoint must be rebuildable; pass --arch (and --arch-kwargs)"
             )
         with ui.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, {fmt_rate(plan.rate)})"):
-            expanded = expand_model(
-                ckpt.model,
-                strategy,
-                rate,
-                init=init,
-                include=include or (),
-                exclude=exclude or (),
-                pointwise=pointwise,
-                seed=seed,
-            )
+            try:
+                expanded = expand_model(
+                    ckpt.model,
+                    strategy,
+                    rate,
+                    init=init,
+                    include=include or (),
+                    exclude=exclude or (),
+                    pointwise=pointwise,
+                    seed=seed,
+                )
+            except PreserveFitError as e:  # the library's words (init='scratch') in the CLI's (--init scratch)
+                words = re.sub(r"init='(\w+)'", r"--init \1", str(e)).replace("a larger rate", "a larger --rate")
+                raise PreserveFitError(words) from None
+        residuals = {path: layer.fit_residual for path, layer in expanded_layers(expanded)}
+        for entry in plan.expanded:
+            entry.fit_residual = residuals.get(entry.path)
         plan_dict = plan.to_dict()
         if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
             plan_dict["previous"] = ckpt.plan
@@ -348,9 +356,8 @@ def expand(
                 folded_bn=ckpt.folded_bn,
             )
         after = _params(expanded)
-        if not ui.quiet:
-            ui.print(plan_table(plan, only_expanded=True))
-        ui.print(
+        ui.detail(plan_table(plan, only_expanded=True))
+        ui.detail(
             f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
             f"({plan.strategy}, {fmt_rate(plan.rate)}, "
             f"init {init}): {fmt_count(before)} -> {fmt_count(after)} parameters"
@@ -482,7 +489,7 @@ def contract(
         summary = f"contracted {len(layers)} expanded layers: {fmt_count(before)} -> {fmt_count(after)} parameters"
         if fold_bn:
             summary += f"; folded {len(folded)} BatchNorm layers into their convs"
-        ui.print(summary)
+        ui.detail(summary)
         ui.print(f"wrote {out}")
         ui.emit(
             {
@@ -575,6 +582,19 @@ def verify(
                 )
             title = f"{a}: expanded (explicit) vs contracted"
         elif fb == "onnx":
+            recorded = ckpt_a.input_shape
+            if input_shape is None and recorded and tuple(recorded) != tuple(shape):
+                # The ONNX file fixes another shape than the checkpoint records: if the checkpoint's
+                # model cannot even take it, the two files are two different models.
+                try:
+                    run_once(ckpt_a.model, shape, a)
+                except UsageError as e:
+                    raise UsageError(
+                        f"{a} and {b} are two different models (input shapes differ: {b} takes "
+                        f"{fmt_shape(shape)}, {a} records {fmt_shape(recorded)} and fails on "
+                        f"{fmt_shape(shape)}: {backend_message(e.__cause__ or e)}); verify a checkpoint "
+                        "against the ONNX file contracted or exported from it"
+                    ) from None
             with ui.step(f"comparing {a} with {b} in onnxruntime"), running_model(shape, ckpt_a.input_shape, a):
                 reports = [compare_onnx(ckpt_a.model, b, shape, **check)]
             title = f"{a} vs {b} (onnxruntime)"
@@ -712,6 +732,8 @@ def inspect(
             ui.note("a plain state dict: pass --arch (and --arch-kwargs) to see the model")
             ui.emit({**info, "arch": None})
             return
+        # The fit residual of --init preserve is known when the layer is fitted: the plan records it.
+        planned = {e.get("path"): e for e in (ckpt.plan or {}).get("layers", []) if isinstance(e, dict)}
         rows = []
         for path, layer in expanded_layers(ckpt.model):
             rows.append(
@@ -721,6 +743,7 @@ def inspect(
                     "factors": layer.extra_repr(),
                     "params": sum(p.numel() for p in layer.parameters()),
                     "compact_params": sum(p.numel() for p in layer.contract().parameters()),
+                    "fit_residual": planned.get(path, {}).get("fit_residual", layer.fit_residual),
                 }
             )
         total = _params(ckpt.model)
@@ -773,6 +796,7 @@ def evaluate(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -790,7 +814,7 @@ def evaluate(
             raise UsageError(f"--split must be val or train, not {split!r}")
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         if ckpt_io.sniff_format(src) == "onnx":
             shape = _onnx_shape(src)
             sets = load_data(data, shape, augment=False, options=opts)

@@ -107,6 +107,15 @@ DownloadOpt = Annotated[
         "($EXPANDCTL_DATA, default ~/.cache/expandctl/data).",
     ),
 ]
+ValFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-fraction",
+        metavar="F",
+        help="imagefolder:DIR with class folders directly under DIR: hold out this share of each class for "
+        "validation (default 0.2; the same seeded split in train and evaluate).",
+    ),
+]
 AtolOpt = Annotated[
     float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
 ]
@@ -211,8 +220,9 @@ def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None
     return tuple(shape)
 
 
-def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False):
+def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
     """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
     from .train.data import DataOptions
 
-    return DataOptions(channels, image_size, augment.lower() if augment else None, train_subset, download).validate()
+    augment = augment.lower() if augment else None
+    return DataOptions(channels, image_size, augment, train_subset, download, val_fraction).validate()

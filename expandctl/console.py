@@ -56,7 +56,13 @@ class UI:
             self.err.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
     def print(self, *objects: Any) -> None:
+        """The command's result (its final line, or what ``inspect`` shows): printed even with --quiet."""
         self.out.print(*objects)
+
+    def detail(self, *objects: Any) -> None:
+        """Tables and lines on the way to the result (plans, check reports): hidden by --quiet."""
+        if not self.quiet:
+            self.out.print(*objects)
 
     def emit(self, data: dict) -> None:
         """The command's result: one JSON object with ``--json``; nothing otherwise (tables do it)."""
@@ -107,7 +113,8 @@ def fmt_err(x: float | None) -> str:
 
 def plan_table(plan, only_expanded: bool = False) -> Table:
     t = Table(title=f"plan: strategy {plan.strategy}, {fmt_rate(plan.rate)}", title_justify="left")
-    for col in ("path", "layer", "shape", "expansion", "factors", "params"):
+    fitted = any(e.fit_residual is not None for e in plan.entries)
+    for col in ("path", "layer", "shape", "expansion", "factors", "params", *(["fit residual"] if fitted else [])):
         t.add_column(col, overflow="fold")
     if not only_expanded:
         t.add_column("reason left alone", overflow="fold", style="dim")
@@ -125,6 +132,7 @@ def plan_table(plan, only_expanded: bool = False) -> Table:
             (e.kind + (" (fused only)" if e.note else "")) if e.kind else "-",
             escape(", ".join(e.factors)) or "-",
             params,
+            *([fmt_residual(e.fit_residual)] if fitted else []),
         ]
         t.add_row(*row, *([] if only_expanded else [escape(e.reason or "")]))
     return t
@@ -176,9 +184,15 @@ def kv_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> Table
     return t
 
 
+def fmt_residual(x: float | None) -> str:
+    """A preserve fit's relative residual; ``-`` where no fit ran (scratch init, or an exact construction)."""
+    return "-" if x is None else f"{x:.2g}"
+
+
 def layers_table(rows: Sequence[dict]) -> Table:
     t = Table(title="expanded layers", title_justify="left")
-    for col in ("path", "kind", "factors", "params", "compact params"):
+    fitted = any(r.get("fit_residual") is not None for r in rows)
+    for col in ("path", "kind", "factors", "params", "compact params", *(["fit residual"] if fitted else [])):
         t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(
@@ -187,5 +201,6 @@ def layers_table(rows: Sequence[dict]) -> Table:
             escape(r["factors"]),
             fmt_count(r["params"]),
             fmt_count(r["compact_params"]),
+            *([fmt_residual(r.get("fit_residual"))] if fitted else []),
         )
     return t

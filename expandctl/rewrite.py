@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .errors import AlreadyExpandedError, NothingToExpandError, UsageError
+from .errors import AlreadyExpandedError, NothingToExpandError, UnsupportedError, UsageError
 from .layers import EXPANSIONS, FORWARD_MODES, ExpandedLayer, expansion_for, factor_parameters, fused_only_reason
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _CANDIDATE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+#: A plan entry's reason for an expanded layer.
+ALREADY_EXPANDED = "already expanded"
 
 
 @dataclass
@@ -51,6 +53,9 @@ class PlanEntry:
     hidden: list[int] = field(default_factory=list)
     #: For an expanded layer that can only run fused (a subclass with its own forward): why.
     note: str | None = None
+    #: After ``init="preserve"``: the relative residual of the chain's fit to the original kernel
+    #: (:attr:`ExpandedLayer.fit_residual`; CK fits by least squares), else ``None``.
+    fit_residual: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +91,22 @@ class Plan:
             e.reason in ("excluded by --exclude", "not matched by --include") for e in self.entries
         ):
             return f"--exclude {' '.join(repr(p) for p in self.exclude)} leaves no candidate layer"
+        done = [e.path for e in self.entries if e.reason == ALREADY_EXPANDED]
+        if done:
+            shown = ", ".join(done[:4]) + (", ..." if len(done) > 4 else "")
+            return (
+                f"this model is already expanded ({len(done)} of its {len(self.entries)} candidate layers: "
+                f"{shown}); train it as it is, or contract it first to expand it anew"
+            )
         return f"strategy {self.strategy!r} selects no layer of this model ({len(self.entries)} candidates)"
+
+    def nothing_selected(self, hint: str) -> UnsupportedError:
+        """The error for a plan that expands nothing: :class:`AlreadyExpandedError` (no ``hint``, its
+        sentence says what to do) when what is left is already expanded, else ``why_nothing; hint``."""
+        why = self.why_nothing()
+        if why.startswith("this model is already expanded"):
+            return AlreadyExpandedError(why)
+        return NothingToExpandError(f"{why}; {hint}")
 
     @property
     def params_before(self) -> int:
@@ -197,7 +217,7 @@ def _matches(path: str, patterns: Sequence[str]) -> bool:
 def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[str | None, str | None]:
     """The highest-priority kind in ``kinds`` that accepts ``module``, else the reason none does."""
     if isinstance(module, ExpandedLayer):
-        return None, "already expanded"
+        return None, ALREADY_EXPANDED
     if _is_quantized(module):
         return None, "quantized layers are not supported"
     relevant = [cls for cls in (expansion_for(k, module) for k in kinds) if cls is not None]
@@ -299,13 +319,14 @@ def expand(
 
     ``init="scratch"`` initialises each factor as a fresh layer of its shape (the paper's
     setting); ``"preserve"`` makes the expanded model compute the same function as ``model``.
-    Raises :class:`NothingToExpandError` if no layer is selected.
+    Raises :class:`NothingToExpandError` if no layer is selected (:class:`AlreadyExpandedError` when
+    the layers left are already expanded).
     """
     kinds = parse_strategy(strategy)
     p = plan(model, kinds, rate, include, exclude, pointwise)
     _check_already_expanded(model, kinds, tuple(include), tuple(exclude), pointwise)
     if not p.expanded:
-        raise NothingToExpandError(f"{p.why_nothing()}; see the plan for the reasons")
+        raise p.nothing_selected("see the plan for the reasons")
     return _apply(
         model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed
     )

@@ -50,3 +50,30 @@ def load_script(name: str, folder: str = "examples"):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class AllLayers(torch.nn.Module):
+    """Every layer type an expansion kind takes, on 1x8x8 images (``synthetic:1x8x8``, 10 classes):
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d (the 2d one upsamples: stride 2, even kernel) and Linear.
+    Rebuilt from its spec ``helpers:AllLayers``, as a user's ``--arch mymodels:Net`` would be."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+        self.c2 = nn.Conv2d(1, 4, 5, padding=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv3d(1, 2, (3, 5, 5), padding=(1, 2, 2))
+        self.t3 = nn.ConvTranspose3d(2, 2, (3, 5, 5), padding=(1, 2, 2))
+        self.t2 = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.c1 = nn.Conv1d(32, 8, 5, padding=2)
+        self.t1 = nn.ConvTranspose1d(8, 8, 5, padding=2)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        relu = torch.relu
+        x = relu(self.bn(self.c2(x)))  # B, 4, 8, 8
+        x = relu(self.t3(self.c3(x.unsqueeze(1))))  # B, 2, 4, 8, 8
+        x = relu(self.t2(x.flatten(1, 2)))  # B, 4, 16, 16
+        x = torch.nn.functional.avg_pool2d(x, 2).flatten(1, 2)  # B, 32, 8
+        x = relu(self.t1(self.c1(x)))  # B, 8, 8
+        return self.fc(x.flatten(1))

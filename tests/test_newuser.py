@@ -226,13 +226,19 @@ def test_include_matching_nothing_blames_the_pattern(tmp_path):
     assert "strategy" not in data["error"].split(";")[0]
 
 
-def test_demo_ends_by_saying_what_its_two_numbers_mean():
+def test_demo_ends_with_a_comparison_over_seeds_and_what_it_shows():
+    """Issue 11 asked the demo to say what its numbers mean; issue 18 that its comparison be the
+    evidence's kind (several seeds, mean +- std, CK at 7x7), not one seed of each."""
     from pathlib import Path
 
     script = (Path(__file__).parent.parent / "examples" / "demo.sh").read_text()
-    tail = script[script.rindex("expandctl evaluate") :]  # after the last command that prints a number
-    assert "python" not in tail and "step " not in tail  # nothing else runs after the two accuracies
-    for words in ("360 held-out digits", "one training seed", "seed-to-seed noise", '"Results', "results/"):
+    tail = script[script.rindex("reproduce.py") :]  # after the comparison's runs
+    assert "python" not in tail and "expandctl " not in tail  # nothing else runs after the table
+    compare = script[script.index("compare=(") : script.index("\n", script.index("compare=("))]
+    assert "--variants compact,ck " in compare and "--kernels 7" in compare
+    assert script.count("--seeds") >= 3 and "seeds=${DEMO_SEEDS:-0,1,2,3,4}" in script
+    for words in ("What this shows", "360 held-out digits", "mean +- std over the seeds", "results/",
+                  "not evidence either way"):  # fmt: skip
         assert words in tail
 
 

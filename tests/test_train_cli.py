@@ -73,7 +73,7 @@ def test_resume_through_the_cli(src, tmp_path):
     "extra, code, message",
     [
         (["--data", "imagenet"], 2, "unknown data spec"),
-        (["--data", "cifar10:/nonexistent"], 2, "cifar-10-batches-py must hold data_batch_1..5"),
+        (["--data", "cifar10:/nonexistent"], 2, "--data cifar10:/nonexistent: no such folder"),
         (["--optimizer", "lion"], 2, "--optimizer must be one of sgd, adamw"),
         (["--arch-kwargs", "{bad"], 2, "--arch-kwargs is not valid JSON"),
         (["--lr", "1e6", "--schedule", "paper"], 1, "loss became"),

@@ -28,6 +28,7 @@ from ..cli_common import (
     QuietOpt,
     TrainSubsetOpt,
     TrustOpt,
+    ValFractionOpt,
     data_options,
     guard,
     load_for_cli,
@@ -146,6 +147,7 @@ def grad_confusion(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -160,7 +162,7 @@ def grad_confusion(
     ui = UI("analyze grad-confusion", as_json, quiet, debug)
     with guard(ui):
         out = _output(output, src, "grad-confusion")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"gradients of {pairs} mini-batch pairs"):
             r = gradient_confusion(
@@ -168,7 +170,7 @@ def grad_confusion(
             )
         title = f"{Path(src).name} on {data} ({split}), {r['pairs']} pairs of {batch_size}"
         _write(out, lambda tmp: plot_confusion({Path(src).name: r["similarities"]}, tmp, title))
-        ui.print(
+        ui.detail(
             kv_table(
                 [
                     ("min", f"{r['min']:.4f}"),
@@ -221,6 +223,7 @@ def landscape(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -237,7 +240,7 @@ def landscape(
         if dims not in (1, 2):
             raise UsageError(f"--dims must be 1 or 2 (got {dims})")
         out = _output(output, src, f"landscape-{dims}d")
-        opts = data_options(channels, image_size, augment, train_subset, download)
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
         _, model, dataset = _model_and_data(ui, src, data, split, arch, arch_kwargs, trust_pickle, device, opts)
         with ui.step(f"evaluating {steps**dims} points"):
             r = loss_landscape(
@@ -254,7 +257,7 @@ def landscape(
         title = f"{Path(src).name} on {data} ({split}, {r['samples']} images), {r['space']} weights"
         _write(out, lambda tmp: plot_landscape(r, tmp, title))
         flat_loss = r["loss"] if dims == 1 else [v for row in r["loss"] for v in row]
-        ui.print(
+        ui.detail(
             kv_table(
                 [
                     ("loss at 0", f"{r['loss_at_0']:.4f} (error {100 * r['error_at_0']:.2f}%)"),
@@ -274,7 +277,7 @@ def landscape(
                 table.add_column(col, justify="right")
             for a, loss, err in zip(r["alphas"], r["loss"], r["error"]):
                 table.add_row(f"{a:+.3f}", f"{loss:.4f}", f"{100 * err:.2f}%")
-            ui.print(table)
+            ui.detail(table)
         ui.print(f"wrote {out}")
         ui.emit({"source": src, "data": data, "split": split, **r, "output": str(out)})
 
@@ -282,7 +285,7 @@ def landscape(
 # --- plot ------------------------------------------------------------------------------------------
 def plot(
     runs: Annotated[
-        list[str], typer.Argument(metavar="RUN_DIR...", help="Run folders of expandctl train (metrics.jsonl).")
+        list[str], typer.Argument(metavar="RUN_DIR", help="Run folders of expandctl train (metrics.jsonl).")
     ],
     output: Annotated[str, typer.Option("-o", "--output", metavar="PNG", help="Figure to write.")] = "runs.png",
     labels: Annotated[
@@ -315,7 +318,7 @@ def plot(
                 name, run, str(len(history)), _num(last.get("train_loss")), _pct(last.get("train_acc")),
                 _num(last.get("val_loss")), _pct(last.get("val_acc")), _pct(best),
             )  # fmt: skip
-        ui.print(table)
+        ui.detail(table)
         ui.print(f"wrote {out}")
         ui.emit({"output": str(out), "runs": summary})
 

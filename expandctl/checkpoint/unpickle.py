@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +51,7 @@ def torch_load(path: Path, trust_pickle: bool, legacy: bool = False) -> Any:
             raise _unsafe(path, refused)
         try:
             if refused:  # trusted by the user: a full unpickle
-                return torch.load(path, map_location="cpu", weights_only=False)
+                return _trusted_load(path)
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except (UsageError, UnsafeInputError):
@@ -70,9 +72,37 @@ def torch_load(path: Path, trust_pickle: bool, legacy: bool = False) -> Any:
     except Exception as e:
         raise _corrupt(path, e) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _trusted_load(path)
+    except UsageError:
+        raise
     except Exception as e:
         raise _corrupt(path, e) from None
+
+
+def _trusted_load(path: Path) -> Any:
+    """A full unpickle; the classes it names are imported also from the current folder, as ``--arch
+    module:callable`` is (a user's ``mynet.py`` next to the file), and a module found nowhere is
+    named as such rather than reported as a corrupt file."""
+    cwd = os.getcwd()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        if cwd in sys.path or "" in sys.path:
+            raise _module_missing(path, e, cwd) from None
+    sys.path.append(cwd)  # appended: it never shadows an installed package
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise _module_missing(path, e, cwd) from None
+
+
+def _module_missing(path: Path, e: ModuleNotFoundError, cwd: str) -> UsageError:
+    where = (e.name or "the module").replace(".", "/")
+    return UsageError(
+        f"{str(path)!r} is a pickle of a class whose module cannot be imported ({e}); run expandctl from the "
+        f"folder that holds {where}.py (now {cwd}), add that folder to PYTHONPATH, or install the package "
+        "that provides it"
+    )
 
 
 def _unsafe(path: Path, refused: Sequence[str]) -> UnsafeInputError:

@@ -9,13 +9,16 @@ A spec is ``NAME`` or ``NAME:ARG``:
 ``mnist[:DIR]``     MNIST IDX files in DIR (without DIR: the cache)
 ``cifar10[:DIR]``   torchvision's ``cifar-10-batches-py`` (DIR is its parent or the folder itself; else the cache)
 ``cifar100[:DIR]``  torchvision's ``cifar-100-python`` (likewise)
-``imagefolder:DIR`` ``DIR/train/CLASS/*.png`` and ``DIR/val/CLASS/*.png`` (torchvision ``ImageFolder``)
+``imagefolder:DIR`` ``DIR/train/CLASS/*`` and ``DIR/val/CLASS/*``, or ``DIR/CLASS/*`` split by ``val_fraction``
 ``synthetic``       class prototypes plus noise, for tests (``synthetic:CxHxW`` picks the image shape)
 ==================  ===================================================================================
 
 Sets without an official validation split (digits, mnist5k) are split by
 ``sklearn.model_selection.train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``;
-the IDX and CIFAR sets use their official test set as validation.
+the IDX and CIFAR sets use their official test set as validation. An image folder with class folders
+directly under DIR is split per class: ``val_fraction`` of each class's images (``--val-fraction``,
+default 0.2), drawn with a generator seeded by ``SPLIT_SEED``, so ``train`` and ``evaluate`` see the
+same split.
 
 The cache is ``$EXPANDCTL_DATA``, else ``$XDG_CACHE_HOME/expandctl/data``, else
 ``~/.cache/expandctl/data``, with one folder per set. Nothing is downloaded unless asked
@@ -23,7 +26,8 @@ The cache is ``$EXPANDCTL_DATA``, else ``$XDG_CACHE_HOME/expandctl/data``, else
 
 Adapters (:class:`DataOptions`) make a set fit a model: ``channels`` (gray to RGB by replication, RGB
 to gray by luminance), ``image_size`` (bilinear resize), ``augment`` (``"none"`` or ``"crop-flip"``;
-default per set) and ``train_subset`` (a stratified, seeded subset of the training split).
+default per set), ``train_subset`` (a stratified, seeded subset of the training split) and
+``val_fraction`` (the held-out share of an image folder without train/ and val/).
 
 Small sets live in memory as tensors (:class:`TensorImages`) and are indexed a batch at a time,
 augmentation included, which is far faster than a per-image PIL pipeline.
@@ -61,6 +65,7 @@ __all__ = [
     "AUGMENT_MODES",
     "data_home",
     "stratified_subset",
+    "split_per_class",
 ]
 
 #: name -> whether it needs ``:DIR`` (``None``: optional).
@@ -116,6 +121,7 @@ class DataOptions:
     augment: str | None = None
     train_subset: int | None = None
     download: bool = False
+    val_fraction: float | None = None
 
     def validate(self) -> DataOptions:
         if self.channels is not None and self.channels not in (1, 3):
@@ -126,6 +132,8 @@ class DataOptions:
             raise UsageError(f"--augment must be one of {', '.join(AUGMENT_MODES)} (got {self.augment!r})")
         if self.train_subset is not None and self.train_subset < 1:
             raise UsageError(f"--train-subset must be at least 1 (got {self.train_subset})")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be between 0 and 1, e.g. 0.2 (got {self.val_fraction})")
         return self
 
 
@@ -305,6 +313,13 @@ def load_data(
     """
     opts = (options or DataOptions()).validate()
     name, arg = parse_spec(spec)
+    if arg and name != "synthetic" and not Path(arg).exists() and not (opts.download and name in DOWNLOADABLE):
+        raise UsageError(f"--data {name}:{arg}: no such folder {arg!r}; check the path")
+    if opts.val_fraction is not None and name != "imagefolder":
+        raise UsageError(
+            f"--val-fraction applies to imagefolder:DIR with class folders directly under DIR; {name} has a "
+            "fixed validation split"
+        )
     shape = tuple(int(s) for s in input_shape)[-3:] if input_shape else None
     if name == "digits":
         sets = _digits()
@@ -433,11 +448,23 @@ def _download(name: str, root: Path) -> Path:
         "cifar10": datasets.CIFAR10,
         "cifar100": datasets.CIFAR100,
     }[name]
+    # On failure, remove what this call created (the cache folders, torchvision's partial files), so a
+    # failed download leaves the cache as it found it.
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # no network, proxy, disk full, bad checksum: urllib and torchvision raise many types
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for new in (set(root.iterdir()) - before) if root.is_dir() else ():
+                if new.is_dir():
+                    shutil.rmtree(new, ignore_errors=True)
+                else:
+                    new.unlink(missing_ok=True)
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         debian = "install Debian's dataset-fashion-mnist, " if name == "fashion-mnist" else ""
         raise UsageError(
@@ -604,15 +631,59 @@ def _cifar_missing(name: str, root: Path) -> Path:
     return root
 
 
+class _FolderSplit(torch.utils.data.Subset):
+    """One split of an image folder; ``targets`` (per image of the split) keeps ``--train-subset``
+    stratified."""
+
+    @property
+    def targets(self) -> list[int]:
+        return [self.dataset.targets[i] for i in self.indices]
+
+
+def split_per_class(targets: Sequence[int], fraction: float, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices: ``round(fraction * n)`` of each class's ``n`` images held out (at least
+    one, and one left to train), drawn by a generator seeded with ``seed``; sorted."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(list(targets))
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2:
+            raise UsageError(
+                f"imagefolder: class {c} has {len(idx)} image; a validation split needs at least 2 per class"
+            )
+        k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return sorted(train), sorted(val)
+
+
 def _imagefolder(
     root: Path, shape: tuple[int, ...] | None, augment: bool, opts: DataOptions | None = None
 ) -> DataSplits:
+    """``root/train/CLASS/*`` and ``root/val/CLASS/*``, or ``root/CLASS/*`` split per class.
+
+    Every image is resized (shorter side) and centre-cropped to the model's size; ``crop-flip`` then
+    pads by 1/8 of the side, crops at random and flips, as for CIFAR. (ImageNet's random-resized crop
+    keeps as little as 8% of an image: on a folder of a few hundred images it left a SmallNet at chance.)
+    """
     from torchvision import datasets, transforms
 
     opts = opts or DataOptions()
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
-        raise UsageError(f"imagefolder: {root} lacks {' and '.join(missing)}/ (expected train/CLASS/* and val/CLASS/*)")
+    present = [s for s in ("train", "val") if (root / s).is_dir()]
+    if len(present) == 1:
+        lacking = "val" if present == ["train"] else "train"
+        raise UsageError(
+            f"imagefolder: {root} has {present[0]}/ but lacks {lacking}/ (expected train/CLASS/* and "
+            "val/CLASS/*, or class folders directly under it)"
+        )
+    flat = not present
+    if not flat and opts.val_fraction is not None:
+        raise UsageError(
+            f"imagefolder: {root} has its own train/ and val/ split; --val-fraction applies to class folders "
+            "directly under DIR"
+        )
     size = opts.image_size or (shape[-1] if shape else 224)
     channels = opts.channels or 3
     mean, std = _STATS["imagenet"]
@@ -620,18 +691,29 @@ def _imagefolder(
         mean = (sum(w * m for w, m in zip(_LUMA, mean)),)
         std = (sum(w * s for w, s in zip(_LUMA, std)),)
     gray = [transforms.Grayscale(1)] if channels == 1 else []
+    fit = [transforms.Resize(size), transforms.CenterCrop(size)]
     norm = [*gray, transforms.ToTensor(), transforms.Normalize(mean, std)]
+    val_tf = transforms.Compose([*fit, *norm])
     if augment and opts.augment != "none":
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *norm])
+        crop = transforms.RandomCrop(size, padding=max(1, size // 8))
+        train_tf = transforms.Compose([*fit, crop, transforms.RandomHorizontalFlip(), *norm])
     else:
-        train_tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), *norm])
-    # ImageNet practice: resize to 8/7 of the crop, then centre-crop.
-    val_tf = transforms.Compose([transforms.Resize(round(size * 8 / 7)), transforms.CenterCrop(size), *norm])
+        train_tf = val_tf
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-        val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+        if flat:
+            whole = datasets.ImageFolder(str(root), transform=train_tf)
+        else:
+            train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+            val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"imagefolder: {e}") from None
+    if flat:
+        train_idx, val_idx = split_per_class(whole.targets, opts.val_fraction or VAL_FRACTION)
+        held_out = copy.copy(whole)  # the same file list, read with the validation transform
+        held_out.transform = val_tf
+        return DataSplits(
+            _FolderSplit(whole, train_idx), _FolderSplit(held_out, val_idx), len(whole.classes), (channels, size, size)
+        )
     if train.classes != val.classes:
         raise UsageError(f"imagefolder: {root}/train and {root}/val have different class folders")
     return DataSplits(train, val, len(train.classes), (channels, size, size))

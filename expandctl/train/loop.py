@@ -64,7 +64,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TRAJECTORY_FIELDS = (
     "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "schedule",
     "weight_decay", "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "seed",
-    "channels", "image_size", "augment", "train_subset", "accumulate",
+    "channels", "image_size", "augment", "train_subset", "accumulate", "val_fraction",
 )  # fmt: skip
 
 
@@ -121,6 +121,8 @@ class TrainConfig:
     augment: str | None = None
     train_subset: int | None = None
     download: bool = False
+    #: --val-fraction: the held-out share of an image folder with class folders directly under it.
+    val_fraction: float | None = None
     #: The command line, recorded in the checkpoints' provenance.
     command: str | None = None
 
@@ -160,7 +162,9 @@ class TrainConfig:
 
     def data_options(self) -> DataOptions:
         """The data adapters, validated."""
-        return DataOptions(self.channels, self.image_size, self.augment, self.train_subset, self.download).validate()
+        return DataOptions(
+            self.channels, self.image_size, self.augment, self.train_subset, self.download, self.val_fraction
+        ).validate()
 
 
 def learning_rate(schedule: str, base: float, epoch: int, epochs: int) -> float:
@@ -508,6 +512,7 @@ def _train(
             "world_size": d.world_size, "expanded_layers": n_expanded,
             "params": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
             "epochs": config.epochs, "resumed": state is not None, "out": str(out),
+            "batch_size": config.batch_size, "steps_per_epoch": len(train_loader),
         })  # fmt: skip
 
     loop = _EpochLoop(run, data, out, meta, callbacks, epoch_hooks, loader_gen, parent_sha, best_acc, best_epoch)
