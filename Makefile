@@ -22,12 +22,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check expandctl tests examples benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --hypothesis-profile=ci
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --hypothesis-profile=ci
 
 test-deep: $(STAMP)
 	rm -f .hypothesis/errors.txt && mkdir -p .hypothesis
 	EXPANDCTL_RECORD_ERRORS=$(CURDIR)/.hypothesis/errors.txt $(BIN)/python -m pytest -q -n 2 \
-		--hypothesis-profile=deep --hypothesis-show-statistics tests/test_properties.py | grep -E "passing|passed|failed"
+		--hypothesis-profile=deep --hypothesis-show-statistics tests/test_properties.py tests/test_branches.py -k "not cli and not resume" | grep -E "passing|passed|failed"
 	@$(BIN)/python -c "import sys; e=[float(l) for l in open('.hypothesis/errors.txt')]; \
 		print(f'{len(e)} comparisons, worst relative error {max(e):.3g}')"
 
