@@ -841,6 +841,16 @@ def _register_analysis() -> None:
 _register_analysis()
 
 
+def _register_quantize() -> None:
+    """``expandctl quantize`` lives in :mod:`expandctl.quantize_command`."""
+    from .quantize_command import quantize
+
+    app.command("quantize", cls=Command)(quantize)
+
+
+_register_quantize()
+
+
 def _onnx_shape(path: str) -> tuple[int, ...] | None:
     """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
     else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""
