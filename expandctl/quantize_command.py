@@ -58,7 +58,7 @@ def result_rows(r: dict) -> list[tuple[str, str]]:
             f"float {lat['float_ms']:.3f} ms, INT8 {lat['int8_ms']:.3f} ms per batch of {lat['batch']} "
             f"({lat['rounds']} interleaved rounds, {lat['threads']} thread(s))",
         ),
-        ("INT8 / float latency", f"{lat['ratio']:.2f}"),
+        ("INT8 / float latency", f"{lat['ratio']:.2f} (medians), {lat['ratio_min']:.2f} (fastest rounds)"),
         ("file size", f"float {r['float_bytes']:,} B, INT8 {r['int8_bytes']:,} B"),
         ("calibration", f"{cal['size']} {cal['data']} training images, {cal['method']}, seed {cal['seed']}"),
         ("quantization", f"{r['quantization']['format']}; weights {r['quantization']['weights']}"),

@@ -61,7 +61,7 @@ def test_a_passing_gate_writes_the_file_with_the_report_and_metadata(models, tmp
     assert f["samples"] == q["samples"] == 128 and f["accuracy"] > 0.9
     assert data["drop_points"] == pytest.approx(100 * (f["accuracy"] - q["accuracy"])) and data["drop_points"] <= 1.0
     assert data["latency"]["ratio"] == pytest.approx(data["latency"]["int8_ms"] / data["latency"]["float_ms"])
-    assert data["latency"]["rounds"] == 5 and data["latency"]["batch"] == 32
+    assert data["latency"]["rounds"] == 5 and data["latency"]["batch"] == 32 and data["latency"]["ratio_min"] > 0
     assert data["float_bytes"] == (models / "good.onnx").stat().st_size and data["int8_bytes"] == out.stat().st_size
     cal = data["calibration"]
     assert (cal["size"], cal["method"], cal["seed"], cal["data"]) == (100, "entropy", 3, DATA)
