@@ -36,7 +36,7 @@ from .cli_common import (
 )
 from .console import UI, kv_table
 from .errors import CheckFailed, UsageError
-from .shapes import data_mismatch, first_layer_channels, fmt_shape
+from .shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_dynamic_size
 
 __all__ = ["quantize", "result_rows"]
 
@@ -132,8 +132,11 @@ def quantize(
                 check_float_onnx(src)
                 shape = cli._onnx_shape(src)
                 sets = load_data(data, shape, augment=False, options=opts)
-                if shape and tuple(shape) != tuple(sets.input_shape):
-                    raise data_mismatch(None, src, shape, data, sets.input_shape)
+                given = tuple(sets.input_shape)
+                if onnx_dynamic_size(src) and shape and len(shape) == len(given):  # any size, same channels
+                    shape = (shape[0], *given[1:])
+                if shape and tuple(shape) != given:
+                    raise data_mismatch(None, src, shape, data, given)
                 float_path = Path(src)
             else:
                 ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)

@@ -149,3 +149,16 @@ def test_calibration_draw_is_stratified_and_seeded():
         calibration_indices(labels, 0)
     with pytest.raises(UsageError, match="training split has no images"):
         calibration_indices(torch.tensor([], dtype=torch.long), 10)
+
+
+def test_a_dynamic_size_file_is_calibrated_and_scored_at_the_data_size(tmp_path):
+    from helpers import PoolNet
+
+    export_onnx(PoolNet(), tmp_path / "pool.onnx", SHAPE, dynamic_size=True)
+    data, _ = cli_json("quantize", tmp_path / "pool.onnx", "--data", "synthetic:1x12x12", "-o", tmp_path / "q.onnx",
+                       "--calib-size", "20", "--latency-rounds", "1")  # fmt: skip
+    assert data["input_shape"] == [1, 12, 12] and data["int8_eval"]["samples"] == 128
+    data, _ = cli_json("quantize", tmp_path / "pool.onnx", "--data", "synthetic:3x12x12", "-o", tmp_path / "r.onnx",
+                       code=2)  # fmt: skip
+    assert "takes 1x12x12 inputs but --data synthetic:3x12x12 gives 3x12x12" in data["error"]
+    assert not (tmp_path / "r.onnx").exists()
