@@ -3,6 +3,7 @@ then quantized by ``expandctl quantize``'s library steps; float and INT8 accurac
 
     python benchmarks/int8_drop.py                       # compact, cl, ck, fc, cl+fc, ck+fc; k=7; seeds 0-4
     python benchmarks/int8_drop.py --kernels 3,5,7,9     # more later: finished runs are reused
+    python benchmarks/int8_drop.py --calibration entropy # the same trained models, another calibration
 
 1. Training is examples/reproduce.py's (the results/fashion protocol by default: 12 epochs of the
    paper's schedule on a fixed stratified 10,000-image subset, SGD momentum 0.9, batch 128, rate 4),
@@ -12,9 +13,9 @@ then quantized by ``expandctl quantize``'s library steps; float and INT8 accurac
    (:func:`expandctl.quantize.quantize`: QDQ, per-channel symmetric int8 weights, ``--calib-size``
    training images stratified by class with ``--calib-seed``), both files scored on the whole
    validation split (10,000 images) and timed interleaved in the same process (onnxruntime CPU, one
-   thread, batch 32, 200 rounds). One JSON per run in WORK/int8 (skipped when present).
+   thread, batch 32, 200 rounds). One JSON per run in WORK/int8-METHOD (skipped when present).
 3. The table, per run and per variant (mean +- sample std over seeds), goes to
-   OUT/int8_drop.{md,json}; ``--report-only`` rebuilds it from WORK/int8.
+   OUT/int8_drop.{md,json} (minmax) or OUT/int8_drop_METHOD.{md,json}; ``--report-only`` rebuilds it.
 
 WORK (default benchmarks/work/int8) is gitignored; OUT (default benchmarks/results) is committed.
 """
@@ -83,12 +84,20 @@ def train_runs(args, work: Path) -> list[str]:
     ]
 
 
+def records_dir(work: Path, method: str) -> Path:
+    return work / f"int8-{method}"
+
+
+def report_stem(method: str) -> str:
+    return "int8_drop" if method == "minmax" else f"int8_drop_{method}"
+
+
 def quantize_run(name: str, args, work: Path, sets) -> dict:
     """Export the run's contracted model, quantize it, return (and store) the record."""
     train_dir = work / "train"
     run = json.loads((train_dir / "runs" / f"{name}.json").read_text())
     ckpt = load_checkpoint(train_dir / "work" / name / "contracted.pt")
-    qdir = work / "int8"
+    qdir = records_dir(work, args.calibration)
     qdir.mkdir(parents=True, exist_ok=True)
     cpu0 = time.process_time()
     float_path, _ = export_onnx(ckpt.model, qdir / f"{name}.onnx", ckpt.input_shape)
@@ -116,12 +125,12 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
-def report(work: Path, out: Path) -> dict:
-    records = [json.loads(p.read_text()) for p in sorted((work / "int8").glob("*.json"))]
+def report(work: Path, out: Path, method: str = "minmax") -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(records_dir(work, method).glob("*.json"))]
     order = {v: i for i, v in enumerate(reproduce.VARIANTS)}
     records.sort(key=lambda r: (order.get(r["variant"], 99), r["kernel"], r["seed"]))
     if not records:
-        raise SystemExit(f"no quantized runs in {work / 'int8'}")
+        raise SystemExit(f"no quantized runs in {records_dir(work, method)}")
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         groups.setdefault((r["variant"], r["kernel"]), []).append(r)
@@ -176,10 +185,10 @@ def report(work: Path, out: Path) -> dict:
             f"{r['load_average_1min']:.1f} |"
         )
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "int8_drop.md") as tmp:
+    with atomic_write(out / f"{report_stem(method)}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     slim = [{k: v for k, v in r.items() if k not in ("train_settings",)} for r in records]
-    with atomic_write(out / "int8_drop.json") as tmp:
+    with atomic_write(out / f"{report_stem(method)}.json") as tmp:
         tmp.write_text(json.dumps({"summary": summary, "train_settings": ts, "runs": slim}, indent=1) + "\n")
     return summary
 
@@ -192,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         names = train_runs(args, work)
         sets = load_data(args.data, augment=False)
         for name in names:
-            path = work / "int8" / f"{name}.json"
+            path = records_dir(work, args.calibration) / f"{name}.json"
             if path.is_file():
                 done = json.loads(path.read_text())["quant_settings"]
                 if done != {k: getattr(args, k) for k in QUANT_KEYS}:
@@ -203,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f, q = 100 * r["float_eval"]["accuracy"], 100 * r["int8_eval"]["accuracy"]
             print(f"{name}: float {f:.2f}%, INT8 {q:.2f}%, drop {r['drop_points']:+.2f}, "
                   f"latency x{r['latency']['ratio']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    summary = report(work, out)
-    print((out / "int8_drop.md").read_text())
+    summary = report(work, out, args.calibration)
+    print((out / f"{report_stem(args.calibration)}.md").read_text())
     return summary
 
 

@@ -16,7 +16,7 @@ def args(tmp_path, *extra):
 def test_trains_quantizes_tabulates_and_resumes(tmp_path, capsys):
     bench = load_script("int8_drop", "benchmarks")
     summary = bench.main(args(tmp_path))
-    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "work" / "int8").glob("*.json")}
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "work" / "int8-minmax").glob("*.json")}
     assert set(records) == {"compact-k5-s0", "ck-k5-s0"} and set(summary) == {"compact-k5", "ck-k5"}
     for name, r in records.items():
         f, q = r["float_eval"], r["int8_eval"]
@@ -35,10 +35,13 @@ def test_trains_quantizes_tabulates_and_resumes(tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "int8_drop.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
 
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "int8").glob("*.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "int8-minmax").glob("*.json")}
     capsys.readouterr()
     bench.main(args(tmp_path))
     assert "ran 0, skipped 2 finished" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "int8").glob("*.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "int8-minmax").glob("*.json")} == mtimes
     with pytest.raises(SystemExit, match="quantized with other settings"):
-        bench.main(args(tmp_path, "--calibration", "entropy"))
+        bench.main(args(tmp_path, "--calib-size", "32"))
+    entropy = bench.main(args(tmp_path, "--calibration", "entropy"))  # same trained models, its own records
+    assert (tmp_path / "out" / "int8_drop_entropy.md").is_file() and set(entropy) == set(summary)
+    assert (tmp_path / "out" / "int8_drop.md").read_text() == table

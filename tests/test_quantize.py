@@ -162,3 +162,25 @@ def test_a_dynamic_size_file_is_calibrated_and_scored_at_the_data_size(tmp_path)
                        code=2)  # fmt: skip
     assert "takes 1x12x12 inputs but --data synthetic:3x12x12 gives 3x12x12" in data["error"]
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_entropy_calibration_clips_where_minmax_does_not(models, tmp_path):
+    """Through quantize_static alone, onnxruntime's entropy method has as many histogram bins as
+    quantized bins and so returns min-max's ranges; expandctl calibrates it with 2048 bins."""
+    from onnx import numpy_helper
+
+    from expandctl.quantize import quantize_onnx
+
+    sets = load_data(DATA, augment=False)
+    idx = calibration_indices(sets.train.labels, 128, seed=0)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        quantize_onnx(models / "good.onnx", tmp_path / f"{method}.onnx", sets.train, idx, method)
+        proto = onnx.load(str(tmp_path / f"{method}.onnx"))
+        scales[method] = {
+            t.name: float(numpy_helper.to_array(t))
+            for t in proto.graph.initializer
+            if t.name.endswith("_scale") and numpy_helper.to_array(t).size == 1
+        }
+    assert scales["minmax"].keys() == scales["entropy"].keys()
+    assert any(scales["entropy"][k] < 0.9 * scales["minmax"][k] for k in scales["minmax"]), scales
