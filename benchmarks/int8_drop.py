@@ -187,7 +187,7 @@ def report(work: Path, out: Path, method: str = "minmax") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / f"{report_stem(method)}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    slim = [{k: v for k, v in r.items() if k not in ("train_settings",)} for r in records]
+    slim = [{k: v for k, v in r.items() if k not in ("train_settings", "output")} for r in records]  # no local paths
     with atomic_write(out / f"{report_stem(method)}.json") as tmp:
         tmp.write_text(json.dumps({"summary": summary, "train_settings": ts, "runs": slim}, indent=1) + "\n")
     return summary
