@@ -134,12 +134,21 @@ class _Reader:
         self._it = self._batches()
 
 
-def _calibration_batch(n: int, method: str) -> int:
+def _calibration_batch(n: int, method: str, static: int | None = None) -> int:
     """onnxruntime's histogram calibrators (entropy, percentile) stack every batch's activations into
-    one array and fail on a last, smaller batch: for them, the largest batch that divides ``n``."""
+    one array and fail on a last, smaller batch: for them, the largest batch that divides ``n``.
+    A file exported with a static batch size (``static``) takes only that."""
+    if static is not None:
+        return static
     if method == "minmax":
         return CALIBRATION_BATCH
     return max(b for b in range(1, min(n, CALIBRATION_BATCH) + 1) if n % b == 0)
+
+
+def static_batch(path: str | Path) -> int | None:
+    """The fixed batch size of an ONNX file's input (``export --static-batch``: 1), ``None`` if dynamic."""
+    dim = _session(path).get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 @contextlib.contextmanager
@@ -186,6 +195,7 @@ def quantize_onnx(
         raise UsageError(f"--calibration must be one of {', '.join(METHODS)}, not {method!r}")
     notes: list[str] = []
     name = _session(float_path).get_inputs()[0].name
+    fixed = static_batch(float_path)
     with tempfile.TemporaryDirectory(prefix="expandctl-quantize-") as tmp:
         source = Path(tmp) / "prepared.onnx"
         try:
@@ -194,7 +204,7 @@ def quantize_onnx(
         except Exception as e:  # the pre-processor raises whatever its passes raise
             notes.append(f"onnxruntime's quant_pre_process failed ({backend_message(e, 160)}); quantized as exported")
             source = Path(float_path)
-        reader = _Reader(dataset, indices, name, _calibration_batch(len(indices), method))
+        reader = _Reader(dataset, indices, name, _calibration_batch(len(indices), method, fixed))
         cache = None
         if method == "entropy":
             cache = Path(tmp) / "ranges.json"
@@ -336,7 +346,8 @@ def quantize(
         int8 = Path(tmp) / "model.int8.onnx"
         notes = quantize_onnx(float_path, int8, sets.train, indices, method, per_channel)
         int8_eval = _evaluate(int8, sets.val, batch_size, sets.num_classes)
-        x, _ = read_batch(sets.val, range(min(latency_batch, len(sets.val))))
+        fixed = static_batch(float_path)  # a static-batch file runs only at its own batch size
+        x, _ = read_batch(sets.val, range(min(fixed or latency_batch, len(sets.val))))
         latency = measure_latency(float_path, int8, x.float().numpy(), latency_rounds)
         counts = torch.bincount(dataset_labels(sets.train)[indices], minlength=sets.num_classes)
         import onnxruntime

@@ -184,3 +184,11 @@ def test_entropy_calibration_clips_where_minmax_does_not(models, tmp_path):
         }
     assert scales["minmax"].keys() == scales["entropy"].keys()
     assert any(scales["entropy"][k] < 0.9 * scales["minmax"][k] for k in scales["minmax"]), scales
+
+
+def test_a_static_batch_file_is_calibrated_and_timed_at_its_batch_size(tmp_path):
+    export_onnx(proto_net(), tmp_path / "static.onnx", SHAPE, dynamic_batch=False)
+    for method in ("minmax", "percentile"):
+        data, _ = cli_json("quantize", tmp_path / "static.onnx", "--data", DATA, "-o", tmp_path / f"{method}.onnx",
+                           "--calibration", method, "--calib-size", "30", "--latency-rounds", "2")  # fmt: skip
+        assert data["latency"]["batch"] == 1 and data["int8_eval"]["accuracy"] > 0.9
