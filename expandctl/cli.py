@@ -52,7 +52,16 @@ from .cli_common import (
 from .console import UI, fmt_count, fmt_rate, kv_table, layers_table, plan_table, report_settings, report_table
 from .errors import CheckFailed, PreserveFitError, UnsupportedError, UsageError
 from .fold import fold_batchnorm
-from .shapes import backend_message, data_mismatch, first_layer_channels, fmt_shape, onnx_input_shape, run_once
+from .shapes import (
+    backend_message,
+    data_mismatch,
+    first_layer_channels,
+    fmt_shape,
+    onnx_dynamic_size,
+    onnx_input_shape,
+    run_once,
+    second_size,
+)
 
 
 def _strategy_help() -> str:
@@ -101,6 +110,16 @@ def _root(
     ] = False,
 ) -> None:
     """Expand a model for training, contract it back exactly, verify and export it."""
+
+
+DynamicSizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dynamic-size",
+        help="Symbolic image size (length; height, width; depth too) in the ONNX graph; refused for models "
+        "with a fixed-size layer. Checked at the exported size and at twice it.",
+    ),
+]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -394,6 +413,7 @@ def contract(
     fold_bn: Annotated[
         bool, typer.Option("--fold-bn", help="Also fold eval-mode BatchNorm into the preceding conv.")
     ] = False,
+    dynamic_size: DynamicSizeOpt = False,
     input_shape: ShapeOpt = None,
     require_expanded: Annotated[
         bool,
@@ -420,6 +440,8 @@ def contract(
             output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
         )
         to_onnx = out.suffix.lower() == ".onnx"
+        if dynamic_size and not to_onnx:
+            raise UsageError("--dynamic-size shapes an ONNX graph; give an -o ending in .onnx")
         ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
         if ckpt.arch is None and not to_onnx:
             raise UsageError(
@@ -459,6 +481,7 @@ def contract(
                         compact,
                         out,
                         shape,
+                        dynamic_size=dynamic_size,
                         metadata=_onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn + folded),
                         atol=atol,
                         rtol=rtol,
@@ -500,6 +523,7 @@ def contract(
                 "contracted_layers": layers,
                 "folded_bn": folded,
                 "input_shape": list(shape),
+                "dynamic_size": dynamic_size,
                 "params_before": before,
                 "params_after": after,
                 "passed": True,
@@ -537,9 +561,10 @@ def verify(
     debug: DebugOpt = False,
 ) -> None:
     """Check that A's expanded chains equal their contraction, or that A and B compute the same outputs."""
+    from .export import check_onnx_sizes
     from .rewrite import contract as contract_model
     from .rewrite import expanded_layers
-    from .verify import check_contraction, compare_models, compare_onnx
+    from .verify import check_contraction, compare_models
 
     ui = UI("verify", as_json, quiet, debug)
     with guard(ui):
@@ -595,8 +620,9 @@ def verify(
                         f"{fmt_shape(shape)}: {backend_message(e.__cause__ or e)}); verify a checkpoint "
                         "against the ONNX file contracted or exported from it"
                     ) from None
+            sizes = [shape, second_size(shape)] if onnx_dynamic_size(b) else [shape]  # a dynamic-size file: two
             with ui.step(f"comparing {a} with {b} in onnxruntime"), running_model(shape, ckpt_a.input_shape, a):
-                reports = [compare_onnx(ckpt_a.model, b, shape, **check)]
+                reports = [check_onnx_sizes(ckpt_a.model, b, sizes, (batch,), atol, rtol, samples=samples, seed=seed)]
             title = f"{a} vs {b} (onnxruntime)"
         else:
             ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
@@ -636,6 +662,7 @@ def export(
         bool,
         typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch dimension (default) or batch 1."),
     ] = True,
+    dynamic_size: DynamicSizeOpt = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     input_shape: ShapeOpt = None,
@@ -667,6 +694,7 @@ def export(
                     shape,
                     opset=opset,
                     dynamic_batch=dynamic_batch,
+                    dynamic_size=dynamic_size,
                     metadata=_onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn),
                     atol=atol,
                     rtol=rtol,
@@ -680,13 +708,15 @@ def export(
         if report is not None:
             reports.append(report)
         _show_reports(ui, reports, "checks")
-        ui.print(f"wrote {out} ({'dynamic' if dynamic_batch else 'static'} batch)")
+        size = "dynamic" if dynamic_size else "static"
+        ui.print(f"wrote {out} ({'dynamic' if dynamic_batch else 'static'} batch, {size} input size)")
         ui.emit(
             {
                 "output": str(out),
                 "source": src,
                 "input_shape": list(shape),
                 "dynamic_batch": dynamic_batch,
+                "dynamic_size": dynamic_size,
                 "opset": opset,
                 "passed": True,
                 "checks": [r.to_dict() for r in reports],
@@ -869,6 +899,16 @@ def _register_compare() -> None:
 
 
 _register_compare()
+
+
+def _register_quantize() -> None:
+    """``expandctl quantize`` lives in :mod:`expandctl.quantize_command`."""
+    from .quantize_command import quantize
+
+    app.command("quantize", cls=Command)(quantize)
+
+
+_register_quantize()
 
 
 def _onnx_shape(path: str) -> tuple[int, ...] | None:

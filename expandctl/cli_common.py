@@ -23,10 +23,12 @@ from .shapes import backend_message, fmt_shape
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
     0: "success",
-    1: "check failed: an equivalence or ONNX export check did not pass (nothing was written)",
+    1: "check failed: an equivalence, ONNX export or INT8 accuracy (quantize --max-drop) check did not pass "
+    "(nothing was written)",
     2: "usage error or bad input: missing/corrupt/unknown file, bad option, weights that do not fit --arch",
     3: "unsafe input refused: a pickle naming classes outside torch/torchvision (use --trust-pickle)",
-    4: "unsupported model or layer: nothing to expand, a layer that cannot be expanded or exported",
+    4: "unsupported model or layer: nothing to expand, a layer that cannot be expanded or exported, "
+    "a fixed-size layer under --dynamic-size",
     5: "I/O error: a file could not be read or written (permissions, disk full)",
     70: "internal error: a bug in expandctl or a library it calls (rerun with --debug and report it)",
     130: "interrupted (Ctrl-C)",

@@ -1,9 +1,9 @@
 """ONNX export, checked against the torch model before the file appears at its destination.
 
 The file is written to a temporary path next to the destination, validated there (``onnx.checker``,
-then onnxruntime against torch, at two batch sizes when the batch is dynamic) and only then renamed
-into place: a file at ``path`` has passed its check (STYLE.md: never leave a file that looks
-validated but is not).
+then onnxruntime against torch, at two batch sizes when the batch is dynamic and at two image sizes
+when the size is) and only then renamed into place: a file at ``path`` has passed its check
+(STYLE.md: never leave a file that looks validated but is not).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import re
 import warnings
@@ -23,9 +24,10 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import CheckFailed, UnsupportedError, UsageError
+from .shapes import backend_message, fmt_shape, second_size, spatial_names
 from .verify import Report, _check_args, _leaves, compare_onnx
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "check_onnx_sizes", "probe_dynamic_size"]
 
 #: Protobuf cannot hold more than 2 GB: larger models keep their weights in ``<name>.data``.
 SINGLE_FILE_LIMIT = 2 * 1024**3
@@ -43,6 +45,7 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_size: bool = False,
     metadata: dict[str, str] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
@@ -58,6 +61,12 @@ def export_onnx(
     (carrying ``.report``) is raised and ``path`` is left as it was. Returns ``(path, report)``, the
     report ``None`` without ``check``. A missing output directory is a :class:`UsageError`; a model
     neither exporter handles, :class:`UnsupportedError`.
+
+    ``dynamic_size`` makes the spatial dimensions symbolic too (``length``; ``height``, ``width``;
+    ``depth``, ``height``, ``width``): the model is first run at a second size
+    (:func:`probe_dynamic_size`), so one with a fixed-size layer (a Linear after a flatten) is
+    refused with :class:`UnsupportedError` before anything is exported, and the check then runs
+    onnxruntime at both sizes.
     """
     from .checkpoint import atomic_write  # the file-format module owns atomic writes
 
@@ -67,6 +76,9 @@ def export_onnx(
     shape = _check_args(input_shape, 1, 1)
     batches = _DYNAMIC_BATCHES if dynamic_batch else (_STATIC_BATCH,)
     exported = copy.deepcopy(model).eval().float().cpu()
+    sizes = [tuple(shape)]
+    if dynamic_size:
+        sizes.append(probe_dynamic_size(exported, shape))
     x = torch.randn(batches[0], *shape, generator=torch.Generator().manual_seed(0))  # caller's RNG untouched
     with torch.no_grad():
         names = [name for name, _ in _leaves(exported(x))]
@@ -76,15 +88,20 @@ def export_onnx(
         with atomic_write(path) as temp:
             temp = Path(temp)
             external = size > SINGLE_FILE_LIMIT
-            exporter, notes = _export(exported, x, temp, names, opset, dynamic_batch, external)
+            exporter, notes = _export(exported, x, temp, names, opset, dynamic_batch, dynamic_size, external)
             onnx.checker.check_model(str(temp))
             ours = {"expandctl.exporter": exporter, "expandctl.version": __version__}
             if notes:
                 ours["expandctl.export_notes"] = "; ".join(notes)
-            _set_metadata(temp, {**(metadata or {}), **ours})
+            if dynamic_size:
+                ours["expandctl.dynamic_size"] = json.dumps(spatial_names(len(shape) - 1))
+            # A dynamic-size graph no longer says what size it was exported at: the metadata does.
+            recorded = {"expandctl.input_shape": json.dumps(list(shape))}
+            _set_metadata(temp, {**recorded, **(metadata or {}), **ours})
             report = None
             if check:
-                report = _check(model, temp, shape, batches, atol, rtol, notes)
+                report = check_onnx_sizes(model, temp, sizes, batches, atol, rtol)
+                report.notes += notes
                 if not report.passed:
                     why = "".join(f" ({n})" for n in notes)
                     err = CheckFailed(f"the exported ONNX model differs from torch: {report.summary()}{why}")
@@ -109,12 +126,41 @@ def _quiet() -> Iterator[None]:
             yield
 
 
-def _export(model, x, dest: Path, names, opset, dynamic: bool, external: bool) -> tuple[str, list[str]]:
+def probe_dynamic_size(model: nn.Module, shape: Sequence[int]) -> tuple[int, ...]:
+    """The second input size a dynamic-size export is checked at (:func:`expandctl.shapes.second_size`),
+    after running ``model`` there once: a model that fails at another size has a fixed-size layer,
+    and exporting it with symbolic sizes would only move the failure to deployment."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise UsageError(
+            f"--dynamic-size needs inputs with spatial dimensions (C,L, C,H,W or C,D,H,W); this model takes "
+            f"{fmt_shape(shape)}"
+        )
+    other = second_size(shape)
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *other, dtype=dtype))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise UnsupportedError(
+            f"--dynamic-size: the model runs at {fmt_shape(shape)} but not at {fmt_shape(other)} "
+            f"({backend_message(e, 200)}): it has a fixed-size layer (e.g. a Linear after a flatten); "
+            "export it without --dynamic-size"
+        ) from None
+    return other
+
+
+def _export(
+    model, x, dest: Path, names, opset, dynamic: bool, dynamic_size: bool, external: bool
+) -> tuple[str, list[str]]:
     """Write ``dest``; returns the exporter used and notes for the report."""
     common = {"input_names": ["input"], "output_names": names, "opset_version": opset, "verbose": False}
+    spatial = {i + 2: n for i, n in enumerate(spatial_names(x.dim() - 2))} if dynamic_size else {}
     try:
         with _quiet():
-            dims = ({0: torch.export.Dim("batch")},) if dynamic else None
+            axes = {**({0: "batch"} if dynamic else {}), **spatial}
+            dims = ({i: torch.export.Dim(n) for i, n in axes.items()},) if axes else None
             torch.onnx.export(
                 model, (x,), str(dest), dynamo=True, external_data=external, dynamic_shapes=dims, **common
             )
@@ -126,6 +172,9 @@ def _export(model, x, dest: Path, names, opset, dynamic: bool, external: bool) -
         with torch.no_grad():
             outputs = _leaves(model(x))
         axes = {n: {0: "batch"} for n, t in [("input", x), *outputs] if t.dim() and t.shape[0] == x.shape[0]}
+    if spatial:  # the TorchScript exporter names the outputs' own symbolic sizes
+        axes = axes or {}
+        axes["input"] = {**axes.get("input", {}), **spatial}
     try:
         with _quiet():
             torch.onnx.export(model, (x,), str(dest), dynamo=False, dynamic_axes=axes, **common)
@@ -156,17 +205,30 @@ def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def _check(model, path: Path, shape, batches, atol, rtol, notes) -> Report:
-    """One report: the first batch size's outputs, then the others' suffixed ``[batch=3]``."""
-    reports = [compare_onnx(model, path, shape, batch=b, atol=atol, rtol=rtol) for b in batches]
+def check_onnx_sizes(
+    model: nn.Module,
+    path: str | Path,
+    sizes: Sequence[Sequence[int]],
+    batches: Sequence[int] = (_STATIC_BATCH,),
+    atol: float | None = None,
+    rtol: float | None = None,
+    **check,
+) -> Report:
+    """onnxruntime against ``model`` at every batch size (at the first input size) and every input
+    size (at the first batch size), as one report: the first run's outputs, then the others' suffixed
+    ``[batch=3]`` or ``[size=1x16x16]``. ``check``: :func:`expandctl.verify.compare_onnx`'s options."""
+    first, *others = [tuple(s) for s in sizes]
+    runs = [(first, b, f"[batch={b}]") for b in batches] + [(s, batches[0], f"[size={fmt_shape(s)}]") for s in others]
+    reports = [compare_onnx(model, path, s, batch=b, atol=atol, rtol=rtol, **check) for s, b, _ in runs]
     report = reports[0]
-    for other in reports[1:]:
+    for other, (_, _, suffix) in zip(reports[1:], runs[1:], strict=True):
         for o in other.outputs:
-            o.name = f"{o.name}[batch={other.batch}]"
+            o.name = f"{o.name}{suffix}"
         report.outputs += other.outputs
-    report.notes += notes
     if len(batches) > 1:
         report.notes.append(f"dynamic batch checked at sizes {', '.join(map(str, batches))}")
+    if others:
+        report.notes.append(f"dynamic input size checked at {', '.join(fmt_shape(s) for s in (first, *others))}")
     return report
 
 

@@ -21,6 +21,9 @@ __all__ = [
     "backend_message",
     "first_layer_channels",
     "onnx_input_shape",
+    "onnx_dynamic_size",
+    "second_size",
+    "spatial_names",
     "run_once",
     "data_hint",
     "data_mismatch",
@@ -62,6 +65,35 @@ def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
     if not dims or any(d.dim_param or d.dim_value < 1 for d in dims):
         return None
     return tuple(int(d.dim_value) for d in dims)
+
+
+def spatial_names(n: int) -> tuple[str, ...]:
+    """Names of ``n`` symbolic spatial dimensions: length (1D), height and width (2D), depth too (3D)."""
+    return {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}.get(
+        n, tuple(f"size{i}" for i in range(n))
+    )
+
+
+def second_size(shape: Sequence[int]) -> tuple[int, ...]:
+    """The other per-sample shape a dynamic-size model is checked at: channels kept, every spatial
+    side doubled (a size a stride-2 network divides as it divides the first)."""
+    return (int(shape[0]), *(2 * int(s) for s in shape[1:]))
+
+
+def onnx_dynamic_size(path: str | Path) -> bool:
+    """Whether an ONNX file's single graph input has symbolic dimensions beyond batch and channels
+    (exported with ``--dynamic-size``)."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    inputs = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+    if len(inputs) != 1:
+        return False
+    dims = inputs[0].type.tensor_type.shape.dim[2:]
+    return bool(dims) and any(d.dim_param or d.dim_value < 1 for d in dims)
 
 
 def data_hint(expected: Sequence[int] | None, given: Sequence[int] | None) -> str:

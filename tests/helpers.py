@@ -77,3 +77,70 @@ class AllLayers(torch.nn.Module):
         x = torch.nn.functional.avg_pool2d(x, 2).flatten(1, 2)  # B, 32, 8
         x = relu(self.t1(self.c1(x)))  # B, 8, 8
         return self.fc(x.flatten(1))
+
+
+class PoolNet(torch.nn.Module):
+    """A global-pool classifier (as torchvision's ResNets and MobileNets end): any image size."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, 8, 3, padding=1, stride=2),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class SegNet(torch.nn.Module):
+    """A fully convolutional segmentation model: a stride-2 encoder, logits upsampled to the input size."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 4):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, 8, 3, padding=1, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 5, padding=2),
+        )
+        self.head = torch.nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.encoder(x)))
+        return torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ProtoNet(torch.nn.Module):
+    """A nearest-class-mean classifier over flattened images, set by :func:`fit_prototypes` (no training).
+
+    ``outlier`` adds a hidden unit with a huge constant activation that the logits ignore: the float
+    model is unchanged, but INT8's one per-tensor scale for that activation wipes out every other
+    unit's signal, so the quantized model loses most of its accuracy (the gate's failing case)."""
+
+    def __init__(self, features: int = 64, num_classes: int = 10, outlier: float = 0.0):
+        super().__init__()
+        self.hidden = torch.nn.Linear(features, num_classes + 1)
+        self.logits = torch.nn.Linear(num_classes + 1, num_classes, bias=False)
+        with torch.no_grad():
+            self.logits.weight.copy_(torch.eye(num_classes, num_classes + 1))
+            self.hidden.weight.zero_()
+            self.hidden.bias.zero_()
+            self.hidden.bias[-1] = outlier
+
+    def forward(self, x):
+        return self.logits(self.hidden(torch.flatten(x, 1)))
+
+
+def fit_prototypes(model: ProtoNet, images: torch.Tensor, labels: torch.Tensor) -> ProtoNet:
+    """Logit c = <x, mean_c> - |mean_c|^2 / 2 (the nearest class mean, in the model's hidden layer)."""
+    x = torch.flatten(images, 1).float()
+    means = torch.stack([x[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+    with torch.no_grad():
+        model.hidden.weight[: len(means)] = means
+        model.hidden.bias[: len(means)] = -(means**2).sum(1) / 2
+    return model

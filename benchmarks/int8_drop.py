@@ -1,0 +1,221 @@
+"""Does training expanded change what INT8 costs? SmallNet variants trained on Fashion-MNIST, contracted,
+then quantized by ``expandctl quantize``'s library steps; float and INT8 accuracy, drop, latency ratio.
+
+    python benchmarks/int8_drop.py                       # compact, cl, ck, fc, cl+fc, ck+fc; k=7; seeds 0-4
+    python benchmarks/int8_drop.py --kernels 3,5,7,9     # more later: finished runs are reused
+    python benchmarks/int8_drop.py --calibration entropy # the same trained models, another calibration
+
+1. Training is examples/reproduce.py's (the results/fashion protocol by default: 12 epochs of the
+   paper's schedule on a fixed stratified 10,000-image subset, SGD momentum 0.9, batch 128, rate 4),
+   run in-process, one thread, into WORK/train; resumable (a finished run is skipped, a killed one
+   continues from its last epoch). The committed run files in results/ hold no weights, hence this.
+2. Each contracted model is exported (``export_onnx``, checked against torch) and quantized
+   (:func:`expandctl.quantize.quantize`: QDQ, per-channel symmetric int8 weights, ``--calib-size``
+   training images stratified by class with ``--calib-seed``), both files scored on the whole
+   validation split (10,000 images) and timed interleaved in the same process (onnxruntime CPU, one
+   thread, batch 32, 200 rounds). One JSON per run in WORK/int8-METHOD (skipped when present).
+3. The table, per run and per variant (mean +- sample std over seeds), goes to
+   OUT/int8_drop.{md,json} (minmax) or OUT/int8_drop_METHOD.{md,json}; ``--report-only`` rebuilds it.
+
+WORK (default benchmarks/work/int8) is gitignored; OUT (default benchmarks/results) is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import expandctl
+from expandctl.checkpoint import atomic_write, load_checkpoint
+from expandctl.export import export_onnx
+from expandctl.quantize import quantize
+from expandctl.train.data import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import reproduce  # noqa: E402
+
+#: Quantization settings a result depends on: all runs of one WORK share them.
+QUANT_KEYS = ("calib_size", "calibration", "calib_seed", "latency_batch", "latency_rounds")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--variants", default="compact,cl,ck,fc,cl+fc,ck+fc")
+    ap.add_argument("--kernels", default="7")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--train-subset", type=int, default=10000)
+    ap.add_argument("--val-subset", type=int, default=2000, help="per-epoch validation images (final: all)")
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--calibration", default="minmax", choices=("minmax", "entropy", "percentile"))
+    ap.add_argument("--calib-seed", type=int, default=0)
+    ap.add_argument("--latency-batch", type=int, default=32)
+    ap.add_argument("--latency-rounds", type=int, default=200)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "int8"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--report-only", action="store_true")
+    return ap.parse_args(argv)
+
+
+def train_runs(args, work: Path) -> list[str]:
+    """Train what is missing (reproduce.py's runs and resume); the names of the runs asked for."""
+    argv = ["--data", args.data, "--variants", args.variants, "--kernels", args.kernels, "--seeds", args.seeds,
+            "--epochs", str(args.epochs), "--train-subset", str(args.train_subset), "--val-subset",
+            str(args.val_subset), "--threads", "1", "--out", str(work / "train")]  # fmt: skip
+    rargs = reproduce.parse_args(argv)
+    reproduce.main(argv)
+    return [
+        reproduce.Run(v, k, s).name
+        for s in rargs.seeds
+        for k in rargs.kernels
+        for v in rargs.variants
+        if reproduce.applicable(v, k)
+    ]
+
+
+def records_dir(work: Path, method: str) -> Path:
+    return work / f"int8-{method}"
+
+
+def report_stem(method: str) -> str:
+    return "int8_drop" if method == "minmax" else f"int8_drop_{method}"
+
+
+def quantize_run(name: str, args, work: Path, sets) -> dict:
+    """Export the run's contracted model, quantize it, return (and store) the record."""
+    train_dir = work / "train"
+    run = json.loads((train_dir / "runs" / f"{name}.json").read_text())
+    ckpt = load_checkpoint(train_dir / "work" / name / "contracted.pt")
+    qdir = records_dir(work, args.calibration)
+    qdir.mkdir(parents=True, exist_ok=True)
+    cpu0 = time.process_time()
+    float_path, _ = export_onnx(ckpt.model, qdir / f"{name}.onnx", ckpt.input_shape)
+    result = quantize(float_path, qdir / f"{name}.int8.onnx", sets, args.data, calib_size=args.calib_size,
+                      method=args.calibration, seed=args.calib_seed, latency_batch=args.latency_batch,
+                      latency_rounds=args.latency_rounds)  # fmt: skip
+    record = {
+        "name": name, "variant": run["variant"], "kernel": run["kernel"], "seed": run["seed"],
+        "train_settings": run["settings"], "quant_settings": {k: getattr(args, k) for k in QUANT_KEYS},
+        "torch_final_acc": run["final_acc"],  # the contracted model in torch (reproduce.py)
+        **result.to_dict(),
+        "load_average_1min": os.getloadavg()[0],  # the machine is shared: how busy it was
+        "cpu_seconds": round(time.process_time() - cpu0, 2),
+        "torch": str(torch.__version__), "expandctl": expandctl.__version__, "machine": platform.machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+    with atomic_write(qdir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def report(work: Path, out: Path, method: str = "minmax") -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(records_dir(work, method).glob("*.json"))]
+    order = {v: i for i, v in enumerate(reproduce.VARIANTS)}
+    records.sort(key=lambda r: (order.get(r["variant"], 99), r["kernel"], r["seed"]))
+    if not records:
+        raise SystemExit(f"no quantized runs in {records_dir(work, method)}")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["variant"], r["kernel"]), []).append(r)
+
+    def cols(rs):
+        f = [100 * r["float_eval"]["accuracy"] for r in rs]
+        q = [100 * r["int8_eval"]["accuracy"] for r in rs]
+        d = [r["drop_points"] for r in rs]
+        lat = [r["latency"]["ratio"] for r in rs]
+        lat_min = [r["latency"]["ratio_min"] for r in rs]
+        return f, q, d, lat, lat_min
+
+    summary = {}
+    lines = ["# INT8 drop of SmallNet variants (benchmarks/int8_drop.py)", ""]
+    first = records[0]
+    ts, qs = first["train_settings"], first["quant_settings"]
+    lines += [
+        f"Training: examples/reproduce.py on {ts['data']}, {ts['epochs']} epochs ({ts['schedule']} schedule, lr "
+        f"{ts['lr']}), {ts['train_subset']} training images (stratified, seed {ts['subset_seed']}), batch "
+        f"{ts['batch_size']}, momentum {ts['momentum']}, rate {ts['rate']}, one thread; then contracted.",
+        f"Quantization: onnxruntime {first['quantization']['onnxruntime']} static, {first['quantization']['format']}, "
+        f"weights {first['quantization']['weights']}, activations {first['quantization']['activations']}; "
+        f"{qs['calibration']} calibration on {qs['calib_size']} training images (stratified, seed {qs['calib_seed']}).",
+        f"Scored on the whole validation split ({first['float_eval']['samples']} images) in onnxruntime. Latency: "
+        f"{qs['latency_rounds']} interleaved rounds, batch {qs['latency_batch']}, {first['latency']['threads']} "
+        "thread, INT8 / float (below 1: INT8 faster) of the median and of the fastest round, on a shared machine.",
+        "",
+        "| variant | k | seeds | float acc % | INT8 acc % | drop (points) | latency ratio (medians) | (fastest) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, k), rs in groups.items():
+        f, q, d, lat, lat_min = cols(rs)
+        summary[f"{variant}-k{k}"] = {
+            "seeds": [r["seed"] for r in rs],
+            "float_acc": f, "int8_acc": q, "drop_points": d, "latency_ratio": lat, "latency_ratio_min": lat_min,
+            "mean": {"float_acc": statistics.mean(f), "int8_acc": statistics.mean(q), "drop_points": statistics.mean(d),
+                     "latency_ratio": statistics.mean(lat), "latency_ratio_min": statistics.mean(lat_min)},
+        }  # fmt: skip
+        lines.append(
+            f"| {variant} | {k} | {len(rs)} | {mean_std(f)} | {mean_std(q)} | {mean_std(d)} | {mean_std(lat)} "
+            f"| {mean_std(lat_min)} |"
+        )
+    lines += ["", "Every run (latency in ms per batch, median / fastest round):", ""]
+    lines += ["| run | float acc % | INT8 acc % | drop | float ms | INT8 ms | float / INT8 bytes | load |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        lat = r["latency"]
+        lines.append(
+            f"| {r['name']} | {100 * r['float_eval']['accuracy']:.2f} | {100 * r['int8_eval']['accuracy']:.2f} | "
+            f"{r['drop_points']:+.2f} | {lat['float_ms']:.2f} / {lat['float_ms_min']:.2f} | "
+            f"{lat['int8_ms']:.2f} / {lat['int8_ms_min']:.2f} | {r['float_bytes']:,} / {r['int8_bytes']:,} | "
+            f"{r['load_average_1min']:.1f} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / f"{report_stem(method)}.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    slim = [{k: v for k, v in r.items() if k not in ("train_settings", "output")} for r in records]  # no local paths
+    with atomic_write(out / f"{report_stem(method)}.json") as tmp:
+        tmp.write_text(json.dumps({"summary": summary, "train_settings": ts, "runs": slim}, indent=1) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    work, out = Path(args.work), Path(args.out)
+    if not args.report_only:
+        names = train_runs(args, work)
+        sets = load_data(args.data, augment=False)
+        for name in names:
+            path = records_dir(work, args.calibration) / f"{name}.json"
+            if path.is_file():
+                done = json.loads(path.read_text())["quant_settings"]
+                if done != {k: getattr(args, k) for k in QUANT_KEYS}:
+                    raise SystemExit(f"{path} was quantized with other settings ({done}); use another --work")
+                continue
+            t0 = time.perf_counter()
+            r = quantize_run(name, args, work, sets)
+            f, q = 100 * r["float_eval"]["accuracy"], 100 * r["int8_eval"]["accuracy"]
+            print(f"{name}: float {f:.2f}%, INT8 {q:.2f}%, drop {r['drop_points']:+.2f}, "
+                  f"latency x{r['latency']['ratio']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    summary = report(work, out, args.calibration)
+    print((out / f"{report_stem(args.calibration)}.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()
