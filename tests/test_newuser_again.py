@@ -157,7 +157,8 @@ def test_quiet_prints_only_the_final_line(files, tmp_path):
     r = cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "-o", tmp_path / "e.pt", "-q")
     assert r.exit_code == 0 and r.stdout.strip() == f"wrote {tmp_path / 'e.pt'}"
     r = cli("export", tmp_path / "c.pt", "-o", tmp_path / "c.onnx", "-q")
-    assert r.exit_code == 0 and r.stdout.strip().splitlines() == [f"wrote {tmp_path / 'c.onnx'} (dynamic batch, static input size)"]
+    expected = f"wrote {tmp_path / 'c.onnx'} (dynamic batch, static input size)"
+    assert r.exit_code == 0 and r.stdout.strip().splitlines() == [expected]
 
 
 def test_quiet_failed_check_prints_the_error_line_only(files, tmp_path):
