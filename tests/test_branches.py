@@ -143,6 +143,16 @@ def test_branch_sum_equals_one_conv_with_the_merged_kernel(case):
     assert rel_err(merged, ref) < TOL
 
 
+def test_average_after_a_pointwise_layer_is_the_composition_with_the_average_kernel():
+    for g, dims in ((1, 2), (3, 1), (2, 3)):
+        w, bias = torch.randn(6, 12 // g, *([1] * dims), dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+        K = (3, 2, 4)[:dims]
+        fast = algebra.average_after(w, bias, K)
+        ref = algebra.compose_chain([w, algebra.average_kernel(6, g, K, w)], [bias, None], g)
+        torch.testing.assert_close(fast[0], ref[0], rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(fast[1], ref[1], rtol=1e-14, atol=1e-15)
+
+
 def test_identity_tap_exists_only_where_the_layer_keeps_its_input():
     assert algebra.identity_tap((3, 3), (1, 1), [1, 1, 1, 1], (1, 1)) == (1, 1)
     assert algebra.identity_tap((4,), (1,), [1, 2], (1,)) == (1,)  # even kernel, "same" padding

@@ -11,6 +11,7 @@ Kernels are in PyTorch's convolution layout ``(out, in / groups, *taps)``; a ``n
 
 from .branch import (
     apply_affine,
+    average_after,
     average_kernel,
     bn_affine,
     centre_offset,
@@ -68,6 +69,7 @@ __all__ = [
     "identity_tap",
     "identity_kernel",
     "average_kernel",
+    "average_after",
     "bn_affine",
     "apply_affine",
     "sum_branches",

@@ -33,6 +33,7 @@ __all__ = [
     "identity_tap",
     "identity_kernel",
     "average_kernel",
+    "average_after",
     "bn_affine",
     "apply_affine",
     "sum_branches",
@@ -100,6 +101,19 @@ def average_kernel(channels: int, groups: int, kernel_size: Sequence[int], like:
     idx = torch.arange(channels, device=like.device)
     w[idx, idx % per_group] = 1.0 / math.prod(kernel_size)
     return w
+
+
+def average_after(
+    weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(w, b)`` of a pointwise layer ``(weight, bias)`` followed by average pooling over
+    ``kernel_size``: the same channel matrix at every tap, divided by the tap count; the bias passes
+    unchanged (the pooling averages a constant field to itself). What composing with
+    :func:`average_kernel` gives, without multiplying by its zeros (DBB's 1x1 -> avg branch)."""
+    if any(k != 1 for k in weight.shape[2:]):
+        raise ValueError(f"average_after takes a pointwise kernel, not {tuple(weight.shape)}")
+    w = weight.reshape(*weight.shape[:2], *([1] * len(kernel_size))) / math.prod(kernel_size)
+    return w.expand(*weight.shape[:2], *kernel_size), bias
 
 
 def bn_affine(

@@ -293,6 +293,9 @@ class BranchedConv(ExpandedLayer):
             weights.append(w)
             biases.append(bias)
         channels = weights[-1].shape[0] if weights else t.in_channels
+        if spec.spatial == "avg" and weights:
+            w, bias = algebra.average_after(weights[0], biases[0], K)
+            return algebra.apply_affine(w, bias, *(_bn_eval(b.norm) if b.norm is not None else (b.scale,)))
         if spec.spatial == "conv":
             kernel = b.conv.weight
         elif spec.spatial == "identity":
