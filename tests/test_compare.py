@@ -278,3 +278,17 @@ def test_a_run_another_process_holds_is_waited_for_and_taken_over_when_it_dies(t
     assert holder.wait() == 0
     assert result == {"ran": ["compact-s0"], "reused": [], "waited": []} and events == ["start", "done"]
     assert json.loads(compare.run_path(out, "compact", 0).read_text())["seed"] == 0
+
+
+@pytest.mark.slow  # two torchrun launches of two processes each: ~1-2 minutes on two busy cores
+def test_each_run_can_be_data_parallel_under_torchrun(model, tmp_path):
+    """--nproc-per-run 2: every run trains as `torchrun --nproc_per_node 2`; rank 0 alone writes it."""
+    out = tmp_path / "ddp"
+    args = ["compare", str(model), "--data", "synthetic:1x8x8", "--strategies", "compact,cl", "--seeds", "1",
+            "--epochs", "1", "--batch-size", "32", "--lr", "0.002", "--out", str(out),
+            "--nproc-per-run", "2"]  # fmt: skip
+    report = run_json(args)["report"]
+    assert [r["strategy"] for r in report["strategies"]] == ["compact", "cl"]
+    for name in ("compact-s0", "cl-s0"):
+        record = json.loads((out / "runs" / f"{name}.json").read_text())
+        assert record["processes"] == 2 and 0.0 <= record["final_acc"] <= 1.0

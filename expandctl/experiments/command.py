@@ -115,6 +115,14 @@ def compare(
     ] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Train nothing; write the report.")] = False,
     threads: Annotated[int, typer.Option(metavar="N", help="Torch CPU threads per run.")] = 1,
+    nproc_per_run: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Processes per run: each run data-parallel under torchrun (as `torchrun --nproc_per_node N "
+            "expandctl train`); the effective batch is N x --batch-size.",
+        ),
+    ] = 1,
     rate: Annotated[float, typer.Option(metavar="R", help="Expansion rate.")] = 4.0,
     include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Expand only these.")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Never expand these.")] = None,
@@ -156,6 +164,7 @@ def compare(
         names = study_lib.parse_strategies(strategies)
         part = study_lib.parse_shard(shard)
         for ok, message in ((seeds >= 1, "--seeds must be at least 1"), (jobs >= 1, "--jobs must be at least 1"),
+                            (nproc_per_run >= 1, "--nproc-per-run must be at least 1"),
                             (threads >= 1, "--threads must be at least 1")):  # fmt: skip
             if not ok:
                 raise UsageError(message)
@@ -207,7 +216,9 @@ def compare(
                     ui.note(f"training {study_lib.run_name(strategy, seed)}")
 
             try:
-                result = study_lib.execute(out, todo, jobs=jobs, threads=threads, on_event=on_event)
+                result = study_lib.execute(
+                    out, todo, jobs=jobs, threads=threads, on_event=on_event, nproc_per_run=nproc_per_run
+                )
             except KeyboardInterrupt:
                 raise CompareInterrupted(
                     f"interrupted; the finished runs in {out} are kept: rerun the same command to continue"

@@ -229,6 +229,7 @@ def execute(
     threads: int = 1,
     on_event: Callable[[str, str, int, dict | None], None] | None = None,
     poll: float = 0.2,
+    nproc_per_run: int = 1,
 ) -> dict:
     """Run every ``(strategy, seed)`` of ``todo`` that has no run file yet, ``jobs`` child processes
     at a time, each claiming its run's lock first. A run locked by another process (another
@@ -267,6 +268,10 @@ def execute(
                     with open(work / "log.txt", "ab") as log:
                         cmd = [sys.executable, "-m", "expandctl.experiments.worker", str(out), strategy, str(seed),
                                "--threads", str(threads)]  # fmt: skip
+                        if nproc_per_run > 1:  # the run itself data-parallel, as `torchrun ... expandctl train`
+                            nproc = f"--nproc_per_node={nproc_per_run}"
+                            launcher = ["-m", "torch.distributed.run", "--standalone", nproc]
+                            cmd[1:3] = [*launcher, "-m", "expandctl.experiments.worker"]
                         # The child inherits the locked descriptor: the lock is its own until it exits.
                         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                 pass_fds=(lock.fd,), env=env, preexec_fn=_die_with_parent)  # fmt: skip

@@ -179,13 +179,14 @@ def train_contracted(
     teacher: nn.Module | None = None,
     batch_size: int = 500,
     name: str | None = None,
-) -> Trained:
+) -> Trained | None:
     """Train in ``work`` (resuming its ``last.pt`` if there is one, else starting from ``build()``:
     ``(model, arch spec, arch kwargs, input shape)``, saved as ``src.pt``), contract the result,
     check the contraction in float64 and score the contracted model on ``score_on`` (default: the
     validation split). ``config``'s ``src``, ``out`` and ``resume`` are set here.
 
     Raises :class:`CheckFailed` if the contracted model does not compute what the trained one does.
+    Under ``torchrun`` every rank trains its shard and only rank 0 goes on: the others return ``None``.
     """
     cpu0, wall0 = time.process_time(), time.perf_counter()
     work = Path(work)
@@ -197,6 +198,8 @@ def train_contracted(
         save(model, src, arch=arch, arch_kwargs=kwargs, input_shape=tuple(shape))
     config = dataclasses.replace(config, src=str(src), out=str(work), resume=resume)
     summary = train(config, callbacks, hooks, data=data, teacher=teacher)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: rank 0 alone contracts, scores and writes
+        return None
 
     ckpt = load_checkpoint(work / "last.pt")
     expanded = ckpt.model

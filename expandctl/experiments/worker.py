@@ -12,6 +12,7 @@ of its output (``OUT/work/<name>/log.txt``), 130 when interrupted, 70 for a bug.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import shlex
@@ -65,6 +66,8 @@ def run(out: Path, strategy: str, seed: int) -> dict:
         return model, study.arch, study.arch_kwargs, study.input_shape
 
     t = train_contracted(work_dir(out, strategy, seed), build, config, data, callbacks=_Log(), name=name)
+    if t is None:  # a rank > 0 of a data-parallel run: rank 0 writes the record
+        return {}
     plan = [path for path, _ in expanded_layers(t.expanded)]
     device = t.summary["device"]
     memory, kind = _peak_memory(device)
@@ -84,6 +87,7 @@ def run(out: Path, strategy: str, seed: int) -> dict:
         "resumed": t.resumed, "cpu_seconds": t.cpu_seconds, "wall_seconds": t.wall_seconds,
         "history": history,
         "torch": str(torch.__version__), "expandctl": __version__, "threads": torch.get_num_threads(),
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # > 1: data-parallel under torchrun
         "device": device, "machine": platform.machine(), "host": platform.node(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
