@@ -49,8 +49,15 @@ from expandctl.train.data import stratified_subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smallnet import VARIANTS as SMALLNET_VARIANTS  # noqa: E402
 
-#: The paper's table, plus distillation from a compact teacher.
-VARIANTS = {**SMALLNET_VARIANTS, "kd": (None, ()), "ck+fc+kd": ("ck+fc", ("classifier.3",))}
+#: The parallel-branch strategies (acb, rep, dbb, orepa), read from the registry; trained at their own rate.
+BRANCH_KINDS = tuple(k for k, cls in expandctl.EXPANSIONS.items() if issubclass(cls[0], expandctl.layers.BranchedConv))
+#: The paper's table, plus distillation from a compact teacher, plus the parallel-branch strategies.
+VARIANTS = {
+    **SMALLNET_VARIANTS,
+    "kd": (None, ()),
+    "ck+fc+kd": ("ck+fc", ("classifier.3",)),
+    **{k: (k, ()) for k in BRANCH_KINDS},
+}
 DEFAULT_VARIANTS = "compact,fc,cl,cl+fc,ck,ck+fc"
 #: Settings a run's result depends on: all runs in one OUT must share them (OUT/settings.json).
 SETTING_KEYS = (
@@ -173,7 +180,8 @@ def train_one(run: Run, args, data: DataSplits, seen: DataSplits, out: Path, dev
         torch.manual_seed(run.train_seed)
         model = SmallNet(**kwargs)
         if strategy:
-            model = expandctl.expand(model, strategy, args.rate, exclude=exclude, seed=run.train_seed)
+            rate = None if strategy in BRANCH_KINDS else args.rate  # --rate is ExpandNets' (dbb/orepa: 1)
+            model = expandctl.expand(model, strategy, rate, exclude=exclude, seed=run.train_seed)
         return model, "smallnet", kwargs, data.input_shape
 
     teacher = teacher_path(out, run.kernel, run.seed) if run.uses_teacher else None
