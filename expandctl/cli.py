@@ -835,8 +835,8 @@ def evaluate(
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy and loss of a model on a data split (the held-out split by default)."""
+    from .datasets import load_data
     from .evaluate import evaluate_onnx, evaluate_torch
-    from .train.data import load_data
 
     ui = UI("evaluate", as_json, quiet, debug)
     with guard(ui):

@@ -106,11 +106,11 @@ def quantize(
 ) -> None:
     """INT8 static quantization (onnxruntime, QDQ), scored against the float model on the validation split."""
     from . import cli  # registered by it, so loaded; its export helpers are shared
+    from .datasets import load_data
     from .export import export_onnx
     from .quantize import METHODS, check_float_onnx
     from .quantize import quantize as run_quantize
     from .rewrite import expanded_layers
-    from .train.data import load_data
 
     ui = UI("quantize", as_json, quiet, debug)
     with guard(ui):

@@ -82,8 +82,8 @@ def _device(name: str) -> torch.device:
 
 def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device, options=None):
     """The checkpoint's model on ``device`` and the split, checked to fit each other."""
+    from ..datasets import load_data
     from ..evaluate import read_batch
-    from ..train.data import load_data
 
     if split not in ("train", "val"):
         raise UsageError(f"--split must be train or val (got {split!r})")

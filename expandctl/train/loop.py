@@ -35,11 +35,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import atomic_write, load_checkpoint, save
+from ..datasets import DataOptions, DataSplits, load_data
 from ..errors import ExpandctlError, UsageError
 from ..layers import FORWARD_MODES, ChainLayer, ComposeOnce
 from ..rewrite import contract, expanded_layers, set_forward
 from ..shapes import data_mismatch, first_layer_channels
-from .data import DataOptions, DataSplits, load_data
 from .losses import kd_loss, product_l2, split_decay_parameters
 
 __all__ = [
@@ -114,7 +114,7 @@ class TrainConfig:
     #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
     grad_confusion: bool = False
     grad_confusion_pairs: int = 100
-    #: Data adapters (:class:`expandctl.train.data.DataOptions`): --channels, --image-size, --augment,
+    #: Data adapters (:class:`expandctl.datasets.DataOptions`): --channels, --image-size, --augment,
     #: --train-subset; --download fetches a missing set into the cache.
     channels: int | None = None
     image_size: int | None = None
