@@ -20,8 +20,8 @@ from typing import Annotated
 import torch
 import typer
 
-from . import __version__
 from . import checkpoint as ckpt_io
+from ._version import __version__
 from .checkpoint.describe import ONNX_PARAMETERS_NOTE
 from .cli_common import (
     EXIT_INTERRUPTED,

@@ -38,7 +38,7 @@ import onnx
 import torch
 from torch.utils.data import Dataset
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckFailed, UsageError
 from .evaluate import evaluate_onnx, read_batch
 from .shapes import backend_message

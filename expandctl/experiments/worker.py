@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import save
 from ..datasets import load_data
 from ..errors import ExpandctlError
