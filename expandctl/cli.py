@@ -8,12 +8,10 @@ This module parses arguments, calls the library and prints; nothing else. Every 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +48,7 @@ from .cli_common import (
     running_model,
 )
 from .console import UI, fmt_count, fmt_rate, kv_table, layers_table, plan_table, report_settings, report_table
-from .errors import CheckFailed, PreserveFitError, UnsupportedError, UsageError
-from .fold import fold_batchnorm
+from .errors import CheckFailed, UsageError
 from .shapes import (
     backend_message,
     data_mismatch,
@@ -61,6 +58,16 @@ from .shapes import (
     onnx_input_shape,
     run_once,
     second_size,
+)
+from .workflows import (
+    check_failed,
+    contract_checked,
+    contract_checkpoint,
+    count_params,
+    expand_checkpoint,
+    failed_reports,
+    fresh_checkpoint,
+    onnx_metadata,
 )
 
 
@@ -146,16 +153,6 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _check_failed(message: str, reports: Sequence, **details) -> CheckFailed:
-    err = CheckFailed(message)
-    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
-    return err
-
-
 def _show_reports(ui: UI, reports: Sequence, title: str) -> None:
     if not reports:
         return
@@ -167,8 +164,15 @@ def _show_reports(ui: UI, reports: Sequence, title: str) -> None:
         ui.note(f"note: {n}")
 
 
-def _failed(reports: Sequence) -> list:
-    return [r for r in reports if not r.passed]
+@contextlib.contextmanager
+def _reports_on_failure(ui: UI) -> Iterator[None]:
+    """A failed check's reports as a table before its one-line error (the workflows attach them)."""
+    try:
+        yield
+    except CheckFailed as e:
+        if getattr(e, "reports", None) is not None:
+            _show_reports(ui, e.reports, e.reports_title)
+        raise
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -182,39 +186,13 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 def _onnx_metadata(ctx: typer.Context, ckpt: ckpt_io.Checkpoint, shape, folded: Sequence) -> dict[str, str]:
     """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
-    return {
-        "expandctl.plan": json.dumps(ckpt.plan),
-        "expandctl.source_sha256": ckpt.sha256 or "",
-        "expandctl.source": ckpt.path.name if ckpt.path else "",
-        "expandctl.arch": json.dumps({"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs}),
-        "expandctl.input_shape": json.dumps(list(shape)),
-        "expandctl.folded_bn": json.dumps(list(folded)),
-        "expandctl.source_provenance": json.dumps(ckpt.provenance, default=str),
-        "expandctl.command": _command_line(ctx),
-    }
+    return onnx_metadata(ckpt, shape, folded, _command_line(ctx))
 
 
 def _contract_checked(ui: UI, ckpt: ckpt_io.Checkpoint, shape, atol, rtol, **check_kw) -> tuple[torch.nn.Module, list]:
     """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
-    from .rewrite import contract as contract_model
-    from .verify import check_contraction
-
-    with ui.step("contracting expanded layers"):
-        compact = contract_model(ckpt.model)
-    with (
-        ui.step("checking the contracted model against the expanded one (float64, float32)"),
-        running_model(shape, ckpt.input_shape),
-    ):
-        reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
-    if _failed(reports):
-        _show_reports(ui, reports, "expanded (explicit) vs contracted")
-        raise _check_failed(
-            "the contracted model does not match the expanded one "
-            f"({'; '.join(r.summary() for r in _failed(reports))}); "
-            "nothing was written. Loosen --atol/--rtol only if the errors are rounding",
-            reports,
-        )
-    return compact, reports
+    with _reports_on_failure(ui):
+        return contract_checked(ckpt, shape, atol, rtol, ui, **check_kw)
 
 
 # --- expand ----------------------------------------------------------------------------------------
@@ -268,10 +246,6 @@ def expand(
 ) -> None:
     """Replace layers by linear chains for training; write an expanded checkpoint."""
     from .layers import INIT_MODES
-    from .models import build_arch, resolve_arch
-    from .rewrite import expand as expand_model
-    from .rewrite import expanded_layers
-    from .rewrite import plan as make_plan
 
     ui = UI("expand", as_json, quiet, debug)
     with guard(ui):
@@ -293,25 +267,24 @@ def expand(
         if src is not None:
             ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
         else:
-            spec = resolve_arch(arch)[0]
-            with ui.step(f"building {spec}"), torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                model = build_arch(spec, kwargs)
-            ckpt = ckpt_io.Checkpoint(
-                model,
-                spec,
-                dict(kwargs or {}),
-                ckpt_io.infer_input_shape(spec, kwargs, model),
-                format="fresh",
-            )
-        shape = shape or ckpt.input_shape
-        if shape is not None:
-            with ui.step(f"running the model once on {fmt_shape(shape)}"):
-                run_once(ckpt.model, shape, src or ckpt.arch)  # a wrong --input-shape fails here, not at train
-        with ui.step("planning"):
-            plan = make_plan(ckpt.model, strategy, rate, include or (), exclude or (), pointwise)
-        before = _params(ckpt.model)
+            ckpt = fresh_checkpoint(arch, kwargs, seed, ui)
+        result = expand_checkpoint(
+            ckpt,
+            out,
+            strategy=strategy,
+            rate=rate,
+            include=include or (),
+            exclude=exclude or (),
+            pointwise=pointwise,
+            init=init,
+            seed=seed,
+            input_shape=shape,
+            source=src if src is not None else "",
+            dry_run=dry_run,
+            command=None if dry_run else _command_line(ctx),
+            progress=ui,
+        )
+        plan = result.plan
         if dry_run:
             ui.detail(plan_table(plan))
             ui.print(
@@ -321,85 +294,18 @@ def expand(
             )
             if not plan.expanded:
                 raise plan.nothing_selected("see the reasons above. Try another --strategy, --pointwise or --include")
-            ui.emit(
-                {
-                    "dry_run": True,
-                    "source": src,
-                    "arch": {"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs},
-                    "params_before": before,
-                    "params_after": before - plan.params_before + plan.params_after,
-                    "expanded_layers": [e.path for e in plan.expanded],
-                    "plan": plan.to_dict(),
-                }
-            )
+            ui.emit({**result.to_dict(), "source": src})
             return
-        if not plan.expanded:
-            raise plan.nothing_selected("run with --dry-run to see why each was left alone")
-        if ckpt.arch is None:
-            raise UsageError(
-                f"{src} holds a pickled {ckpt.provenance.get('pickled_class', 'model')} "
-                "whose builder cannot be "
-                "inferred, and an expandctl checkpoint must be rebuildable; pass --arch (and --arch-kwargs)"
-            )
-        with ui.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, {fmt_rate(plan.rate)})"):
-            try:
-                expanded = expand_model(
-                    ckpt.model,
-                    strategy,
-                    rate,
-                    init=init,
-                    include=include or (),
-                    exclude=exclude or (),
-                    pointwise=pointwise,
-                    seed=seed,
-                )
-            except PreserveFitError as e:  # the library's words (init='scratch') in the CLI's (--init scratch)
-                words = re.sub(r"init='(\w+)'", r"--init \1", str(e)).replace("a larger rate", "a larger --rate")
-                raise PreserveFitError(words) from None
-        residuals = {path: layer.fit_residual for path, layer in expanded_layers(expanded)}
-        for entry in plan.expanded:
-            entry.fit_residual = residuals.get(entry.path)
-        plan_dict = plan.to_dict()
-        if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
-            plan_dict["previous"] = ckpt.plan
-        with ui.step(f"writing {out}"):
-            ckpt_io.save(
-                expanded,
-                out,
-                arch=ckpt.arch,
-                arch_kwargs=ckpt.arch_kwargs,
-                input_shape=shape,
-                plan=plan_dict,
-                parent_sha256=ckpt.sha256,
-                command=_command_line(ctx),
-                folded_bn=ckpt.folded_bn,
-            )
-        after = _params(expanded)
         ui.detail(plan_table(plan, only_expanded=True))
         ui.detail(
             f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
             f"({plan.strategy}, {fmt_rate(plan.rate)}, "
-            f"init {init}): {fmt_count(before)} -> {fmt_count(after)} parameters"
+            f"init {init}): {fmt_count(result.params_before)} -> {fmt_count(result.params_after)} parameters"
         )
-        if shape is None:
-            ui.warn("the input shape is unknown; pass --input-shape to contract, verify or export this checkpoint")
+        for w in result.warnings:
+            ui.warn(w)
         ui.print(f"wrote {out}")
-        ui.emit(
-            {
-                "output": str(out),
-                "source": src,
-                "arch": {"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs},
-                "input_shape": list(shape) if shape else None,
-                "strategy": plan.strategy,
-                "rate": plan.rate,
-                "init": init,
-                "seed": seed,
-                "params_before": before,
-                "params_after": after,
-                "expanded_layers": [e.path for e in plan.expanded],
-                "plan": plan_dict,
-            }
-        )
+        ui.emit({**result.to_dict(), "source": src})
 
 
 # --- contract --------------------------------------------------------------------------------------
@@ -430,106 +336,38 @@ def contract(
     debug: DebugOpt = False,
 ) -> None:
     """Multiply every chain back into one layer, check it against the chain, write the compact model."""
-    from .export import export_onnx
-    from .rewrite import expanded_layers
-    from .verify import compare_models
-
     ui = UI("contract", as_json, quiet, debug)
     with guard(ui):
         out = ckpt_io.check_output_path(
             output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
         )
-        to_onnx = out.suffix.lower() == ".onnx"
-        if dynamic_size and not to_onnx:
+        if dynamic_size and out.suffix.lower() != ".onnx":
             raise UsageError("--dynamic-size shapes an ONNX graph; give an -o ending in .onnx")
         ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
-        if ckpt.arch is None and not to_onnx:
-            raise UsageError(
-                f"{src} holds a pickled model whose builder cannot be inferred; pass --arch to write a checkpoint"
+        with _reports_on_failure(ui):
+            result = contract_checkpoint(
+                ckpt,
+                out,
+                input_shape=parse_shape(input_shape),
+                atol=atol,
+                rtol=rtol,
+                fold_bn=fold_bn,
+                dynamic_size=dynamic_size,
+                require_expanded=require_expanded,
+                source=src,
+                command=_command_line(ctx),
+                progress=ui,
             )
-        layers = [p for p, _ in expanded_layers(ckpt.model)]
-        if require_expanded and not layers:
-            raise UnsupportedError(
-                f"{src} has no expanded layer (never expanded, or already contracted) and --require-expanded "
-                "was given; nothing was written"
-            )
-        shape = input_shape_of(ckpt, input_shape)
-        reports: list = []
-        if layers:
-            compact, reports = _contract_checked(ui, ckpt, shape, atol, rtol)
-        else:
-            compact = copy.deepcopy(ckpt.model)
-            ui.warn(f"{src} is already compact (no expanded layers): nothing to contract; writing it as it is")
-        folded: list = []
+        _show_reports(ui, result.reports, "checks")
+        summary = (
+            f"contracted {len(result.contracted_layers)} expanded layers: "
+            f"{fmt_count(result.params_before)} -> {fmt_count(result.params_after)} parameters"
+        )
         if fold_bn:
-            with ui.step("folding BatchNorm"):
-                unfolded = compact
-                compact, folded = fold_batchnorm(compact)
-            with ui.step("checking the folded model"), running_model(shape, ckpt.input_shape):
-                fold_reports = [
-                    compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
-                    for d in (torch.float64, torch.float32)
-                ]
-            reports += fold_reports
-            if _failed(fold_reports):
-                _show_reports(ui, reports, "checks")
-                raise _check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
-        if to_onnx:
-            with ui.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
-                try:
-                    _, export_report = export_onnx(
-                        compact,
-                        out,
-                        shape,
-                        dynamic_size=dynamic_size,
-                        metadata=_onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn + folded),
-                        atol=atol,
-                        rtol=rtol,
-                    )
-                except CheckFailed as e:
-                    if getattr(e, "report", None) is not None:
-                        reports.append(e.report)
-                        _show_reports(ui, reports, "checks")
-                        raise _check_failed(str(e) + "; nothing was written", reports) from None
-                    raise
-            if export_report is not None:
-                reports.append(export_report)
-        else:
-            with ui.step(f"writing {out}"):
-                ckpt_io.save(
-                    compact,
-                    out,
-                    arch=ckpt.arch,
-                    arch_kwargs=ckpt.arch_kwargs,
-                    input_shape=shape,
-                    plan=ckpt.plan,
-                    parent_sha256=ckpt.sha256,
-                    command=_command_line(ctx),
-                    folded_bn=ckpt.folded_bn + folded,
-                )
-        _show_reports(ui, reports, "checks")
-        before, after = _params(ckpt.model), _params(compact)
-        summary = f"contracted {len(layers)} expanded layers: {fmt_count(before)} -> {fmt_count(after)} parameters"
-        if fold_bn:
-            summary += f"; folded {len(folded)} BatchNorm layers into their convs"
+            summary += f"; folded {len(result.folded_bn)} BatchNorm layers into their convs"
         ui.detail(summary)
         ui.print(f"wrote {out}")
-        ui.emit(
-            {
-                "output": str(out),
-                "source": src,
-                "format": "onnx" if to_onnx else out.suffix.lstrip("."),
-                "already_compact": not layers,
-                "contracted_layers": layers,
-                "folded_bn": folded,
-                "input_shape": list(shape),
-                "dynamic_size": dynamic_size,
-                "params_before": before,
-                "params_after": after,
-                "passed": True,
-                "checks": [r.to_dict() for r in reports],
-            }
-        )
+        ui.emit(result.to_dict())
 
 
 # --- verify ----------------------------------------------------------------------------------------
@@ -639,9 +477,9 @@ def verify(
             title = f"{a} vs {b}"
         _show_reports(ui, reports, title)
         details = {"files": [a, b] if b else [a], "input_shape": list(shape)}
-        if _failed(reports):
-            raise _check_failed(
-                "outputs differ beyond the tolerances: " + "; ".join(r.summary() for r in _failed(reports)),
+        if failed_reports(reports):
+            raise check_failed(
+                "outputs differ beyond the tolerances: " + "; ".join(r.summary() for r in failed_reports(reports)),
                 reports,
                 **details,
             )
@@ -703,7 +541,7 @@ def export(
                 if getattr(e, "report", None) is not None:
                     reports.append(e.report)
                     _show_reports(ui, reports, "checks")
-                    raise _check_failed(str(e) + "; nothing was written", reports) from None
+                    raise check_failed(str(e) + "; nothing was written", reports) from None
                 raise
         if report is not None:
             reports.append(report)
@@ -776,8 +614,8 @@ def inspect(
                     "fit_residual": planned.get(path, {}).get("fit_residual", layer.fit_residual),
                 }
             )
-        total = _params(ckpt.model)
-        compact = _params(contract_model(ckpt.model)) if rows else total
+        total = count_params(ckpt.model)
+        compact = count_params(contract_model(ckpt.model)) if rows else total
         header = ckpt.header()
         ui.print(
             kv_table(
