@@ -78,3 +78,17 @@ def test_train_and_analyze_share_the_fit_probe(tmp_path):
     args = ["analyze", "grad-confusion", str(src), "--data", "synthetic", "--pairs", "2", "--device", "cpu"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and f"the model in {src} has 4 outputs but synthetic has 10 classes" in r.output
+
+
+def test_every_command_lives_in_its_own_module():
+    """One convention: cli.py holds the app and the registration list, no command of its own."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    names = list(group.commands)
+    assert names[:7] == ["expand", "contract", "verify", "export", "inspect", "evaluate", "train"]
+    for name, command in group.commands.items():
+        subcommands = getattr(command, "commands", None) or {name: command}
+        for sub in subcommands.values():
+            assert sub.callback.__module__ != "expandctl.cli", f"{name} is defined inline in cli.py"
+    assert len((PACKAGE / "cli.py").read_text().splitlines()) < 150
