@@ -5,10 +5,9 @@
 >>> small = expandctl.contract(big)
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import Checkpoint, load, load_checkpoint, save  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .checkpoint import Checkpoint, load, load_checkpoint, save
+from .errors import (
     AlreadyExpandedError,
     CheckFailed,
     ExpandctlError,
@@ -18,7 +17,7 @@ from .errors import (  # noqa: E402
     UnsupportedError,
     UsageError,
 )
-from .layers import (  # noqa: E402
+from .layers import (
     EXPANSIONS,
     ExpandedConv,
     ExpandedConvCK,
@@ -27,7 +26,7 @@ from .layers import (  # noqa: E402
     ExpandedLinear,
     register_expansion,
 )
-from .rewrite import (  # noqa: E402
+from .rewrite import (
     Plan,
     PlanEntry,
     apply_layout,

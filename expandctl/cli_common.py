@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -18,7 +18,7 @@ import typer.core
 from . import checkpoint as ckpt_io
 from .console import UI
 from .errors import ExpandctlError, UsageError
-from .shapes import backend_message, fmt_shape
+from .shapes import backend_message, fmt_shape, running_model  # noqa: F401 (running_model: re-exported)
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -154,26 +154,6 @@ def guard(ui: UI) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
-@contextlib.contextmanager
-def running_model(
-    shape: Sequence[int], recorded: Sequence[int] | None = None, what: str = "the model"
-) -> Iterator[None]:
-    """A model that fails on the check inputs almost always means a wrong input shape: say which
-    shape it was given, the one its file records when that differs, and torch's whole message."""
-    try:
-        yield
-    except ExpandctlError:
-        raise
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        known = ""
-        if recorded and tuple(recorded) != tuple(shape):
-            known = f"; its file records {fmt_shape(recorded)}"
-        raise UsageError(
-            f"{what} failed on random inputs of shape (batch, {', '.join(map(str, shape))}){known} "
-            f"({backend_message(e)}); check --input-shape"
-        ) from e
-
-
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -224,7 +204,7 @@ def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None
 
 def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
     """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
-    from .train.data import DataOptions
+    from .datasets import DataOptions
 
     augment = augment.lower() if augment else None
     return DataOptions(channels, image_size, augment, train_subset, download, val_fraction).validate()

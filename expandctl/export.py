@@ -22,7 +22,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckFailed, UnsupportedError, UsageError
 from .shapes import backend_message, fmt_shape, second_size, spatial_names
 from .verify import Report, _check_args, _leaves, compare_onnx

@@ -105,12 +105,12 @@ def quantize(
     debug: DebugOpt = False,
 ) -> None:
     """INT8 static quantization (onnxruntime, QDQ), scored against the float model on the validation split."""
-    from . import cli  # registered by it, so loaded; its export helpers are shared
+    from .commands._shared import contract_checked_cli, onnx_metadata_of, onnx_shape
+    from .datasets import load_data
     from .export import export_onnx
     from .quantize import METHODS, check_float_onnx
     from .quantize import quantize as run_quantize
     from .rewrite import expanded_layers
-    from .train.data import load_data
 
     ui = UI("quantize", as_json, quiet, debug)
     with guard(ui):
@@ -130,7 +130,7 @@ def quantize(
         with contextlib.ExitStack() as stack:
             if ckpt_io.sniff_format(src) == "onnx":
                 check_float_onnx(src)
-                shape = cli._onnx_shape(src)
+                shape = onnx_shape(src)
                 sets = load_data(data, shape, augment=False, options=opts)
                 given = tuple(sets.input_shape)
                 if onnx_dynamic_size(src) and shape and len(shape) == len(given):  # any size, same channels
@@ -147,7 +147,7 @@ def quantize(
                     raise data_mismatch(None, src, shape, data, sets.input_shape, channels_in)
                 model = ckpt.model
                 if list(expanded_layers(model)):
-                    model, _ = cli._contract_checked(ui, ckpt, shape, atol, rtol)
+                    model, _ = contract_checked_cli(ui, ckpt, shape, atol, rtol)
                 float_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="expandctl-"))) / "float.onnx"
                 with ui.step("exporting the float model and checking it with onnxruntime"), running_model(shape):
                     try:
@@ -155,7 +155,7 @@ def quantize(
                             model,
                             float_path,
                             shape,
-                            metadata=cli._onnx_metadata(ctx, ckpt, shape, ckpt.folded_bn),
+                            metadata=onnx_metadata_of(ctx, ckpt, shape, ckpt.folded_bn),
                             atol=atol,
                             rtol=rtol,
                         )

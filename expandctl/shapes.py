@@ -7,14 +7,15 @@ message names the shape the model expects, the shape it was given, and the backe
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
+from .errors import ExpandctlError, UsageError
 
 __all__ = [
     "fmt_shape",
@@ -27,6 +28,7 @@ __all__ = [
     "run_once",
     "data_hint",
     "data_mismatch",
+    "running_model",
 ]
 
 
@@ -155,3 +157,23 @@ def data_mismatch(
     return UsageError(
         f"{what} {takes} but --data {spec} gives {fmt_shape(given)} images{why}; {data_hint(expected, given)}"
     )
+
+
+@contextlib.contextmanager
+def running_model(
+    shape: Sequence[int], recorded: Sequence[int] | None = None, what: str = "the model"
+) -> Iterator[None]:
+    """A model that fails on the check inputs almost always means a wrong input shape: say which
+    shape it was given, the one its file records when that differs, and torch's whole message."""
+    try:
+        yield
+    except ExpandctlError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        known = ""
+        if recorded and tuple(recorded) != tuple(shape):
+            known = f"; its file records {fmt_shape(recorded)}"
+        raise UsageError(
+            f"{what} failed on random inputs of shape (batch, {', '.join(map(str, shape))}){known} "
+            f"({backend_message(e)}); check --input-shape"
+        ) from e

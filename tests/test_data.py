@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from expandctl import datasets as D
 from expandctl.errors import UsageError
-from expandctl.train import data as D
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,3 +275,11 @@ def test_random_flip_flips_about_half():
     flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(len(x))]
     assert all(a or b for a, b in zip(same, flipped, strict=True))
     assert 60 < sum(flipped) < 140
+
+
+def test_train_data_still_names_the_datasets_module():
+    """``expandctl.train.data`` moved to ``expandctl.datasets``; the old import path re-exports it."""
+    import expandctl.train.data as old
+
+    assert old.load_data is D.load_data and old.DataOptions is D.DataOptions
+    assert set(D.__all__) <= set(old.__all__)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_data import _fake_cifar10, _fake_imagefolder, _fake_mnist
 
+from expandctl import datasets as D
 from expandctl.errors import UsageError
-from expandctl.train import data as D
 
 
 def _all(ds):

@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 import expandctl
 from expandctl.cli import app
+from expandctl.datasets import load_data
 from expandctl.evaluate import evaluate_onnx, evaluate_torch
 from expandctl.export import export_onnx
 from expandctl.models import SmallNet
-from expandctl.train.data import load_data
 
 KW = {"in_channels": 1, "image_size": 8, "num_classes": 10}
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from expandctl import checkpoint as C
 from expandctl.cli import app
-from expandctl.train.data import DataOptions
+from expandctl.datasets import DataOptions
 
 runner = CliRunner()
 GRAY = {"kernel_size": 5, "in_channels": 1, "image_size": 8}  # 1x8x8, the digits shape
@@ -179,16 +179,16 @@ def test_preserve_rate_too_small_speaks_cli(tmp_path):
 
 @pytest.mark.parametrize("spec", ["cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"])
 def test_a_missing_data_folder_says_no_such_folder(spec, tmp_path):
+    from expandctl.datasets import load_data
     from expandctl.errors import UsageError
-    from expandctl.train.data import load_data
 
     with pytest.raises(UsageError, match=rf"--data {spec}:\S*nowhere: no such folder"):
         load_data(f"{spec}:{tmp_path / 'nowhere'}")
 
 
 def test_an_empty_cifar_folder_says_what_it_must_hold(tmp_path):
+    from expandctl.datasets import load_data
     from expandctl.errors import UsageError
-    from expandctl.train.data import load_data
 
     with pytest.raises(UsageError, match="must hold data_batch_1..5"):
         load_data(f"cifar10:{tmp_path}")
@@ -198,8 +198,8 @@ def test_an_empty_cifar_folder_says_what_it_must_hold(tmp_path):
 def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, cache_exists):
     from torchvision import datasets
 
+    from expandctl.datasets import load_data
     from expandctl.errors import UsageError
-    from expandctl.train.data import load_data
 
     cache = tmp_path / "cache"
     if cache_exists:
@@ -244,7 +244,7 @@ def _labels(ds):
 
 
 def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_path):
-    from expandctl.train.data import load_data
+    from expandctl.datasets import load_data
 
     root = _digit_folder(tmp_path / "digits")
     s = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16))
@@ -259,8 +259,8 @@ def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_pa
 
 
 def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
+    from expandctl.datasets import load_data
     from expandctl.errors import UsageError
-    from expandctl.train.data import load_data
 
     (tmp_path / "split").mkdir()
     for split in ("train", "val"):
@@ -274,8 +274,8 @@ def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
 
 
 def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
+    from expandctl.datasets import load_data
     from expandctl.errors import UsageError
-    from expandctl.train.data import load_data
 
     _digit_folder(tmp_path / "train", classes=2, per_class=2)
     with pytest.raises(UsageError, match="lacks val/.*or class folders directly under it"):
@@ -285,7 +285,7 @@ def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
 def test_imagefolder_crop_flip_keeps_the_whole_image(tmp_path):
     """Resize and centre-crop, then CIFAR's pad-crop by 1/8 and flip; validation reads the images as
     training does without augmentation (no random-resized crop, no 8/7 zoom)."""
-    from expandctl.train.data import load_data
+    from expandctl.datasets import load_data
 
     s = load_data(f"imagefolder:{_digit_folder(tmp_path / 'd')}", input_shape=(3, 16, 16))
     steps = s.train.dataset.transform.transforms

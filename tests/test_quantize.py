@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 import expandctl
 from expandctl.cli import app
+from expandctl.datasets import load_data
 from expandctl.errors import UsageError
 from expandctl.export import export_onnx
 from expandctl.quantize import calibration_indices, quantized_ops
-from expandctl.train.data import load_data
 
 DATA = "synthetic:1x8x8"
 SHAPE = (1, 8, 8)

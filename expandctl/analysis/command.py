@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -35,7 +34,7 @@ from ..cli_common import (
 )
 from ..console import UI, fmt_count, kv_table
 from ..errors import UsageError
-from ..shapes import data_mismatch, first_layer_channels
+from ..probe import check_fits, resolve_device
 
 __all__ = ["analyze_app", "grad_confusion", "landscape", "plot"]
 
@@ -71,41 +70,21 @@ def _output(output: str | None, src: str, suffix: str) -> Path:
     return ckpt_io.check_output_path(out, [src], (".png",))
 
 
-def _device(name: str) -> torch.device:
-    name = name.lower()
-    if name not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda (got {name!r})")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device, options=None):
     """The checkpoint's model on ``device`` and the split, checked to fit each other."""
-    from ..evaluate import read_batch
-    from ..train.data import load_data
+    from ..datasets import load_data
 
     if split not in ("train", "val"):
         raise UsageError(f"--split must be train or val (got {split!r})")
-    device = _device(device)
+    device = resolve_device(device)
     ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust)
     crop_flip = options is not None and options.augment == "crop-flip"  # off unless asked: analyses compare
     sets = load_data(data, ckpt.input_shape, augment=crop_flip, options=options)
     dataset = getattr(sets, split)
     model = ckpt.model.to(device)
-    x, _ = read_batch(dataset, range(min(2, len(dataset))))
+    what = f"the model in {src}"
+    check_fits(model, dataset, data, sets.num_classes, sets.input_shape, device, what, ckpt.input_shape)
     model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x.to(device))
-    except RuntimeError as e:
-        channels = first_layer_channels(model)
-        raise data_mismatch(e, f"the model in {src}", ckpt.input_shape, data, sets.input_shape, channels) from None
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != sets.num_classes:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise UsageError(
-            f"the model in {src} must return (batch, {sets.num_classes}) logits on {data}; it returned {got}"
-        )
     return ckpt, model, dataset
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UnsafeInputError, UsageError
 from ..fold import add_biases, apply_folds
 from ..models import build_arch, resolve_arch

@@ -31,10 +31,11 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write, load_checkpoint, save
+from ..datasets import DataSplits
 from ..errors import CheckFailed, UsageError
 from ..evaluate import evaluate_torch
 from ..rewrite import contract, expanded_layers
-from ..train import Callbacks, DataSplits, TrainConfig, train
+from ..train import Callbacks, TrainConfig, train
 from ..verify import check_contraction
 
 __all__ = [

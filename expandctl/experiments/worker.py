@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import save
+from ..datasets import load_data
 from ..errors import ExpandctlError
 from ..models import build_arch
 from ..rewrite import expand, expanded_layers
-from ..train import Callbacks, TrainConfig, load_data
+from ..train import Callbacks, TrainConfig
 from .compare import COMPACT, Study, run_name, run_path, work_dir
 from .runs import finish_run, train_contracted
 

@@ -7,7 +7,7 @@ The Typer command lives in :mod:`expandctl.train.command` (imported by the CLI o
 does not pull in the console code).
 """
 
-from .data import DATA_SPECS, DataSplits, TensorImages, load_data, parse_spec
+from ..datasets import DATA_SPECS, DataSplits, TensorImages, load_data, parse_spec
 from .loop import Callbacks, EpochContext, TrainConfig, TrainingDiverged, learning_rate, train
 from .losses import kd_loss, product_l2, split_decay_parameters
 

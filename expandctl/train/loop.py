@@ -35,11 +35,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import atomic_write, load_checkpoint, save
+from ..datasets import DataOptions, DataSplits, load_data
 from ..errors import ExpandctlError, UsageError
 from ..layers import FORWARD_MODES, ChainLayer, ComposeOnce
+from ..probe import DEVICES, check_fits, device_kind
 from ..rewrite import contract, expanded_layers, set_forward
-from ..shapes import data_mismatch, first_layer_channels
-from .data import DataOptions, DataSplits, load_data
 from .losses import kd_loss, product_l2, split_decay_parameters
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("paper", "step", "cosine")
 DECAY_MODES = ("factors", "product")
-DEVICES = ("auto", "cpu", "cuda")
 
 #: Options that shape the trajectory: ``resume`` refuses to continue a run if any of them changed.
 TRAJECTORY_FIELDS = (
@@ -114,7 +113,7 @@ class TrainConfig:
     #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
     grad_confusion: bool = False
     grad_confusion_pairs: int = 100
-    #: Data adapters (:class:`expandctl.train.data.DataOptions`): --channels, --image-size, --augment,
+    #: Data adapters (:class:`expandctl.datasets.DataOptions`): --channels, --image-size, --augment,
     #: --train-subset; --download fetches a missing set into the cache.
     channels: int | None = None
     image_size: int | None = None
@@ -251,22 +250,14 @@ class _Dist:
         return t.tolist()
 
 
-def _init_distributed(device_kind: str) -> _Dist:
+def _init_distributed(kind: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
     d = _Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return d
-
-
-def _device_kind(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +429,7 @@ def train(
     """
     config.validate()
     callbacks = callbacks or Callbacks()
-    kind = _device_kind(config.device)
+    kind = device_kind(config.device)
     d = _init_distributed(kind)
     try:
         summary = _train(config, callbacks, epoch_hooks, kind, d, data, teacher)
@@ -475,7 +466,7 @@ def _train(
     model.to(device)
     if n_expanded:
         set_forward(model, config.forward)
-    _probe(model, data, config.data, device)
+    check_fits(model, data.val, config.data, data.num_classes, data.input_shape, device)
     # What the model was just run on: adapters (--channels, --image-size) may differ from the source's shape.
     input_shape = tuple(data.input_shape) if data.input_shape else tuple(ckpt.input_shape)
 
@@ -687,35 +678,6 @@ def _check_same_run(config: TrainConfig, saved: dict, path: Path) -> None:
         raise UsageError(
             f"--resume continues {path} with the options it was started with; these differ: {'; '.join(changed)}"
         )
-
-
-def _probe(model: nn.Module, data, spec: str, device: torch.device) -> None:
-    """One validation batch through the model before training: shape and class-count mismatches
-    become a one-line error here instead of a stack trace mid-epoch."""
-    x, _ = data.val[[0, 1]] if getattr(data.val, "batched", False) else _stack([data.val[0], data.val[1]])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x.to(device))
-    except RuntimeError as e:
-        raise data_mismatch(e, "the model", None, spec, data.input_shape, first_layer_channels(model)) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise UsageError(
-            f"the model must return logits of shape (batch, classes) on {spec}; it returned "
-            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
-        )
-    if logits.shape[1] != data.num_classes:
-        raise UsageError(
-            f"the model has {logits.shape[1]} outputs but {spec} has {data.num_classes} classes; "
-            f"build it with num_classes={data.num_classes}"
-        )
-
-
-def _stack(samples):
-    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
 def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

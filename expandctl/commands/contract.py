@@ -1,0 +1,90 @@
+"""``expandctl contract``: contract, check, fold, write or export.
+
+The workflow is :func:`expandctl.workflows.contract_checkpoint`; this module parses, calls it and prints.
+Registered in :mod:`expandctl.cli`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import checkpoint as ckpt_io
+from ..cli_common import (
+    ArchKwOpt,
+    ArchOpt,
+    AtolOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RtolOpt,
+    ShapeOpt,
+    TrustOpt,
+    guard,
+    load_for_cli,
+    parse_shape,
+)
+from ..console import UI, fmt_count
+from ..errors import UsageError
+from ..workflows import contract_checkpoint
+from ._shared import DynamicSizeOpt, command_line, reports_on_failure, show_reports
+
+
+def contract(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Expanded checkpoint.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output .pt, .safetensors or .onnx.")],
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn", help="Also fold eval-mode BatchNorm into the preceding conv.")
+    ] = False,
+    dynamic_size: DynamicSizeOpt = False,
+    input_shape: ShapeOpt = None,
+    require_expanded: Annotated[
+        bool,
+        typer.Option(
+            "--require-expanded",
+            help="Fail (exit 4) if SRC has no expanded layer, instead of writing it unchanged (for CI).",
+        ),
+    ] = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Multiply every chain back into one layer, check it against the chain, write the compact model."""
+    ui = UI("contract", as_json, quiet, debug)
+    with guard(ui):
+        out = ckpt_io.check_output_path(
+            output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
+        )
+        if dynamic_size and out.suffix.lower() != ".onnx":
+            raise UsageError("--dynamic-size shapes an ONNX graph; give an -o ending in .onnx")
+        ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+        with reports_on_failure(ui):
+            result = contract_checkpoint(
+                ckpt,
+                out,
+                input_shape=parse_shape(input_shape),
+                atol=atol,
+                rtol=rtol,
+                fold_bn=fold_bn,
+                dynamic_size=dynamic_size,
+                require_expanded=require_expanded,
+                source=src,
+                command=command_line(ctx),
+                progress=ui,
+            )
+        show_reports(ui, result.reports, "checks")
+        summary = (
+            f"contracted {len(result.contracted_layers)} expanded layers: "
+            f"{fmt_count(result.params_before)} -> {fmt_count(result.params_after)} parameters"
+        )
+        if fold_bn:
+            summary += f"; folded {len(result.folded_bn)} BatchNorm layers into their convs"
+        ui.detail(summary)
+        ui.print(f"wrote {out}")
+        ui.emit(result.to_dict())

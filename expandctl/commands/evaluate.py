@@ -1,0 +1,86 @@
+"""``expandctl evaluate``: accuracy and loss of a checkpoint or ONNX file on a data split.
+
+Parses, calls the library and prints; registered in :mod:`expandctl.cli`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import checkpoint as ckpt_io
+from ..cli_common import (
+    ArchKwOpt,
+    ArchOpt,
+    AugmentOpt,
+    ChannelsOpt,
+    DebugOpt,
+    DownloadOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    QuietOpt,
+    TrainSubsetOpt,
+    TrustOpt,
+    ValFractionOpt,
+    data_options,
+    guard,
+    load_for_cli,
+)
+from ..console import UI
+from ..errors import UsageError
+from ..shapes import data_mismatch, first_layer_channels
+from ._shared import onnx_shape
+
+
+def evaluate(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Checkpoint (run in torch) or ONNX file (onnxruntime).")],
+    data: Annotated[str, typer.Option("--data", metavar="SPEC", help="Data spec, e.g. digits, cifar10:DIR.")],
+    split: Annotated[str, typer.Option(metavar="val|train", help="Which split to score.")] = "val",
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per batch.")] = 256,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
+    augment: AugmentOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwOpt = None,
+    trust_pickle: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Accuracy and loss of a model on a data split (the held-out split by default)."""
+    from ..datasets import load_data
+    from ..evaluate import evaluate_onnx, evaluate_torch
+
+    ui = UI("evaluate", as_json, quiet, debug)
+    with guard(ui):
+        if split not in ("val", "train"):
+            raise UsageError(f"--split must be val or train, not {split!r}")
+        if batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
+        if ckpt_io.sniff_format(src) == "onnx":
+            shape = onnx_shape(src)
+            sets = load_data(data, shape, augment=False, options=opts)
+            if shape and tuple(shape) != tuple(sets.input_shape):  # a fixed-shape graph: known before running
+                raise data_mismatch(None, src, shape, data, sets.input_shape)
+            with ui.step(f"scoring {src} on {data} ({split}) in onnxruntime"):
+                result = evaluate_onnx(src, getattr(sets, split), batch_size, num_classes=sets.num_classes)
+        else:
+            ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+            sets = load_data(data, ckpt.input_shape, augment=False, options=opts)
+            channels_in = first_layer_channels(ckpt.model)
+            with ui.step(f"scoring {src} on {data} ({split})"):
+                try:
+                    result = evaluate_torch(ckpt.model, getattr(sets, split), batch_size, num_classes=sets.num_classes)
+                except (RuntimeError, ValueError) as e:
+                    if isinstance(e, UsageError):
+                        raise
+                    raise data_mismatch(e, src, ckpt.input_shape, data, sets.input_shape, channels_in) from None
+        ui.print(
+            f"{src}: accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['samples']}), "
+            f"loss {result['loss']:.4f} on {data} {split} ({result['runtime']})"
+        )
+        ui.emit({"source": src, "data": data, "split": split, **result})

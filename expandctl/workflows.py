@@ -1,0 +1,419 @@
+"""The workflows of ``expandctl expand`` and ``expandctl contract``, as library functions. Never prints.
+
+>>> from expandctl import load_checkpoint
+>>> from expandctl.workflows import contract_checkpoint, expand_checkpoint
+>>> r = expand_checkpoint(load_checkpoint("resnet.pt"), "resnet.expanded.pt", strategy="ck+fc", rate=4)
+>>> r.params_before, r.params_after
+>>> c = contract_checkpoint(load_checkpoint("run/best.pt"), "compact.onnx")  # contract, check, export
+>>> c.reports  # expanded vs contracted in float64 and float32, then PyTorch vs onnxruntime
+
+``expand_checkpoint``: plan -> expand -> save. ``contract_checkpoint``: contract -> check against the
+chains -> fold BatchNorm (if asked) -> check -> save or export to ONNX (checked with onnxruntime).
+Nothing is written when a check fails: :class:`CheckFailed` carries the reports (``.reports``,
+``.details``). The CLI passes its console as ``progress`` (anything with ``step(text)``, a context
+manager around slow work, and ``warn(text)``); without it the functions are silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt_io
+from .errors import CheckFailed, PreserveFitError, UnsupportedError, UsageError
+from .shapes import fmt_shape, run_once, running_model
+
+__all__ = [
+    "ExpandResult",
+    "ContractResult",
+    "Progress",
+    "expand_checkpoint",
+    "contract_checkpoint",
+    "contract_checked",
+    "fresh_checkpoint",
+    "onnx_metadata",
+    "count_params",
+    "check_failed",
+    "failed_reports",
+]
+
+
+class Progress(Protocol):
+    """What the workflows report on their way: slow steps and warnings (the CLI's console is one)."""
+
+    def step(self, text: str) -> contextlib.AbstractContextManager: ...
+
+    def warn(self, text: str) -> None: ...
+
+
+class _Silent:
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        yield
+
+    def warn(self, text: str) -> None:
+        pass
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def failed_reports(reports: Sequence) -> list:
+    return [r for r in reports if not r.passed]
+
+
+def check_failed(message: str, reports: Sequence, title: str = "checks", **details) -> CheckFailed:
+    """A :class:`CheckFailed` that carries its reports: ``.reports`` (objects, ``title`` names the table)
+    and ``.details`` (what ``--json`` prints)."""
+    err = CheckFailed(message)
+    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
+    err.reports = list(reports)
+    err.reports_title = title
+    return err
+
+
+def onnx_metadata(ckpt: ckpt_io.Checkpoint, shape, folded: Sequence, command: str | None = None) -> dict[str, str]:
+    """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
+    return {
+        "expandctl.plan": json.dumps(ckpt.plan),
+        "expandctl.source_sha256": ckpt.sha256 or "",
+        "expandctl.source": ckpt.path.name if ckpt.path else "",
+        "expandctl.arch": json.dumps({"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs}),
+        "expandctl.input_shape": json.dumps(list(shape)),
+        "expandctl.folded_bn": json.dumps(list(folded)),
+        "expandctl.source_provenance": json.dumps(ckpt.provenance, default=str),
+        "expandctl.command": command or "",
+    }
+
+
+def contract_checked(
+    ckpt: ckpt_io.Checkpoint, shape, atol=None, rtol=None, progress: Progress | None = None, **check_kw
+) -> tuple[nn.Module, list]:
+    """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
+    from .rewrite import contract as contract_model
+    from .verify import check_contraction
+
+    progress = progress or _Silent()
+    with progress.step("contracting expanded layers"):
+        compact = contract_model(ckpt.model)
+    with (
+        progress.step("checking the contracted model against the expanded one (float64, float32)"),
+        running_model(shape, ckpt.input_shape),
+    ):
+        reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
+    if failed_reports(reports):
+        raise check_failed(
+            "the contracted model does not match the expanded one "
+            f"({'; '.join(r.summary() for r in failed_reports(reports))}); "
+            "nothing was written. Loosen --atol/--rtol only if the errors are rounding",
+            reports,
+            "expanded (explicit) vs contracted",
+        )
+    return compact, reports
+
+
+# --- expand ----------------------------------------------------------------------------------------
+@dataclass
+class ExpandResult:
+    """What :func:`expand_checkpoint` planned, built and wrote. ``model`` and ``output`` are ``None``
+    on a dry run; ``to_dict()`` is ``expandctl expand --json``'s object."""
+
+    source: str | None
+    checkpoint: ckpt_io.Checkpoint
+    plan: Any
+    plan_dict: dict
+    input_shape: tuple[int, ...] | None
+    strategy: str
+    init: str
+    seed: int | None
+    params_before: int
+    params_after: int
+    dry_run: bool = False
+    output: Path | None = None
+    model: nn.Module | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        arch = {"spec": self.checkpoint.arch, "kwargs": self.checkpoint.arch_kwargs}
+        layers = [e.path for e in self.plan.expanded]
+        if self.dry_run:
+            return {
+                "dry_run": True,
+                "source": self.source,
+                "arch": arch,
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "expanded_layers": layers,
+                "plan": self.plan_dict,
+            }
+        return {
+            "output": str(self.output),
+            "source": self.source,
+            "arch": arch,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "strategy": self.plan.strategy,
+            "rate": self.plan.rate,
+            "init": self.init,
+            "seed": self.seed,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "expanded_layers": layers,
+            "plan": self.plan_dict,
+        }
+
+
+def fresh_checkpoint(
+    arch: str, arch_kwargs: dict | None = None, seed: int | None = None, progress: Progress | None = None
+) -> ckpt_io.Checkpoint:
+    """A freshly built ``arch`` model (seeded by ``seed`` without touching the global generator)."""
+    from .models import build_arch, resolve_arch
+
+    progress = progress or _Silent()
+    spec = resolve_arch(arch)[0]
+    with progress.step(f"building {spec}"), torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build_arch(spec, arch_kwargs)
+    return ckpt_io.Checkpoint(
+        model, spec, dict(arch_kwargs or {}), ckpt_io.infer_input_shape(spec, arch_kwargs, model), format="fresh"
+    )
+
+
+def expand_checkpoint(
+    ckpt: ckpt_io.Checkpoint,
+    output: str | Path | None = None,
+    *,
+    strategy: str = "ck+fc",
+    rate: float | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    pointwise: bool = False,
+    init: str = "scratch",
+    seed: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    source: str | None = None,
+    dry_run: bool = False,
+    command: str | None = None,
+    progress: Progress | None = None,
+) -> ExpandResult:
+    """Plan ``ckpt``'s expansion, expand it and save it to ``output`` (``dry_run``: plan only; the
+    result's plan then says what would be expanded, possibly nothing). The model is run once on
+    ``input_shape`` (default: the one ``ckpt`` records) first, so a wrong shape fails before any work."""
+    from .layers import INIT_MODES
+    from .rewrite import expand as expand_model
+    from .rewrite import expanded_layers
+    from .rewrite import plan as make_plan
+
+    progress = progress or _Silent()
+    if init not in INIT_MODES:
+        raise UsageError(f"--init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+    if output is None and not dry_run:
+        raise UsageError("give an output path to write the expanded checkpoint to")
+    source = source if source is not None else (str(ckpt.path) if ckpt.path else None)
+    shape = tuple(input_shape) if input_shape else ckpt.input_shape
+    if shape is not None:
+        with progress.step(f"running the model once on {fmt_shape(shape)}"):
+            run_once(ckpt.model, shape, source or ckpt.arch)  # a wrong --input-shape fails here, not at train
+    with progress.step("planning"):
+        plan = make_plan(ckpt.model, strategy, rate, include, exclude, pointwise)
+    before = count_params(ckpt.model)
+    result = ExpandResult(
+        source, ckpt, plan, plan.to_dict(), shape, strategy, init, seed, before,
+        before - plan.params_before + plan.params_after, dry_run=dry_run,
+    )  # fmt: skip
+    if dry_run:
+        return result
+    if not plan.expanded:
+        raise plan.nothing_selected("run with --dry-run to see why each was left alone")
+    if ckpt.arch is None:
+        raise UsageError(
+            f"{source} holds a pickled {ckpt.provenance.get('pickled_class', 'model')} "
+            "whose builder cannot be "
+            "inferred, and an expandctl checkpoint must be rebuildable; pass --arch (and --arch-kwargs)"
+        )
+    out = Path(output)
+    with progress.step(f"expanding {len(plan.expanded)} layers ({plan.strategy}, {_fmt_rate(plan.rate)})"):
+        try:
+            expanded = expand_model(
+                ckpt.model, strategy, rate, init=init, include=include, exclude=exclude, pointwise=pointwise, seed=seed
+            )
+        except PreserveFitError as e:  # the library's words (init='scratch') in the CLI's (--init scratch)
+            words = re.sub(r"init='(\w+)'", r"--init \1", str(e)).replace("a larger rate", "a larger --rate")
+            raise PreserveFitError(words) from None
+    residuals = {path: layer.fit_residual for path, layer in expanded_layers(expanded)}
+    for entry in plan.expanded:
+        entry.fit_residual = residuals.get(entry.path)
+    plan_dict = plan.to_dict()
+    if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
+        plan_dict["previous"] = ckpt.plan
+    with progress.step(f"writing {out}"):
+        ckpt_io.save(
+            expanded,
+            out,
+            arch=ckpt.arch,
+            arch_kwargs=ckpt.arch_kwargs,
+            input_shape=shape,
+            plan=plan_dict,
+            parent_sha256=ckpt.sha256,
+            command=command,
+            folded_bn=ckpt.folded_bn,
+        )
+    result.plan_dict, result.output, result.model = plan_dict, out, expanded
+    result.params_after = count_params(expanded)
+    if shape is None:
+        result.warnings.append(
+            "the input shape is unknown; pass --input-shape to contract, verify or export this checkpoint"
+        )
+    return result
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "default rates" if rate is None else f"rate {rate:g}"  # as console.fmt_rate: the step's words
+
+
+# --- contract --------------------------------------------------------------------------------------
+@dataclass
+class ContractResult:
+    """What :func:`contract_checkpoint` wrote; ``to_dict()`` is ``expandctl contract --json``'s object."""
+
+    source: str
+    output: Path
+    model: nn.Module
+    contracted_layers: list[str]
+    folded_bn: list
+    input_shape: tuple[int, ...]
+    dynamic_size: bool
+    params_before: int
+    params_after: int
+    reports: list
+
+    @property
+    def format(self) -> str:
+        return "onnx" if self.output.suffix.lower() == ".onnx" else self.output.suffix.lstrip(".")
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output),
+            "source": self.source,
+            "format": self.format,
+            "already_compact": not self.contracted_layers,
+            "contracted_layers": self.contracted_layers,
+            "folded_bn": self.folded_bn,
+            "input_shape": list(self.input_shape),
+            "dynamic_size": self.dynamic_size,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "passed": True,
+            "checks": [r.to_dict() for r in self.reports],
+        }
+
+
+def contract_checkpoint(
+    ckpt: ckpt_io.Checkpoint,
+    output: str | Path,
+    *,
+    input_shape: Sequence[int] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    fold_bn: bool = False,
+    dynamic_size: bool = False,
+    require_expanded: bool = False,
+    source: str | None = None,
+    command: str | None = None,
+    progress: Progress | None = None,
+) -> ContractResult:
+    """Contract every expanded layer of ``ckpt``, check the compact model against the chains, fold
+    BatchNorm (``fold_bn``, checked too) and write ``output``: a checkpoint, or an ONNX file checked
+    against PyTorch with onnxruntime. A model without expanded layers is written as it is (with a
+    warning), unless ``require_expanded``."""
+    from .export import export_onnx
+    from .fold import fold_batchnorm
+    from .rewrite import expanded_layers
+    from .verify import compare_models
+
+    progress = progress or _Silent()
+    out = Path(output)
+    source = source if source is not None else str(ckpt.path)
+    to_onnx = out.suffix.lower() == ".onnx"
+    if dynamic_size and not to_onnx:
+        raise UsageError("--dynamic-size shapes an ONNX graph; give an -o ending in .onnx")
+    if ckpt.arch is None and not to_onnx:
+        raise UsageError(
+            f"{source} holds a pickled model whose builder cannot be inferred; pass --arch to write a checkpoint"
+        )
+    layers = [p for p, _ in expanded_layers(ckpt.model)]
+    if require_expanded and not layers:
+        raise UnsupportedError(
+            f"{source} has no expanded layer (never expanded, or already contracted) and --require-expanded "
+            "was given; nothing was written"
+        )
+    shape = tuple(input_shape) if input_shape else ckpt.input_shape
+    if not shape:
+        raise UsageError(
+            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
+        )
+    reports: list = []
+    if layers:
+        compact, reports = contract_checked(ckpt, shape, atol, rtol, progress)
+    else:
+        compact = copy.deepcopy(ckpt.model)
+        progress.warn(f"{source} is already compact (no expanded layers): nothing to contract; writing it as it is")
+    folded: list = []
+    if fold_bn:
+        with progress.step("folding BatchNorm"):
+            unfolded = compact
+            compact, folded = fold_batchnorm(compact)
+        with progress.step("checking the folded model"), running_model(shape, ckpt.input_shape):
+            fold_reports = [
+                compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
+                for d in (torch.float64, torch.float32)
+            ]
+        reports += fold_reports
+        if failed_reports(fold_reports):
+            raise check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
+    if to_onnx:
+        with progress.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
+            try:
+                _, export_report = export_onnx(
+                    compact,
+                    out,
+                    shape,
+                    dynamic_size=dynamic_size,
+                    metadata=onnx_metadata(ckpt, shape, ckpt.folded_bn + folded, command),
+                    atol=atol,
+                    rtol=rtol,
+                )
+            except CheckFailed as e:
+                if getattr(e, "report", None) is not None:
+                    reports.append(e.report)
+                    raise check_failed(str(e) + "; nothing was written", reports) from None
+                raise
+        if export_report is not None:
+            reports.append(export_report)
+    else:
+        with progress.step(f"writing {out}"):
+            ckpt_io.save(
+                compact,
+                out,
+                arch=ckpt.arch,
+                arch_kwargs=ckpt.arch_kwargs,
+                input_shape=shape,
+                plan=ckpt.plan,
+                parent_sha256=ckpt.sha256,
+                command=command,
+                folded_bn=ckpt.folded_bn + folded,
+            )
+    return ContractResult(
+        source, out, compact, layers, folded, shape, dynamic_size, count_params(ckpt.model), count_params(compact),
+        reports,
+    )  # fmt: skip
