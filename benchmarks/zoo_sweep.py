@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fnmatch
 import json
 import math
@@ -192,39 +193,62 @@ def _noise_floor(model, shape, eps: float = 1e-15) -> float:
     return compare_models(model, noisy, shape, dtype=torch.float64, samples=1, batch=1).max_rel
 
 
-def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
-    import torch
+def rate_for(strategy: str) -> float | None:
+    """The chains' sweep keeps its rate 2; every other strategy runs at its kinds' own defaults."""
+    return RATE if strategy == STRATEGY else None
 
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from helpers import randomize_batchnorm
 
-    import expandctl
-    from expandctl.verify import check_contraction, compare_models
+def results_file(out: Path, strategy: str) -> Path:
+    """``--out`` holds the ``ck+cl+fc`` results; another strategy's sit beside it, named after it."""
+    return out if strategy == STRATEGY else out.with_name(f"{out.stem}_{strategy}{out.suffix}")
 
+
+@contextlib.contextmanager
+def _stages(rec: dict):
+    """``mark(stage)`` starts timing ``stage``; on exit ``rec`` has the seconds of each and in all,
+    and an exception is recorded as a failure at the stage it happened in."""
     t0 = time.time()
-    rec: dict = {"model": model_id}
-    stage, times, t_stage = "build", {}, time.time()
+    state = {"stage": "", "t": t0}
+    times = rec.setdefault("stage_seconds", {})
 
-    def mark(next_stage):
-        nonlocal stage, t_stage
+    def mark(stage):
         now = time.time()
-        times[stage] = round(times.get(stage, 0.0) + now - t_stage, 2)
-        stage, t_stage = next_stage, now
+        if state["stage"]:
+            times[state["stage"]] = round(times.get(state["stage"], 0.0) + now - state["t"], 2)
+        state.update(stage=stage, t=now)
 
     try:
+        yield mark
+    except Exception as e:
+        rec.update(status="failed", stage=state["stage"], reason=_reason(e), trace=traceback.format_exc()[-2000:])
+    finally:
+        mark("")
+        rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 2)
+
+
+def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
+    """``(model, rec)``: the model built in float64 with random BatchNorm statistics and the input
+    it accepts in ``rec["input"]``; ``None`` when it is over the bound (``rec`` says ``skipped``) or
+    fails to build or run (``rec`` says ``failed``, with the stage)."""
+    import torch
+    from helpers import randomize_batchnorm
+
+    rec: dict = {"model": model_id}
+    model = None
+    with _stages(rec) as mark:
+        mark("build")
         params = count_params(model_id)
         rec["params"] = params
         if params is not None and params > max_params:
             rec.update(status="skipped", reason=f"{params / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
-            return rec
+            return None, rec
         torch.manual_seed(0)
         model, kwargs = build(model_id)
         rec["kwargs"] = kwargs
         rec["params"] = sum(p.numel() for p in model.parameters())
         if rec["params"] > max_params:
             rec.update(status="skipped", reason=f"{rec['params'] / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
-            return rec
+            return None, rec
         model = randomize_batchnorm(model).double().eval()
         mark("forward")
         try:
@@ -240,8 +264,61 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
             model = randomize_batchnorm(model).double().eval()
             shape = _input_shape(model, model_id)
         rec["input"] = shape
+    if rec.get("status") == "failed":
+        return None, rec
+    return model, rec
+
+
+def randomize_expanded(big, seed: int = 0) -> None:
+    """Random running statistics and affines for every BatchNorm inside an expanded layer (the
+    branch kinds' per-branch ones, OREPA's after the sum) and random per-channel scales (OREPA's),
+    so that contraction's folding of them is checked away from the default (0, 1) statistics."""
+    import torch
+    from helpers import randomize_batchnorm
+
+    import expandctl
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(expandctl.expanded_layers(big)):
+            randomize_batchnorm(layer, seed=seed + 1 + i)
+            for name, p in layer.named_parameters():
+                if name.rsplit(".", 1)[-1] == "scale":
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+
+
+def _bias_added(model, small) -> int:
+    """Convolutions that had no bias and have one after contraction (no BatchNorm followed them to
+    take the branches' folded shift): the same module type, one more parameter vector."""
+    import torch.nn as nn
+
+    before = dict(model.named_modules())
+    return sum(
+        1
+        for path, m in small.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+        and m.bias is not None
+        and path in before
+        and getattr(before[path], "bias", 0) is None
+    )
+
+
+def run_strategy(model, base: dict, strategy: str, preserve_every: int) -> dict:
+    """One strategy on a prepared model: plan / expand (seed 0) / randomise the expanded layers'
+    BatchNorms and scales / contract / check in float64 against the explicit branches or chains."""
+    import torch
+
+    import expandctl
+    from expandctl.verify import check_contraction, compare_models
+
+    model_id, shape = base["model"], base["input"]
+    rate = rate_for(strategy)
+    rec = {k: v for k, v in base.items() if k not in ("seconds", "stage_seconds")}
+    rec.update(strategy=strategy, rate=rate, stage_seconds=dict(base.get("stage_seconds", {})))
+    rec["seconds"] = base.get("seconds", 0.0)
+    with _stages(rec) as mark:
         mark("plan")
-        plan = expandctl.plan(model, strategy=STRATEGY, rate=RATE)
+        plan = expandctl.plan(model, strategy=strategy, rate=rate)
         rec["candidates"] = len(plan.entries)
         rec["expanded"] = len(plan.expanded)
         rec["fused_only"] = sum(e.note is not None for e in plan.expanded)
@@ -250,10 +327,14 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
             rec["status"] = "nothing"
             return rec
         mark("expand")
-        big = expandctl.expand(model, strategy=STRATEGY, rate=RATE, seed=0)
+        big = expandctl.expand(model, strategy=strategy, rate=rate, seed=0)
+        mark("randomize")
+        randomize_expanded(big)
         mark("contract")
         small = expandctl.contract(big)
         same = [type(m) for m in small.modules()] == [type(m) for m in model.modules()]
+        rec["same_types"] = same
+        rec["bias_added"] = _bias_added(model, small)
         mark("compare")
         (report,) = check_contraction(big, small, shape, dtypes=(torch.float64,), samples=1, batch=1)
         rec["max_rel"] = report.max_rel if math.isfinite(report.max_rel) else None
@@ -267,7 +348,7 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
         elif not same:
             rec["reason"] = "contracted model's module types differ from the original's"
         del big, small
-        if preserve_every and zlib.crc32(model_id.encode()) % preserve_every == 0:
+        if strategy == STRATEGY and preserve_every and zlib.crc32(model_id.encode()) % preserve_every == 0:
             mark("preserve")
             try:
                 kept = expandctl.expand(model, strategy=PRESERVE_STRATEGY, rate=RATE, init="preserve", seed=0)
@@ -279,28 +360,42 @@ def run_one(model_id: str, max_params: int, preserve_every: int) -> dict:
                     rec["preserve_noise_floor"] = _noise_floor(model, shape)
             except expandctl.NothingToExpandError:
                 rec["preserve_passed"] = None
-    except Exception as e:
-        rec.update(status="failed", stage=stage, reason=_reason(e), trace=traceback.format_exc()[-2000:])
-    finally:
-        mark("")
-        rec["seconds"] = round(time.time() - t0, 2)
-        rec["stage_seconds"] = times
     return rec
+
+
+def run_one(model_id: str, strategies: list[str], max_params: int, preserve_every: int):
+    """Yield one record per strategy: the model is built and its input found once, then each
+    strategy runs on it in turn (a model that is skipped or fails to build gives each the same)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if str(HERE.parent / "tests") not in sys.path:
+        sys.path.insert(0, str(HERE.parent / "tests"))
+    model, base = prepare(model_id, max_params)
+    for strategy in strategies:
+        if model is None:
+            yield strategy, {**base, "strategy": strategy, "rate": rate_for(strategy)}
+        else:
+            yield strategy, run_strategy(model, base, strategy, preserve_every)
 
 
 def _worker(max_params, preserve_every, conn):
     """A worker process: imports once, then runs the models the parent sends, one at a time, until
-    it is sent ``None`` (or killed: a crash, a memory blow-up or a timeout costs one model)."""
+    it is sent ``None`` (or killed: a crash, a memory blow-up or a timeout costs one model). It
+    sends each strategy's record as it is done, then ``None``."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")
     import gc
 
     while True:
-        model_id = conn.recv()
-        if model_id is None:
+        job = conn.recv()
+        if job is None:
             break
-        conn.send(run_one(model_id, max_params, preserve_every))
-        gc.collect()
+        model_id, strategies = job
+        for strategy, rec in run_one(model_id, strategies, max_params, preserve_every):
+            conn.send((strategy, rec))
+            gc.collect()
+        conn.send(None)
     conn.close()
 
 
@@ -313,6 +408,29 @@ def done_models(out: Path) -> set[str]:
     return {json.loads(line)["model"] for line in out.read_text().splitlines() if line.strip()}
 
 
+def read_records(out: Path) -> list[dict]:
+    if not out.exists():
+        return []
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def order_by_size(models: list[str], out: Path, log=None) -> list[str]:
+    """``models`` smallest first, by the parameter counts the results files already hold (any
+    strategy's), else counted on the meta device; a model that cannot be counted goes last."""
+    known: dict[str, int] = {}
+    for path in [out, *sorted(out.parent.glob(f"{out.stem}_*{out.suffix}"))]:
+        for r in read_records(path):
+            if r.get("params") is not None:
+                known.setdefault(r["model"], r["params"])
+    missing = [m for m in models if m not in known]
+    if missing and log:
+        log(f"counting the parameters of {len(missing)} models on the meta device")
+    for m in missing:
+        n = count_params(m)
+        known[m] = n if n is not None else math.inf
+    return sorted(models, key=lambda m: known[m])
+
+
 class _Slot:
     """One worker process and the model it is running. A worker is replaced after ``per_worker``
     models (memory a model leaves behind stays bounded) and whenever it dies or times out."""
@@ -322,11 +440,11 @@ class _Slot:
         self.proc = ctx.Process(target=_worker, args=(max_params, preserve_every, child), daemon=True)
         self.proc.start()
         child.close()
-        self.model, self.t0, self.done = None, 0.0, 0
+        self.model, self.pending, self.t0, self.done = None, [], 0.0, 0
 
-    def send(self, model_id):
-        self.model, self.t0 = model_id, time.time()
-        self.conn.send(model_id)
+    def send(self, model_id, strategies):
+        self.model, self.pending, self.t0 = model_id, list(strategies), time.time()
+        self.conn.send((model_id, list(strategies)))
 
     def stop(self, kill=False):
         if kill:
@@ -352,13 +470,35 @@ def sweep(
     timeout: float,
     log,
     per_worker: int = 25,
+    strategies: tuple[str, ...] = (STRATEGY,),
 ):
+    """Run every model in ``models`` that some strategy's results file lacks, with the strategies
+    that lack it; each record is appended to its strategy's file as it comes. ``timeout`` bounds
+    the seconds of one strategy on one model (building it included for the first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    todo = [m for m in models if m not in done_models(out)]
-    log(f"{len(models)} models, {len(models) - len(todo)} already in {out}, {len(todo)} to run")
+    files = {s: results_file(out, s) for s in strategies}
+    done = {s: done_models(files[s]) for s in strategies}
+    todo = [(m, [s for s in strategies if m not in done[s]]) for m in models]
+    todo = [(m, ss) for m, ss in todo if ss]
+    log(
+        f"{len(models)} models x {len(strategies)} strategies ({', '.join(strategies)}): "
+        f"{len(models) - len(todo)} done in {', '.join(str(f) for f in files.values())}, {len(todo)} to run"
+    )
     ctx = mp.get_context("spawn")
     slots: list[_Slot] = []
-    with out.open("a") as f:
+    handles = {s: files[s].open("a") for s in strategies}
+
+    def write(strategy, rec):
+        f = handles[strategy]
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        err = rec.get("max_rel")
+        log(
+            f"{strategy:9s} {rec['status']:8s} {rec['model']} {rec.get('expanded', '-')}/{rec.get('candidates', '-')} "
+            f"err {err if err is None else f'{err:.2g}'} {rec.get('seconds', 0):.1f}s {rec.get('reason', '')[:120]}"
+        )
+
+    try:
         while todo or any(s.model for s in slots):
             for i in range(workers):
                 if i >= len(slots):
@@ -367,43 +507,47 @@ def sweep(
                     if not slots[i].proc.is_alive():
                         slots[i].stop(kill=True)
                         slots[i] = _Slot(ctx, max_params, preserve_every)
-                    slots[i].send(todo.pop(0))
+                    slots[i].send(*todo.pop(0))
             time.sleep(0.2)
             for i, slot in enumerate(slots):
                 if slot.model is None:
                     continue
-                rec, replace = None, False
-                if slot.conn.poll():
+                finished, failure = False, None
+                while slot.conn.poll():
                     try:
-                        rec = slot.conn.recv()
+                        msg = slot.conn.recv()
                     except EOFError:
-                        replace = True
-                elif not slot.proc.is_alive():
-                    replace = True
-                elif time.time() - slot.t0 > timeout:
-                    slot.stop(kill=True)
-                    rec = {"model": slot.model, "status": "failed", "stage": "timeout", "reason": f"over {timeout:g} s"}
-                    replace = True
-                else:
-                    continue
-                if rec is None:
-                    slot.proc.join(5)
-                    reason = f"exit code {slot.proc.exitcode}"
-                    rec = {"model": slot.model, "status": "failed", "stage": "process", "reason": reason}
-                rec.setdefault("seconds", round(time.time() - slot.t0, 2))
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                slot.model, slot.done = None, slot.done + 1
-                if replace or slot.done >= per_worker:
-                    slot.stop(kill=replace)
+                        break
+                    if msg is None:
+                        finished = True
+                        break
+                    strategy, rec = msg
+                    write(strategy, rec)
+                    slot.pending.remove(strategy)
+                    slot.t0 = time.time()
+                if not finished:
+                    if not slot.proc.is_alive():
+                        slot.proc.join(5)
+                        failure = {"stage": "process", "reason": f"exit code {slot.proc.exitcode}"}
+                    elif time.time() - slot.t0 > timeout:
+                        slot.stop(kill=True)
+                        failure = {"stage": "timeout", "reason": f"over {timeout:g} s"}
+                    else:
+                        continue
+                    # the strategy that was running and the ones after it: the same failure each
+                    for strategy in slot.pending:
+                        rec = {"model": slot.model, "status": "failed", **failure, "strategy": strategy}
+                        rec["seconds"] = round(time.time() - slot.t0, 2)
+                        write(strategy, rec)
+                slot.model, slot.pending, slot.done = None, [], slot.done + 1
+                if failure or slot.done >= per_worker:
+                    slot.stop(kill=failure is not None)
                     slots[i] = _Slot(ctx, max_params, preserve_every)
-                err = rec.get("max_rel")
-                log(
-                    f"{rec['status']:8s} {rec['model']} {rec.get('expanded', '-')}/{rec.get('candidates', '-')} "
-                    f"err {err if err is None else f'{err:.2g}'} {rec['seconds']:.1f}s {rec.get('reason', '')[:120]}"
-                )
-    for slot in slots:
-        slot.stop()
+    finally:
+        for slot in slots:
+            slot.stop()
+        for f in handles.values():
+            f.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,32 +663,112 @@ def summary(out: Path, total: int | None) -> str:
     return "\n".join(lines)
 
 
+STATUSES = ("exact", "inexact", "failed", "nothing", "skipped")
+
+
+def strategy_table(out: Path, strategies: list[str], total: int | None, top: int = 3) -> str:
+    """Markdown: one row per strategy (models covered, built, each status, the share of built
+    models with a layer expanded that are exact, the worst float64 error of an exact one, how many
+    contracted models keep the original's module types), then each strategy's most frequent
+    refusal reasons and its inexact or failed models with their reasons."""
+    rows = [
+        "| strategy | models | built | exact | inexact | failed | nothing | skipped | exact / built with a layer "
+        "expanded | worst error (exact) | same types |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    refusals, failures = [], []
+    for strategy in strategies:
+        recs = read_records(results_file(out, strategy))
+        by = collections.Counter(r["status"] for r in recs)
+        built = len(recs) - by["skipped"] - sum(r["status"] == "failed" and r.get("stage") == "build" for r in recs)
+        expanded = built - by["nothing"]
+        exact = [r for r in recs if r["status"] == "exact" and r.get("max_rel") is not None]
+        worst = max((r["max_rel"] for r in exact), default=None)
+        typed = [r for r in recs if "same_types" in r]
+        same = f"{sum(r['same_types'] for r in typed)} of {len(typed)}" if typed else "-"
+        share = f"{100 * by['exact'] / expanded:.1f}%" if expanded else "-"
+        covered = f"{len(recs)}" + (f" of {total}" if total else "")
+        rows.append(
+            f"| `{strategy}` | {covered} | {built} | "
+            + " | ".join(str(by[s]) for s in STATUSES)
+            + f" | {share} | {'-' if worst is None else f'{worst:.2g}'} | {same} |"
+        )
+        left = collections.Counter()
+        for r in recs:
+            for reason, n in r.get("left_alone", {}).items():
+                left[reason] += n
+        if left:
+            shown = "; ".join(f"{n} x {reason}" for reason, n in left.most_common(top))
+            refusals.append(f"- `{strategy}` ({sum(left.values())} layers): {shown}")
+        for r in recs:
+            if r["status"] in ("inexact", "failed"):
+                where = f" at {r['stage']}" if r.get("stage") else ""
+                failures.append(f"- `{strategy}` {r['status']}{where}: {r['model']}: {r.get('reason', '')[:300]}")
+    lines = rows + ["", "Layers left alone, most frequent reasons:", "", *refusals]
+    lines += ["", "Inexact or failed:" if failures else "No model inexact or failed.", ""] + failures
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the {STRATEGY} results; others beside it")
+    ap.add_argument(
+        "--strategies",
+        default=None,
+        help=f"comma-separated strategies, each run on every model in one pass (default {STRATEGY}; "
+        "for --summary, every strategy with a results file)",
+    )
+    ap.add_argument("--order", choices=("hash", "size"), default="hash", help="hash of the name, or smallest first")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--models", default="", help="comma-separated source:name globs (timm:*, tv:*, tvseg:*, tvdet:*)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N selected models")
     ap.add_argument("--max-params", type=float, default=MAX_PARAMS)
     ap.add_argument("--preserve-every", type=int, default=10)
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model and strategy")
     ap.add_argument("--per-worker", type=int, default=25, help="models per worker process before a fresh one")
-    ap.add_argument("--summary", action="store_true", help="print the markdown summary of --out and exit")
+    ap.add_argument("--summary", action="store_true", help="print the markdown summary of the results and exit")
     args = ap.parse_args(argv)
+    from expandctl.rewrite import parse_strategy
+
+    if args.strategies:
+        strategies = list(dict.fromkeys("+".join(parse_strategy(s)) for s in args.strategies.split(",")))
+    elif args.summary:
+        found = [
+            p.stem[len(args.out.stem) + 1 :]
+            for p in sorted(args.out.parent.glob(f"{args.out.stem}_*{args.out.suffix}"))
+        ]
+        strategies = [STRATEGY] + [s for s in found if s != STRATEGY]
+    else:
+        strategies = [STRATEGY]
     models = all_models()
     if args.summary:
-        print(summary(args.out, len(models)))
+        print(strategy_table(args.out, strategies, len(models)))
+        for strategy in strategies:
+            print(f"\n## `{strategy}`\n")
+            print(summary(results_file(args.out, strategy), len(models)))
         return
     if args.models:
         pats = [p if ":" in p else f"*:{p}" for p in args.models.split(",")]
         models = [m for m in models if any(fnmatch.fnmatchcase(m, p) for p in pats)]
-    if args.limit:
-        models = models[: args.limit]
 
     def log(msg):
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
-    sweep(models, args.out, args.workers, int(args.max_params), args.preserve_every, args.timeout, log, args.per_worker)
+    if args.order == "size":
+        models = order_by_size(models, args.out, log)
+    if args.limit:
+        models = models[: args.limit]
+    sweep(
+        models,
+        args.out,
+        args.workers,
+        int(args.max_params),
+        args.preserve_every,
+        args.timeout,
+        log,
+        args.per_worker,
+        tuple(strategies),
+    )
 
 
 if __name__ == "__main__":
