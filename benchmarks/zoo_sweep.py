@@ -1,6 +1,8 @@
 """Whole-zoo sweep: every timm architecture and torchvision's classification, segmentation and
-detection models, built without weights, expanded with ``ck+cl+fc`` at rate 2, contracted, and
-compared in float64 against the explicit chain.
+detection models, built without weights, expanded with each of ``--strategies`` (default
+``ck+cl+fc`` at rate 2; any other strategy, e.g. the branch kinds ``acb``, ``rep``, ``dbb``,
+``orepa``, at its kinds' default rate), contracted, and compared in float64 against the expanded
+model running its chains or branches explicitly.
 
 Per model (in a worker process that is replaced after a crash, a timeout or ``--per-worker``
 models, so a crash or a memory blow-up costs one model):
@@ -8,19 +10,24 @@ models, so a crash or a memory blow-up costs one model):
 1. build it on the meta device to count parameters; above ``--max-params`` it is recorded as
    ``skipped`` (its expanded float64 copies would not fit in memory), not dropped;
 2. build it for real (random init, random BatchNorm statistics, eval mode, float64) and find a
-   small input it accepts (64 px first, then larger);
-3. ``plan`` / ``expand`` (seed 0) / ``contract``, then ``verify.check_contraction`` in float64
-   (1 sample, batch 1): the contracted model against the expanded one running its chains
-   explicitly, plus the linear-part check of fused-only layers;
-4. on a sample (1 model in ``--preserve-every``, by a hash of its name), ``init="preserve"``
-   with ``cl+fc`` at rate 2 (the exact construction) against the original model.
+   small input it accepts (64 px first, then larger) -- once for all the strategies;
+3. per strategy: ``plan`` / ``expand`` (seed 0) / random running statistics and affines for the
+   BatchNorms inside the expanded layers and random per-channel scales (so that folding them is
+   checked away from the defaults) / ``contract``, then ``verify.check_contraction`` in float64
+   (1 sample, batch 1): the contracted model against the expanded one run explicitly, plus the
+   linear-part check of fused-only layers; whether the contracted model has the original's
+   module types, and how many bias-free convs gained a bias (no BatchNorm follows them);
+4. for ``ck+cl+fc``, on a sample (1 model in ``--preserve-every``, by a hash of its name),
+   ``init="preserve"`` with ``cl+fc`` at rate 2 (the exact construction) against the original.
 
-Results go to a JSON-lines file, one line per model: status (``exact``, ``inexact``, ``failed``,
+Results go to one JSON-lines file per strategy (``--out`` for ``ck+cl+fc``, ``<out>_<strategy>``
+beside it for the others), one line per model: status (``exact``, ``inexact``, ``failed``,
 ``skipped``, ``nothing`` when no layer is selected), expanded / candidate layers, the worst
 relative error, seconds, the stage and reason of a failure, and the reasons layers were left
-alone. The file is the resume point: a rerun skips the models already in it.
+alone. The files are the resume point: a rerun runs each model for the strategies whose file lacks it.
 
     python benchmarks/zoo_sweep.py [--workers 2] [--out benchmarks/results/zoo_sweep.jsonl]
+                                   [--strategies acb,rep,dbb,orepa] [--order size]
                                    [--models resnet18,timm:vit_*] [--limit 10] [--max-params 40e6]
     python benchmarks/zoo_sweep.py --summary     # the markdown summary for the README
 
@@ -173,11 +180,13 @@ def _kernel_error(model, expanded) -> float:
     return worst
 
 
-def _noise_floor(model, shape, eps: float = 1e-15) -> float:
+def _noise_floor(model, shape, eps: float = 1e-15, every_tensor: bool = False) -> float:
     """How far ``model``'s float64 output moves, measured as the contraction check measures (same
     input, every output, worst relative error), when every conv / linear weight is multiplied by
     ``1 + eps * N(0, 1)``: what a perturbation of float64 rounding size does to this network
-    (randomly initialised networks with random BatchNorm statistics can amplify it a millionfold)."""
+    (randomly initialised networks with random BatchNorm statistics can amplify it a millionfold).
+    With ``every_tensor``, every floating parameter and buffer (biases, BatchNorm statistics) is
+    perturbed: contraction of the branch kinds also rounds the biases and moves running means."""
     import copy
 
     import torch
@@ -187,10 +196,48 @@ def _noise_floor(model, shape, eps: float = 1e-15) -> float:
     g = torch.Generator().manual_seed(1)
     noisy = copy.deepcopy(model)
     with torch.no_grad():
-        for m in noisy.modules():
-            if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
-                m.weight.mul_(1 + eps * torch.randn(m.weight.shape, dtype=m.weight.dtype, generator=g))
+        if every_tensor:
+            tensors = [*noisy.parameters(), *(b for b in noisy.buffers() if b.is_floating_point())]
+        else:
+            tensors = [
+                m.weight for m in noisy.modules() if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
+            ]
+        for t in tensors:
+            t.mul_(1 + eps * torch.randn(t.shape, dtype=t.dtype, generator=g))
     return compare_models(model, noisy, shape, dtype=torch.float64, samples=1, batch=1).max_rel
+
+
+def _layer_error(big, shape) -> float:
+    """Worst relative error, over the expanded layers, of each layer's own contraction against its
+    chains or branches run explicitly, on the input the layer sees in the model (a random one of
+    ``shape``): whether an inexact model's layers are exact and only the network amplifies their
+    rounding. (A layer's merged bias is compared before it moves into a following BatchNorm.)"""
+    import torch
+
+    import expandctl
+
+    layers = list(expandctl.expanded_layers(big))
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, path=path: seen.setdefault(path, args[0]))
+        for path, layer in layers
+    ]
+    modes = {path: layer.forward_mode for path, layer in layers}
+    expandctl.set_forward(big, "explicit")
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            big(torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+            for path, layer in layers:
+                if path in seen:
+                    ref, got = layer(seen[path]), layer.contract()(seen[path])
+                    worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+    finally:
+        for h in handles:
+            h.remove()
+        for path, layer in layers:
+            layer.set_forward(modes[path])
+    return worst
 
 
 def rate_for(strategy: str) -> float | None:
@@ -345,6 +392,9 @@ def run_strategy(model, base: dict, strategy: str, preserve_every: int) -> dict:
             )
             # what float64 rounding of its weights alone does to the contracted model's output
             rec["noise_floor"] = _noise_floor(small, shape)
+            # and of every tensor (biases and BatchNorm statistics too) by 1e-16, under float64's eps
+            rec["noise_floor_all"] = _noise_floor(small, shape, 1e-16, every_tensor=True)
+            rec["layer_max_rel"] = _layer_error(big, shape)
         elif not same:
             rec["reason"] = "contracted model's module types differ from the original's"
         del big, small
@@ -666,15 +716,22 @@ def summary(out: Path, total: int | None) -> str:
 STATUSES = ("exact", "inexact", "failed", "nothing", "skipped")
 
 
+def _within_floor(r: dict) -> bool:
+    """An inexact model whose error is no larger than what 1e-16 relative noise on every one of
+    its contracted tensors does to its output: the check cannot resolve it from rounding."""
+    floor = r.get("noise_floor_all")
+    return r["status"] == "inexact" and floor is not None and r.get("max_rel") is not None and r["max_rel"] <= floor
+
+
 def strategy_table(out: Path, strategies: list[str], total: int | None, top: int = 3) -> str:
     """Markdown: one row per strategy (models covered, built, each status, the share of built
     models with a layer expanded that are exact, the worst float64 error of an exact one, how many
-    contracted models keep the original's module types), then each strategy's most frequent
-    refusal reasons and its inexact or failed models with their reasons."""
+    contracted models keep the original's module types, and how many bias-free convs gained a
+    bias), then each strategy's most frequent refusal reasons and its inexact or failed models."""
     rows = [
         "| strategy | models | built | exact | inexact | failed | nothing | skipped | exact / built with a layer "
-        "expanded | worst error (exact) | same types |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "expanded | worst error (exact) | same types | convs given a bias |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     refusals, failures = [], []
     for strategy in strategies:
@@ -686,12 +743,23 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
         worst = max((r["max_rel"] for r in exact), default=None)
         typed = [r for r in recs if "same_types" in r]
         same = f"{sum(r['same_types'] for r in typed)} of {len(typed)}" if typed else "-"
+        biased = [r for r in recs if "bias_added" in r]
+        bias = (
+            f"{sum(r['bias_added'] for r in biased)} in {sum(r['bias_added'] > 0 for r in biased)} models"
+            if biased
+            else "-"
+        )
         share = f"{100 * by['exact'] / expanded:.1f}%" if expanded else "-"
         covered = f"{len(recs)}" + (f" of {total}" if total else "")
+        inexact = str(by["inexact"])
+        measured = [r for r in recs if r["status"] == "inexact" and r.get("noise_floor_all") is not None]
+        if measured:
+            inexact += f" ({sum(map(_within_floor, measured))} of {len(measured)} measured within the floor)"
+        counts = [str(by["exact"]), inexact, *(str(by[s]) for s in STATUSES[2:])]
         rows.append(
             f"| `{strategy}` | {covered} | {built} | "
-            + " | ".join(str(by[s]) for s in STATUSES)
-            + f" | {share} | {'-' if worst is None else f'{worst:.2g}'} | {same} |"
+            + " | ".join(counts)
+            + f" | {share} | {'-' if worst is None else f'{worst:.2g}'} | {same} | {bias} |"
         )
         left = collections.Counter()
         for r in recs:
@@ -703,7 +771,16 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
         for r in recs:
             if r["status"] in ("inexact", "failed"):
                 where = f" at {r['stage']}" if r.get("stage") else ""
-                failures.append(f"- `{strategy}` {r['status']}{where}: {r['model']}: {r.get('reason', '')[:300]}")
+                line = f"- `{strategy}` {r['status']}{where}: {r['model']}: {r.get('reason', '')[:300]}"
+                if r.get("noise_floor_all") is not None:
+                    line += (
+                        f" (1e-16 relative noise on every tensor of the contracted model moves its output by "
+                        f"{r['noise_floor_all']:.2g}"
+                    )
+                    if r.get("layer_max_rel") is not None:
+                        line += f"; its expanded layers, each on its own input, are off by {r['layer_max_rel']:.2g}"
+                    line += ")"
+                failures.append(line)
     lines = rows + ["", "Layers left alone, most frequent reasons:", "", *refusals]
     lines += ["", "Inexact or failed:" if failures else "No model inexact or failed.", ""] + failures
     return "\n".join(lines).rstrip() + "\n"
@@ -737,6 +814,10 @@ def main(argv=None):
             p.stem[len(args.out.stem) + 1 :]
             for p in sorted(args.out.parent.glob(f"{args.out.stem}_*{args.out.suffix}"))
         ]
+        from expandctl.layers.base import strategy_names
+
+        rank = {k: i for i, k in enumerate(strategy_names())}
+        found.sort(key=lambda s: [rank.get(k, len(rank)) for k in s.split("+")])
         strategies = [STRATEGY] + [s for s in found if s != STRATEGY]
     else:
         strategies = [STRATEGY]
