@@ -101,7 +101,15 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     out = tmp_path / "zoo.jsonl"
     recs = [
         {"model": "tv:a", "status": "exact", "max_rel": 2e-15, "same_types": True, "left_alone": {"1x1": 3}},
-        {"model": "tv:b", "status": "inexact", "max_rel": 1e-3, "same_types": True, "reason": "output: 0.001"},
+        {
+            "model": "tv:b",
+            "status": "inexact",
+            "max_rel": 1e-3,
+            "same_types": True,
+            "reason": "output: 0.001",
+            "noise_floor_all": 2e-3,
+            "layer_max_rel": 4e-16,
+        },  # fmt: skip
         {"model": "tv:c", "status": "failed", "stage": "contract", "reason": "RuntimeError: bad"},
         {"model": "tv:d", "status": "failed", "stage": "build", "reason": "TypeError: no"},
         {"model": "tv:e", "status": "nothing", "left_alone": {"1x1": 2, "kernel 1x3": 1}},
@@ -109,9 +117,11 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     (tmp_path / "zoo_acb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     table = zoo.strategy_table(out, ["acb"], 9)
     # built: all but the build failure; exact share over the built models with a layer expanded (3)
-    assert "| `acb` | 5 of 9 | 4 | 1 | 1 | 2 | 1 | 0 | 33.3% | 2e-15 | 2 of 2 |" in table
+    row = "| `acb` | 5 of 9 | 4 | 1 | 1 (1 of 1 measured within the floor) | 2 | 1 | 0 | 33.3% | 2e-15 | 2 of 2 |"
+    assert row in table
     assert "- `acb` (6 layers): 5 x 1x1; 1 x kernel 1x3" in table
-    assert "- `acb` inexact: tv:b: output: 0.001" in table
+    assert "- `acb` inexact: tv:b: output: 0.001 (1e-16 relative noise" in table
+    assert "moves its output by 0.002; its expanded layers, each on its own input, are off by 4e-16)" in table
     assert "- `acb` failed at contract: tv:c: RuntimeError: bad" in table
 
 
@@ -124,7 +134,7 @@ def test_order_by_size_and_randomized_branches(tmp_path):
 
     import expandctl
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).double().eval()
     for strategy in ("dbb", "orepa"):
         big = expandctl.expand(model, strategy=strategy, seed=0)
         zoo.randomize_expanded(big)
@@ -133,3 +143,20 @@ def test_order_by_size_and_randomized_branches(tmp_path):
         scales = [p for n, p in big.named_parameters() if n.endswith("scale")]
         assert (strategy == "orepa") == bool(scales)
         assert all(((s >= 0.5) & (s < 1.5)).all() and s.std() > 0 for s in scales)
+
+    # each expanded layer's own contraction against its branches, on the input it sees in the model
+    big = expandctl.expand(model, strategy="rep", seed=0)
+    zoo.randomize_expanded(big)
+    assert zoo._layer_error(big, [3, 8, 8]) < 1e-13
+    layer = big[0]
+    good = layer.contract
+
+    def off():
+        conv = good()
+        with torch.no_grad():
+            conv.weight[0, 0, 1, 1] += 0.1
+        return conv
+
+    layer.contract = off
+    assert zoo._layer_error(big, [3, 8, 8]) > 1e-4
+    assert layer.forward_mode == "fused"  # put back as it was
