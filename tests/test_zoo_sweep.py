@@ -107,9 +107,10 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
             "max_rel": 1e-3,
             "same_types": True,
             "reason": "output: 0.001",
+            "noise_floor": 5e-4,
             "noise_floor_all": 2e-3,
             "layer_max_rel": 4e-16,
-        },  # fmt: skip
+        },
         {"model": "tv:c", "status": "failed", "stage": "contract", "reason": "RuntimeError: bad"},
         {"model": "tv:d", "status": "failed", "stage": "build", "reason": "TypeError: no"},
         {"model": "tv:e", "status": "nothing", "left_alone": {"1x1": 2, "kernel 1x3": 1}},
@@ -120,8 +121,10 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     row = "| `acb` | 5 of 9 | 4 | 1 | 1 (1 of 1 measured within the floor) | 2 | 1 | 0 | 33.3% | 2e-15 | 2 of 2 |"
     assert row in table
     assert "- `acb` (6 layers): 5 x 1x1; 1 x kernel 1x3" in table
-    assert "- `acb` inexact: tv:b: output: 0.001 (1e-16 relative noise" in table
-    assert "moves its output by 0.002; its expanded layers, each on its own input, are off by 4e-16)" in table
+    assert "- `acb` inexact: tv:b: output: 0.001 (the contracted model's output moves by 0.0005 under 1e-15" in table
+    assert (
+        "by 0.002 under 1e-16 on every tensor; its expanded layers, each on its own input, are off by 4e-16)" in table
+    )
     assert "- `acb` failed at contract: tv:c: RuntimeError: bad" in table
 
 
