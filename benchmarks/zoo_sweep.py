@@ -726,13 +726,14 @@ def _within_floor(r: dict) -> bool:
 
 def strategy_table(out: Path, strategies: list[str], total: int | None, top: int = 3) -> str:
     """Markdown: one row per strategy (models covered, built, each status, the share of built
-    models with a layer expanded that are exact, the worst float64 error of an exact one, how many
+    models with a layer expanded that are exact, and that are exact or inexact within the rounding
+    floor (:func:`_within_floor`), the worst float64 error of an exact one, how many
     contracted models keep the original's module types, and how many bias-free convs gained a
     bias), then each strategy's most frequent refusal reasons and its inexact or failed models."""
     rows = [
         "| strategy | models | built | exact | inexact | failed | nothing | skipped | exact / built with a layer "
-        "expanded | worst error (exact) | same types | convs given a bias |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "expanded | exact or within the floor | worst error (exact) | same types | convs given a bias |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     refusals, failures = [], []
     for strategy in strategies:
@@ -751,6 +752,7 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
             else "-"
         )
         share = f"{100 * by['exact'] / expanded:.1f}%" if expanded else "-"
+        floor_share = f"{100 * (by['exact'] + sum(map(_within_floor, recs))) / expanded:.1f}%" if expanded else "-"
         covered = f"{len(recs)}" + (f" of {total}" if total else "")
         inexact = str(by["inexact"])
         measured = [r for r in recs if r["status"] == "inexact" and r.get("noise_floor") is not None]
@@ -760,7 +762,7 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
         rows.append(
             f"| `{strategy}` | {covered} | {built} | "
             + " | ".join(counts)
-            + f" | {share} | {'-' if worst is None else f'{worst:.2g}'} | {same} | {bias} |"
+            + f" | {share} | {floor_share} | {'-' if worst is None else f'{worst:.2g}'} | {same} | {bias} |"
         )
         left = collections.Counter()
         for r in recs:

@@ -66,8 +66,8 @@ def test_sweep_runs_skips_resumes_and_summarises(tmp_path):
     assert "| skipped | 1 |" in text and "Skipped above the parameter bound: 1 models" in text
 
     table = zoo.strategy_table(out, ["ck+cl+fc", "dbb", "rep"], 2)
-    assert "| `dbb` | 2 of 2 | 1 | 1 | 0 | 0 | 0 | 1 | 100.0% |" in table
-    assert "| `rep` | 1 of 2 | 1 | 1 | 0 | 0 | 0 | 0 | 100.0% |" in table
+    assert "| `dbb` | 2 of 2 | 1 | 1 | 0 | 0 | 0 | 1 | 100.0% | 100.0% |" in table
+    assert "| `rep` | 1 of 2 | 1 | 1 | 0 | 0 | 0 | 0 | 100.0% | 100.0% |" in table
     assert "No model inexact or failed." in table
 
 
@@ -118,7 +118,9 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     (tmp_path / "zoo_acb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     table = zoo.strategy_table(out, ["acb"], 9)
     # built: all but the build failure; exact share over the built models with a layer expanded (3)
-    row = "| `acb` | 5 of 9 | 4 | 1 | 1 (1 of 1 measured within the floor) | 2 | 1 | 0 | 33.3% | 2e-15 | 2 of 2 |"
+    row = (
+        "| `acb` | 5 of 9 | 4 | 1 | 1 (1 of 1 measured within the floor) | 2 | 1 | 0 | 33.3% | 66.7% | 2e-15 | 2 of 2 |"
+    )
     assert row in table
     assert "- `acb` (6 layers): 5 x 1x1; 1 x kernel 1x3" in table
     assert "- `acb` inexact: tv:b: output: 0.001 (the contracted model's output moves by 0.0005 under 1e-15" in table
