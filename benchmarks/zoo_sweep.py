@@ -273,6 +273,33 @@ def _stages(rec: dict):
         rec["seconds"] = round(rec.get("seconds", 0.0) + time.time() - t0, 2)
 
 
+#: Below this, a model's output hardly depends on its input (a zero-initialised head; a random
+#: network whose BatchNorm shifts drown the signal): its check sees the kernels only through the
+#: constant paths, and the summary says so.
+BLIND = 1e-6
+
+
+def _input_sensitivity(model, shape) -> float | None:
+    """Worst relative change of any output between two random inputs: ``max|f(x1) - f(x2)| /
+    max|f(x1)|`` (0 when the output is identically zero)."""
+    import torch
+
+    from expandctl.verify import _leaves
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        a, b = (_leaves(model(torch.randn(1, *shape, dtype=torch.float64, generator=g))) for _ in range(2))
+    worst = 0.0
+    for (_, u), (_, v) in zip(a, b, strict=False):
+        if u.shape != v.shape:
+            return 1.0
+        if not u.is_floating_point():
+            continue
+        scale, diff = u.abs().max().item(), (u - v).abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else (math.inf if diff > 0 else 0.0))
+    return worst
+
+
 def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
     """``(model, rec)``: the model built in float64 with random BatchNorm statistics and the input
     it accepts in ``rec["input"]``; ``None`` when it is over the bound (``rec`` says ``skipped``) or
@@ -311,6 +338,10 @@ def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
             model = randomize_batchnorm(model).double().eval()
             shape = _input_shape(model, model_id)
         rec["input"] = shape
+        try:
+            rec["input_sensitivity"] = _input_sensitivity(model, shape)
+        except Exception:  # a model whose outputs cannot be compared this way: not measured
+            rec["input_sensitivity"] = None
     if rec.get("status") == "failed":
         return None, rec
     return model, rec
@@ -784,7 +815,27 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
                         line += f"; its expanded layers, each on its own input, are off by {r['layer_max_rel']:.2g}"
                     line += ")"
                 failures.append(line)
-    lines = rows + ["", "Layers left alone, most frequent reasons:", "", *refusals]
+    blind_lines = []
+    for strategy in strategies:
+        recs = [r for r in read_records(results_file(out, strategy)) if r["status"] == "exact"]
+        measured = [r for r in recs if r.get("input_sensitivity") is not None]
+        blind = [r["model"] for r in measured if r["input_sensitivity"] < BLIND]
+        if measured:
+            shown = ", ".join(m.split(":", 1)[1] for m in blind[:8]) + (", ..." if len(blind) > 8 else "")
+            blind_lines.append(
+                f"- `{strategy}`: {len(blind)} of {len(measured)} exact models measured"
+                + (f" ({shown})" if blind else "")
+            )
+    lines = list(rows)
+    if blind_lines:
+        lines += [
+            "",
+            f"Exact models whose output moves by less than {BLIND:g} (relative) between two random inputs, so "
+            "that their check sees the kernels only through constant paths:",
+            "",
+            *blind_lines,
+        ]
+    lines += ["", "Layers left alone, most frequent reasons:", "", *refusals]
     lines += ["", "Inexact or failed:" if failures else "No model inexact or failed.", ""] + failures
     return "\n".join(lines).rstrip() + "\n"
 

@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "zoo_sweep.py"
 
 
+def zoo_blind() -> float:
+    return load_script("zoo_sweep", "benchmarks").BLIND
+
+
 def _sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--workers", "1", *args]
@@ -45,6 +49,8 @@ def test_sweep_runs_skips_resumes_and_summarises(tmp_path):
     sq_dbb = dbb["tv:squeezenet1_1"]
     assert sq_dbb["status"] == "exact" and sq_dbb["strategy"] == "dbb" and sq_dbb["rate"] is None, sq_dbb
     assert sq_dbb["input"] == sq["input"] and sq_dbb["max_rel"] < 1e-12
+    # the check means something: the model's output depends on its input
+    assert sq_dbb["input_sensitivity"] == sq["input_sensitivity"] > zoo_blind()
     assert sq_dbb["same_types"] is True and "randomize" in sq_dbb["stage_seconds"]
     assert sq_dbb["left_alone"]["1x1 convolution: these branches need a larger kernel"] > 0
     assert "preserve_passed" not in sq_dbb
@@ -100,7 +106,14 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     zoo = load_script("zoo_sweep", "benchmarks")
     out = tmp_path / "zoo.jsonl"
     recs = [
-        {"model": "tv:a", "status": "exact", "max_rel": 2e-15, "same_types": True, "left_alone": {"1x1": 3}},
+        {
+            "model": "tv:a",
+            "status": "exact",
+            "max_rel": 2e-15,
+            "same_types": True,
+            "left_alone": {"1x1": 3},
+            "input_sensitivity": 0.0,
+        },  # fmt: skip
         {
             "model": "tv:b",
             "status": "inexact",
@@ -123,6 +136,7 @@ def test_strategy_table_lists_failures_and_refusals(tmp_path):
     )
     assert row in table
     assert "- `acb` (6 layers): 5 x 1x1; 1 x kernel 1x3" in table
+    assert "- `acb`: 1 of 1 exact models measured (a)" in table
     assert "- `acb` inexact: tv:b: output: 0.001 (the contracted model's output moves by 0.0005 under 1e-15" in table
     assert (
         "by 0.002 under 1e-16 on every tensor; its expanded layers, each on its own input, are off by 4e-16)" in table
