@@ -9,7 +9,8 @@ models, so a crash or a memory blow-up costs one model):
 
 1. build it on the meta device to count parameters; above ``--max-params`` it is recorded as
    ``skipped`` (its expanded float64 copies would not fit in memory), not dropped;
-2. build it for real (random init, random BatchNorm statistics, eval mode, float64) and find a
+2. build it for real (random init, all-zero conv / linear weights such as timm's zero-initialised
+   heads re-initialised, random BatchNorm statistics, eval mode, float64) and find a
    small input it accepts (64 px first, then larger) -- once for all the strategies;
 3. per strategy: ``plan`` / ``expand`` (seed 0) / random running statistics and affines for the
    BatchNorms inside the expanded layers and random per-channel scales (so that folding them is
@@ -300,6 +301,20 @@ def _input_sensitivity(model, shape) -> float | None:
     return worst
 
 
+def _reset_zero_weights(model) -> list[str]:
+    """Give every conv / linear layer whose weight is all zero (timm's zero-initialised classifier
+    heads: MLP-Mixer, gMLP, ...) its default random initialisation; returns their paths. Otherwise
+    the output is identically zero and the check compares zeros."""
+    import torch
+
+    reset = []
+    for path, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and not m.weight.any():
+            m.reset_parameters()
+            reset.append(path)
+    return reset
+
+
 def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
     """``(model, rec)``: the model built in float64 with random BatchNorm statistics and the input
     it accepts in ``rec["input"]``; ``None`` when it is over the bound (``rec`` says ``skipped``) or
@@ -323,6 +338,8 @@ def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
         if rec["params"] > max_params:
             rec.update(status="skipped", reason=f"{rec['params'] / 1e6:.1f}M parameters > bound {max_params / 1e6:g}M")
             return None, rec
+        torch.manual_seed(0)
+        rec["zero_weights_reset"] = _reset_zero_weights(model)
         model = randomize_batchnorm(model).double().eval()
         mark("forward")
         try:
@@ -335,6 +352,8 @@ def prepare(model_id: str, max_params: int) -> tuple[object | None, dict]:
             torch.manual_seed(0)
             model, kwargs = build(model_id, native_size=True)
             rec["kwargs"] = kwargs
+            torch.manual_seed(0)
+            rec["zero_weights_reset"] = _reset_zero_weights(model)
             model = randomize_batchnorm(model).double().eval()
             shape = _input_shape(model, model_id)
         rec["input"] = shape

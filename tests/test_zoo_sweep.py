@@ -163,6 +163,11 @@ def test_order_by_size_and_randomized_branches(tmp_path):
         assert (strategy == "orepa") == bool(scales)
         assert all(((s >= 0.5) & (s < 1.5)).all() and s.std() > 0 for s in scales)
 
+    # a zero-initialised head (timm's Mixer, gMLP) would make every output zero: re-initialised
+    head = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    torch.nn.init.zeros_(head[1].weight)
+    assert zoo._reset_zero_weights(head) == ["1"] and head[1].weight.abs().min() > 0
+
     # each expanded layer's own contraction against its branches, on the input it sees in the model
     big = expandctl.expand(model, strategy="rep", seed=0)
     zoo.randomize_expanded(big)
