@@ -28,6 +28,14 @@ Experiments (``--only`` picks some):
                  first conv and every depthwise 3x3 (the paper's ImageNet setting), 3 seeds (what
                  the 2-core budget allowed; ``REAL_SEEDS``); gray
                  images replicated to 3 channels and resized to 32x32.
+``strategies``   every strategy on SmallNet 7x7 and 3x3, 5 seeds: acb, rep, dbb, orepa at their default
+                 rates; compact, CL, CK, CL+FC are the ``behaviour`` runs, trained again here on 3 seeds
+                 (compact: 5) only as the time and memory reference (docs/evidence.md).
+``models``       the two torchvision networks on a recipe they converge under (``MODELS_SETTINGS``:
+                 48x48 inputs, 15 epochs, cosine from lr 0.05): compact, CL on the paper's layers, CL on
+                 every depthwise conv, and two branch kinds (``--model-strategies``), 3 seeds.
+
+Every run file records seconds per epoch and peak memory (RSS above the RSS before the model was built).
 
 Resumable: each finished run writes ``OUT/<experiment>/<name>.json`` (atomically) and is skipped next
 time, so a clean clone with the committed run files rebuilds every figure and table in seconds; a
