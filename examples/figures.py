@@ -741,8 +741,12 @@ def evidence_row(runs: list[dict], base: list[dict], cost: list[dict], base_cost
         row["se"] = std_error_of_difference(acc, ref)
     if cost:
         row["seconds"] = statistics.fmean(seconds_per_epoch(r) for r in cost)
-        if base_cost:
-            row["time_ratio"] = row["seconds"] / statistics.fmean(seconds_per_epoch(r) for r in base_cost)
+        # Per seed, against the compact run of the same seed (trained minutes apart by the same process,
+        # so under about the same machine load), then averaged over the seeds both have.
+        ref = {r["spec"]["seed"]: seconds_per_epoch(r) for r in base_cost}
+        ratios = [seconds_per_epoch(r) / ref[r["spec"]["seed"]] for r in cost if r["spec"]["seed"] in ref]
+        if ratios:
+            row["time_ratio"] = statistics.fmean(ratios)
         mem = [r["peak_memory_mib"] for r in cost if r.get("peak_memory_mib") is not None]
         ref_mem = [r["peak_memory_mib"] for r in base_cost if r.get("peak_memory_mib") is not None]
         if mem:
