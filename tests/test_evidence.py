@@ -123,3 +123,10 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     assert "| SmallNet 3x3 | dbb |" in table and "(2 of 5)" in table and "| ShuffleNetV2 x0.5 | acb |" in table
     assert (tmp_path / "evidence.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["evidence"]["smallnet_3x3"]["dbb"]["n"] == 2
+
+
+def test_model_strategies_must_be_branch_kinds(figures, capsys):
+    assert figures.parse_args(["--model-strategies", "orepa, rep"]).model_strategies == ("orepa", "rep")
+    with pytest.raises(SystemExit):
+        figures.parse_args(["--model-strategies", "acb,cl"])
+    assert "choose from acb, rep, dbb, orepa" in capsys.readouterr().err
