@@ -28,6 +28,14 @@ Experiments (``--only`` picks some):
                  first conv and every depthwise 3x3 (the paper's ImageNet setting), 3 seeds (what
                  the 2-core budget allowed; ``REAL_SEEDS``); gray
                  images replicated to 3 channels and resized to 32x32.
+``strategies``   every strategy on SmallNet 7x7 and 3x3, 5 seeds: acb, rep, dbb, orepa at their default
+                 rates; compact, CL, CK, CL+FC are the ``behaviour`` runs, trained again here on 3 seeds
+                 (compact: 5) only as the time and memory reference (docs/evidence.md).
+``models``       the two torchvision networks on a recipe they converge under (``MODELS_SETTINGS``:
+                 48x48 inputs, 15 epochs, cosine from lr 0.05): compact, CL on the paper's layers, CL on
+                 every depthwise conv, and two branch kinds (``--model-strategies``), 3 seeds.
+
+Every run file records seconds per epoch and peak memory (RSS above the RSS before the model was built).
 
 Resumable: each finished run writes ``OUT/<experiment>/<name>.json`` (atomically) and is skipped next
 time, so a clean clone with the committed run files rebuilds every figure and table in seconds; a
@@ -63,10 +71,10 @@ from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
 from expandctl.experiments.runs import Lock, finish_run, read_runs, train_contracted
 from expandctl.experiments.runs import claim as claim_lock
-from expandctl.experiments.stats import mean_std, welch_p
+from expandctl.experiments.stats import mean_std, std_error_of_difference, welch_p
 from expandctl.models import SmallNet
 from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data
-from expandctl.train.data import random_crop, random_flip
+from expandctl.train.data import random_crop, random_flip, resize, to_channels
 from expandctl.train.losses import product_l2, split_decay_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,12 +100,53 @@ TEACHER = {
 }  # fmt: skip
 #: strategy, exclude for each SmallNet variant (FC never expands the logits, as in the paper's code)
 SMALLNET = {"compact": (None, ()), "cl": ("cl", ()), "ck": ("ck", ()), "cl+fc": ("cl+fc", ("classifier.3",))}
+#: The parallel-branch kinds (docs/strategies.md), each trained at its own default rate (``rate=None``).
+BRANCH_KINDS = ("acb", "rep", "dbb", "orepa")
+SMALLNET.update({k: (k, ()) for k in BRANCH_KINDS})
+#: The ``strategies`` experiment's SmallNets: the new kinds, and the ``behaviour`` variants they are
+#: compared with. Those variants' accuracies are the ``behaviour`` runs' (the same recipe, 5 seeds); they
+#: are trained again here on the first ``COST_SEEDS`` seeds only as the time and memory reference: the
+#: ``behaviour`` runs' seconds were taken on a differently loaded machine (their compact 7x7 epochs took
+#: longer than CL's) and hold no memory figure. Compact is trained on every seed: the branch kinds are
+#: also compared with it, trained by today's code at the same time (its seed-0 accuracy differs from the
+#: ``behaviour`` run's).
+STRATEGY_KERNELS = {7: ("compact", "cl", "ck"), 3: ("compact", "cl", "cl+fc")}
+COST_SEEDS = 3
 REAL_MODELS = {
     "shufflenet_v2_x0_5": {"num_classes": 10},
     "mobilenet_v2": {"num_classes": 10, "width_mult": 0.5},
 }
+#: The ``models`` experiment: the same two networks on a recipe they converge under, the same for every
+#: variant. Input size and epochs chosen from the measured cost (docs/evidence.md); no weight decay, no
+#: augmentation, as in the SmallNet protocol.
+MODELS_SETTINGS = {**SETTINGS, "image_size": 48, "epochs": 15, "lr": 0.05, "schedule": "cosine"}
+MODELS_SEEDS = 3
+#: What the ``models`` recipe changes in a run's settings (``run_one``).
+MODELS_RECIPE_KEYS = ("image_size", "epochs", "lr", "schedule")
+#: variant -> (strategy, include globs) per model. The paper's ImageNet choice (CL, rate 4): MobileNetV2's
+#: first conv and only its stride-2 depthwise convs; ShuffleNetV2's first conv and every depthwise conv,
+#: which are all of its 3x3 convs, so there ``cl-paper`` is also "every depthwise conv" (no second run).
+#: Pointwise convs and the classifier are never expanded (CL leaves 1x1s alone by default). The paper
+#: moves ShuffleNetV2's first stride onto the chain's last 1x1; trained fused, the composed kernel and
+#: its gradients do not depend on where the stride sits (tests/test_evidence.py), so nothing changes.
+MODEL_VARIANTS = {
+    "shufflenet_v2_x0_5": {"compact": (None, ()), "cl-paper": ("cl", ())},
+    "mobilenet_v2": {
+        "compact": (None, ()),
+        "cl-paper": ("cl", ("features.0.0", "features.2.conv.1.0", "features.4.conv.1.0", "features.7.conv.1.0",
+                            "features.14.conv.1.0")),
+        "cl-all-dw": ("cl", ()),
+    },
+}  # fmt: skip
+#: The two best strategies of the ``strategies`` experiment, applied to every 3x3 conv (the first conv
+#: and every depthwise conv) of both networks; run after the CL variants. Chosen from the partial
+#: SmallNet results (docs/evidence.md: 3-4 of 5 seeds, every branch kind within noise of compact; orepa
+#: and dbb have the highest mean gain over both kernels); ``--model-strategies`` overrides.
+MODEL_STRATEGIES = ("orepa", "dbb")
+MODEL_TITLES = {"shufflenet_v2_x0_5": "ShuffleNetV2 x0.5", "mobilenet_v2": "MobileNetV2 0.5"}
 TEACHER_SPEC_ARGS = ("distillation", "teacher", TEACHER["seed"])
-EXPERIMENTS = ("behaviour", "landscape", "product-l2", "distillation", "init", "corrupted", "real")
+EXPERIMENTS = ("behaviour", "landscape", "product-l2", "distillation", "init", "corrupted", "real", "strategies",
+               "models")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -111,6 +160,7 @@ class Spec:
     kernel: int = 7
     strategy: str | None = None
     exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
     weight_decay: float = 0.0
     decay_on: str = "factors"
     warmup: int = 0
@@ -135,7 +185,14 @@ def smallnet_spec(experiment: str, variant: str, seed: int, kernel: int, **kw) -
     return Spec(experiment, variant, seed, kernel=kernel, strategy=strategy, exclude=exclude, **kw)
 
 
-def plan(experiments: Sequence[str], seeds: Sequence[int]) -> list[Spec]:
+def model_variants(arch: str, strategies: Sequence[str] = MODEL_STRATEGIES) -> dict[str, tuple]:
+    """variant -> (strategy, include) of the ``models`` experiment for ``arch``: compact, CL, then the
+    branch strategies on every 3x3 conv."""
+    return {**MODEL_VARIANTS[arch], **{k: (k, ()) for k in strategies}}
+
+
+def plan(experiments: Sequence[str], seeds: Sequence[int], model_strategies: Sequence[str] = MODEL_STRATEGIES
+         ) -> list[Spec]:  # fmt: skip
     """Every run of the chosen experiments, seeds outermost so that partial results cover all cells."""
     specs: list[Spec] = []
     if "distillation" in experiments:  # first, so that its students (last) find it trained
@@ -153,11 +210,22 @@ def plan(experiments: Sequence[str], seeds: Sequence[int]) -> list[Spec]:
             specs.append(smallnet_spec("init", "ck+init", s, 7, warmup=WARMUP_EPOCHS))
         if "corrupted" in experiments:
             specs += [smallnet_spec("corrupted", v, s, 5, corrupt=CORRUPT_FRACTION) for v in ("compact", "ck")]
+        if "strategies" in experiments:
+            for k, refs in STRATEGY_KERNELS.items():
+                variants = BRANCH_KINDS + (refs if s in seeds[:COST_SEEDS] else ("compact",))
+                specs += [smallnet_spec("strategies", v, s, k) for v in variants]
     if "distillation" in experiments:
         specs += [smallnet_spec("distillation", v, s, 7, kd=True) for s in seeds for v in ("compact+kd", "ck+kd")]
     if "real" in experiments:  # the most expensive runs, last
         specs += [Spec("real", v, s, arch=arch, strategy=None if v == "compact" else "cl")
                   for s in seeds[:REAL_SEEDS] for arch in REAL_MODELS for v in ("compact", "cl")]  # fmt: skip
+    if "models" in experiments:  # compact and CL first (they need no choice), then the branch strategies
+        for group in (False, True):
+            for s in seeds[:MODELS_SEEDS]:
+                for arch in REAL_MODELS:
+                    for v, (strategy, include) in model_variants(arch, model_strategies).items():
+                        if (strategy in BRANCH_KINDS) == group:
+                            specs.append(Spec("models", v, s, arch=arch, strategy=strategy, include=include))
     return specs
 
 
@@ -177,11 +245,18 @@ class Data:
         """All 10,000 test images, as the run's model reads them."""
         if spec.arch == "smallnet":
             return self.test
+        if spec.experiment == "models":
+            return as_rgb(self.test, MODELS_SETTINGS["image_size"])
         if "rgb-test" not in self._cache:
             self._cache["rgb-test"] = as_rgb32(self.test)
         return self._cache["rgb-test"]
 
     def for_spec(self, spec: Spec) -> DataSplits:
+        if spec.experiment == "models":
+            size = MODELS_SETTINGS["image_size"]
+            # The same 2,000 curve images as ``real``; the final accuracy is on all 10,000.
+            curve = as_rgb(fixed_subset(self.test, REAL_CURVE_IMAGES), size)
+            return DataSplits(as_rgb(self.train, size), curve, self.full.num_classes, (3, size, size))
         key = (spec.arch == "smallnet", spec.corrupt, spec.variant == "teacher")
         if key not in self._cache:
             train_set, test_set = self.train, self.test
@@ -227,6 +302,15 @@ def corrupted(ds: TensorImages, fraction: float, seed: int) -> TensorImages:
     out = copy.copy(ds)
     out.labels = labels
     return out
+
+
+def as_rgb(ds: TensorImages, size: int) -> TensorImages:
+    """Gray 28x28 -> 3 x ``size`` x ``size``, converted batch by batch as the loop reads it (bilinear
+    resize, then the gray channel replicated; the same normalisation on each): 10,000 images at 64x64
+    in float would hold 0.5 GB."""
+    mean, std = float(ds.mean.flatten()[0]), float(ds.std.flatten()[0])
+    return TensorImages(ds.images, ds.labels, (mean,) * 3, (std,) * 3, ds.scale, ds.augment,
+                        convert=(*ds.convert, resize(size), to_channels(3)), channels=3)  # fmt: skip
 
 
 def as_rgb32(ds: TensorImages) -> TensorImages:
@@ -284,7 +368,9 @@ def build(spec: Spec, shape: tuple[int, ...], settings: dict) -> tuple[nn.Module
         kwargs = dict(REAL_MODELS[spec.arch])
         model, arch = torchvision.models.get_model(spec.arch, **kwargs), spec.arch
     if spec.strategy:
-        model = expandctl.expand(model, spec.strategy, settings["rate"], exclude=spec.exclude, seed=spec.seed)
+        rate = None if spec.strategy in BRANCH_KINDS else settings["rate"]  # a branch kind's own default
+        model = expandctl.expand(model, spec.strategy, rate, include=spec.include, exclude=spec.exclude,
+                                 seed=spec.seed)  # fmt: skip
     return model, arch, kwargs
 
 
@@ -305,6 +391,53 @@ def regulariser_hook(spec: Spec):
     return hook
 
 
+class PeakMemory:
+    """Peak resident memory of this process while one run trains, above the resident memory just before
+    its model is built (the data already loaded): parameters, gradients, optimizer state, activations,
+    composition buffers. Linux: the peak (``VmHWM``) is reset through ``/proc/self/clear_refs`` and
+    read after every epoch, so that one process can measure many runs in turn; ``None`` elsewhere.
+    Freed heap is returned to the system first (``malloc_trim``), so that a run does not hide in memory
+    a previous run left mapped."""
+
+    def __init__(self):
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base: float | None = self._read("VmRSS")
+        except (OSError, AttributeError):
+            self.base = None
+        self.peak = self.base
+
+    @staticmethod
+    def _read(field: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+        raise OSError(f"no {field} in /proc/self/status")
+
+    def hook(self, ctx) -> None:
+        if self.base is not None:
+            self.peak = max(self.peak, self._read("VmHWM"))
+
+    @property
+    def mib(self) -> float | None:
+        return None if self.base is None else round(self.peak - self.base, 1)
+
+
+def warm_up(data: Data) -> None:
+    """A throwaway one-epoch SmallNet run in a temporary folder: torch's one-time allocations (kernels,
+    thread pools, allocator caches, the training loop's data copies) happen here, not inside the
+    first real run's memory peak (measured: about 170 MiB more than the same run in second place)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_one(Spec("warm-up", "compact", 0, kernel=3), Path(tmp), data, dict(SETTINGS, epochs=1), False)
+
+
 def teacher_module(out: Path, data: Data, settings: dict, verbose: bool) -> nn.Module:
     """The trained teacher, from its checkpoint: trained here first if this machine has none (a clean
     clone has its run file but not its weights), or waited for if another process is training it."""
@@ -323,6 +456,8 @@ def teacher_module(out: Path, data: Data, settings: dict, verbose: bool) -> nn.M
 
 def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) -> dict:
     """Train, contract, check and evaluate one run; write its JSON."""
+    if spec.experiment == "models":
+        settings = {**settings, **{k: MODELS_SETTINGS[k] for k in MODELS_RECIPE_KEYS}}
     splits = data.for_spec(spec)
     shape = tuple(splits.input_shape)
     work = out / "work" / spec.experiment / spec.name
@@ -332,6 +467,8 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
         hooks.append(grad_confusion_hook(100, settings["batch_size"], spec.seed))
     if spec.weight_decay:
         hooks.append(regulariser_hook(spec))
+    memory = PeakMemory()
+    hooks.insert(0, memory.hook)  # first: the other hooks' own memory is not training's
     is_teacher = spec.variant == "teacher"
     config = TrainConfig(
         src="", data=settings["data"],
@@ -376,6 +513,8 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
         # training are not counted.)
         "cpu_seconds": t.cpu_seconds, "wall_seconds": t.wall_seconds,
         "train_seconds": round(sum(m["seconds"] for m in summary["history"]), 2),
+        "seconds_per_epoch": round(statistics.fmean(m["seconds"] for m in summary["history"]), 3),
+        "peak_memory_mib": memory.mib, "memory_kind": "peak RSS above the RSS before the model was built",
         "torch": str(torch.__version__), "expandctl": expandctl.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })  # fmt: skip
@@ -557,6 +696,9 @@ def report(out: Path) -> dict:
                              f"{versus(rs, base) if v != 'compact' else '-'} | {sec:.1f} | {ratio} |")  # fmt: skip
         lines.append("")
         plot_real(out, rm)
+    if runs["strategies"] or runs["models"]:
+        more, summary["evidence"] = report_evidence(out, runs)
+        lines += more
     every = [r for rs in runs.values() for r in rs]
     if every:
         cpu = sum(r["cpu_seconds"] for r in every)
@@ -574,6 +716,113 @@ def report(out: Path) -> dict:
     with atomic_write(out / "results.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def seconds_per_epoch(r: dict) -> float:
+    return r.get("seconds_per_epoch") or statistics.fmean(h["seconds"] for h in r["history"])
+
+
+def evidence_row(runs: list[dict], base: list[dict], cost: list[dict], base_cost: list[dict],
+                 rerun: list[dict] | None = None) -> dict:  # fmt: skip
+    """One strategy against compact: accuracy of ``runs`` vs ``base`` (points, Welch's p, the standard
+    error of the difference) and, given ``rerun``, vs those runs too; seconds per epoch and peak memory
+    of ``cost`` vs ``base_cost``."""
+    acc, ref = [100 * r["final_acc"] for r in runs], [100 * r["final_acc"] for r in base]
+    row: dict = {"n": len(runs)}
+    if acc and rerun:
+        again = [100 * r["final_acc"] for r in rerun]
+        row["gain_rerun"] = statistics.fmean(acc) - statistics.fmean(again)
+        row["p_rerun"] = welch_p(acc, again)
+    if acc:
+        row["mean"], row["std"] = mean_std(acc)
+        row["params_trained"] = runs[0]["params_trained"]
+    if acc and ref and runs is not base:
+        row["gain"] = statistics.fmean(acc) - statistics.fmean(ref)
+        row["p"] = welch_p(acc, ref)
+        row["se"] = std_error_of_difference(acc, ref)
+    if cost:
+        row["seconds"] = statistics.fmean(seconds_per_epoch(r) for r in cost)
+        # Per seed, against the compact run of the same seed (trained minutes apart by the same process,
+        # so under about the same machine load), then averaged over the seeds both have.
+        ref = {r["spec"]["seed"]: seconds_per_epoch(r) for r in base_cost}
+        ratios = [seconds_per_epoch(r) / ref[r["spec"]["seed"]] for r in cost if r["spec"]["seed"] in ref]
+        if ratios:
+            row["time_ratio"] = statistics.fmean(ratios)
+        mem = [r["peak_memory_mib"] for r in cost if r.get("peak_memory_mib") is not None]
+        ref_mem = [r["peak_memory_mib"] for r in base_cost if r.get("peak_memory_mib") is not None]
+        if mem:
+            row["memory_mib"] = statistics.fmean(mem)
+            if ref_mem:
+                row["memory_ratio"] = row["memory_mib"] / statistics.fmean(ref_mem)
+    return row
+
+
+def evidence_cells(row: dict, of: int) -> str:
+    def num(key, fmt):
+        return format(row[key], fmt) if row.get(key) is not None else "-"
+
+    acc = f"{row['mean']:.2f} +- {row['std']:.2f} ({row['n']} of {of})" if "mean" in row else f"- (0 of {of})"
+    versus_ = "-" if "gain" not in row else f"{row['gain']:+.2f}" + (f" (p={row['p']:.2g})" if row["p"] else "")
+    again = "-"
+    if "gain_rerun" in row:
+        again = f"{row['gain_rerun']:+.2f}" + (f" (p={row['p_rerun']:.2g})" if row["p_rerun"] else "")
+    return " | ".join([num("params_trained", ","), acc, versus_, again, num("seconds", ".1f"), num("time_ratio", ".2f"),
+                       num("memory_mib", ".0f"), num("memory_ratio", ".2f")])  # fmt: skip
+
+
+EVIDENCE_HEADER = ["| model | strategy | params trained | test acc. (seeds done) | vs compact (Welch p) "
+                   "| vs compact re-run (p) | s / epoch | x compact | peak MiB | x compact |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+
+def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], dict]:
+    """Issue 16's tables: every strategy on SmallNet, and the torchvision models on their own recipe."""
+    lines, summary, groups = [], {}, {}
+    st, b = runs["strategies"], runs["behaviour"]
+    if st:
+        lines += ["## Every strategy on SmallNet (7x7, 3x3)", "", " ".join([
+            f"Accuracy of compact, CL, CK and CL+FC: the `behaviour` runs (the same recipe, {len(SEEDS)} seeds);",
+            "of acb, rep, dbb, orepa (each at its own default rate): this experiment's runs. Compact is also",
+            "re-run here on every seed (today's code, alongside the branch kinds): *vs compact re-run*; in the",
+            "compact row, the `behaviour` runs minus the re-runs. Seconds per epoch (training plus the",
+            "10,000-image test pass, one thread, on a machine shared with other jobs) and peak memory (RSS above",
+            "the RSS before the model was built) are this experiment's: the reused CL, CK and CL+FC were trained",
+            f"again on seeds 0-{COST_SEEDS - 1} for them. Partial while a cell shows fewer than {len(SEEDS)} seeds.",
+        ]), "", *EVIDENCE_HEADER]  # fmt: skip
+        for k, refs in STRATEGY_KERNELS.items():
+            base, base_cost = select(b, kernel=k, variant="compact"), select(st, kernel=k, variant="compact")
+            rows = {}
+            for v in refs + BRANCH_KINDS:
+                acc_runs = select(b, kernel=k, variant=v) if v in refs else select(st, kernel=k, variant=v)
+                rerun = base_cost if v in BRANCH_KINDS + ("compact",) else None
+                rows[v] = evidence_row(acc_runs if v != "compact" else base, base, select(st, kernel=k, variant=v),
+                                       base_cost, rerun)  # fmt: skip
+                lines.append(f"| SmallNet {k}x{k} | {v} | {evidence_cells(rows[v], len(SEEDS))} |")
+            summary[f"smallnet_{k}x{k}"] = groups[f"SmallNet {k}x{k}"] = rows
+        lines.append("")
+    m = runs["models"]
+    if m:
+        lines += [f"## torchvision models on Fashion-MNIST at {MODELS_SETTINGS['image_size']}x"
+                  f"{MODELS_SETTINGS['image_size']} (last feature map 2x2)", "",
+                  f"Recipe: `{json.dumps({k: MODELS_SETTINGS[k] for k in MODELS_RECIPE_KEYS})}`, otherwise as "
+                  f"SmallNet's; gray replicated to 3 channels; contracted-model accuracy on the 10,000 test images, "
+                  f"per-epoch curves on {REAL_CURVE_IMAGES:,}. CL rate 4: `cl-paper` the paper's layers, `cl-all-dw` "
+                  f"the first conv and every depthwise conv; branch kinds on every 3x3 conv. Partial while a cell "
+                  f"shows fewer than {MODELS_SEEDS} seeds.", "", *EVIDENCE_HEADER]  # fmt: skip
+        for arch in REAL_MODELS:
+            base = select(m, arch=arch, variant="compact")
+            present = {r["spec"]["variant"] for r in select(m, arch=arch)}
+            order = [v for v in MODEL_VARIANTS[arch]] + [k for k in BRANCH_KINDS if k in present]
+            rows = {}
+            for v in order:
+                rs = select(m, arch=arch, variant=v)
+                rows[v] = evidence_row(rs if v != "compact" else base, base, rs, base)
+                lines.append(f"| {MODEL_TITLES[arch]} | {v} | {evidence_cells(rows[v], MODELS_SEEDS)} |")
+            summary[arch] = groups[MODEL_TITLES[arch]] = rows
+        lines.append("")
+    plot_evidence(out / "evidence.png", groups, sum(len(runs[e]) for e in ("strategies", "models")))
+    lines += ["![gain over compact and training cost per strategy and model](evidence.png)", ""]
+    return lines, summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,6 +1019,66 @@ def plot_bars(path: Path, groups: dict[str, list[dict]], title: str, hline=None)
     _save(fig, path)
 
 
+EVIDENCE_STYLE = {  # strategy -> (label, colour, hatch)
+    "cl": ("CL", "#1f77b4", ""), "cl-paper": ("CL, the paper's layers", "#1f77b4", "//"),
+    "cl-all-dw": ("CL, every depthwise conv", "#aec7e8", ""), "ck": ("CK", "#d62728", ""),
+    "cl+fc": ("CL+FC", "#2ca02c", ""), "acb": ("acb (ACNet)", "#ff7f0e", ""), "rep": ("rep (RepVGG)", "#9467bd", ""),
+    "dbb": ("dbb (DBB)", "#8c564b", ""), "orepa": ("orepa (OREPA)", "#e377c2", ""),
+}  # fmt: skip
+
+
+def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -> None:
+    """Gain over compact (points, error bar: standard error of the difference over seeds) and training
+    time per epoch relative to compact, per model (group) and strategy (bar)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [3, 2]})
+    seen: dict[str, object] = {}
+    ticks, names = [], []
+    x = 0.0
+    for gname, rows in groups.items():
+        strategies = [v for v in rows if v != "compact" and "mean" in rows[v]]
+        if not strategies:
+            continue
+        start = x
+        for v in strategies:
+            r = rows[v]
+            label, color, hatch = EVIDENCE_STYLE[v]
+            if "gain" in r:
+                bar = axes[0].bar(x, r["gain"], 0.8, yerr=r.get("se"), color=color, hatch=hatch, edgecolor="black",
+                                  linewidth=0.5, capsize=3, label=label)  # fmt: skip
+                seen.setdefault(label, bar)
+                star = "*" if r.get("p") is not None and r["p"] < 0.05 else ""
+                top = r["gain"] + (r.get("se") or 0) if r["gain"] >= 0 else r["gain"] - (r.get("se") or 0)
+                axes[0].annotate(f"{star}\nn={r['n']}" if star else f"n={r['n']}", (x, top), ha="center",
+                                 va="bottom" if r["gain"] >= 0 else "top", fontsize=7)  # fmt: skip
+            if "time_ratio" in r:
+                axes[1].bar(x, r["time_ratio"], 0.8, color=color, hatch=hatch, edgecolor="black", linewidth=0.5)
+            x += 1
+        ticks.append((start + x - 1) / 2)
+        n = max(rows["compact"]["n"], 0)
+        names.append(f"{gname}\ncompact {rows['compact']['mean']:.2f}% (n={n})" if "mean" in rows["compact"]
+                     else gname)  # fmt: skip
+        x += 0.8
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set(ylabel="test accuracy minus compact's (points)",
+                title="Gain over compact (mean over seeds; bar: std. error of the difference; * Welch p < 0.05)")
+    axes[1].axhline(1, color="black", lw=0.8, ls="--")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set(ylabel="training seconds per epoch / compact's (x)", title="Training cost (one CPU thread)")
+    for ax in axes:
+        ax.set_xlim(-0.8, max(x - 0.2, 1))
+        ax.margins(y=0.12)
+        ax.set_xticks(ticks, names, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_xlabel("model (compact's accuracy, seeds)")
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(len(seen), 5), fontsize=9,
+               title="strategy", frameon=False)  # fmt: skip
+    fig.suptitle(f"Which expansion helps which model: Fashion-MNIST, contracted-model accuracy on 10,000 test images "
+                 f"({n_runs} runs so far)", fontsize=12)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    _save(fig, path)
+
+
 def plot_real(out: Path, runs: list[dict]) -> None:
     plt = _plt()
     archs = [a for a in REAL_MODELS if select(runs, arch=a)]
@@ -796,6 +1105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="results/figures")
     ap.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--model-strategies", default=",".join(MODEL_STRATEGIES),
+                    help=f"branch kinds the models experiment trains after CL (default {','.join(MODEL_STRATEGIES)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the tables and figures")
     ap.add_argument("--no-report", action="store_true", help="train only (parallel workers; one reports last)")
@@ -806,6 +1117,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.model_strategies = tuple(k.strip() for k in args.model_strategies.split(",") if k.strip())
+    if any(k not in BRANCH_KINDS for k in args.model_strategies):
+        ap.error(f"--model-strategies: choose from {', '.join(BRANCH_KINDS)}")
     return args
 
 
@@ -816,12 +1130,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ran = 0
     if not args.report_only:
-        todo = [s for s in plan(args.only, args.seeds) if not result_path(out, s).is_file()]
+        todo = [s for s in plan(args.only, args.seeds, args.model_strategies) if not result_path(out, s).is_file()]
         print(f"{len(todo)} runs to do in {out}", flush=True)
         try:
             data = load(SETTINGS) if todo else None
         except ExpandctlError as e:
             raise SystemExit(f"figures: {e} (run `make data` first)") from None
+        if data is not None:
+            warm_up(data)
         for spec in todo:
             if result_path(out, spec).is_file():
                 continue  # another process finished it meanwhile

@@ -95,8 +95,9 @@ def test_plan_covers_every_experiment_teacher_first_students_after(figures):
     assert (count("behaviour"), count("landscape"), count("product-l2"), count("distillation")) == (30, 3, 6, 11)
     assert (count("init"), count("corrupted"), count("real")) == (5, 10, 4 * figures.REAL_SEEDS)
     first_student = min(i for i, s in enumerate(specs) if s.kd)
-    assert all(s.experiment in ("distillation", "real") for s in specs[first_student:])
-    assert all(s.experiment == "real" for s in specs[-4 * figures.REAL_SEEDS :])
+    assert all(s.experiment in ("distillation", "real", "models") for s in specs[first_student:])
+    models = sum(s.experiment == "models" for s in specs)
+    assert all(s.experiment == "real" for s in specs[-4 * figures.REAL_SEEDS - models : -models])
 
 
 def test_runs_write_measurements_and_the_report_draws_them(figures, tmp_path, monkeypatch):
