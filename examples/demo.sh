@@ -60,7 +60,7 @@ more than the gap, so one run of each can land either way (compact seed 0, 98.61
 2, 98.33%): that is why the comparison is over seeds. Measured when this demo was written (5
 seeds): compact 97.67 +- 0.67, CK 98.83 +- 0.36, +1.17 points, Welch p = 0.013; with 10 seeds
 +0.94, p = 0.0006, CK ahead or level on every seed. It agrees with the committed 5-seed
-Fashion-MNIST runs (CK at 7x7: +0.73, README.md "Results", docs/paper.md), where
+Fashion-MNIST runs (CK at 7x7: +0.73; README.md "Results", docs/paper.md, results/), where
 CK+FC and FC show no reliable effect. Step 4's one number (the best epoch of one run) shows the
 pipeline working end to end, not evidence either way.
 TXT
