@@ -304,10 +304,7 @@ class BranchedConv(ExpandedLayer):
             kernel = algebra.average_kernel(channels, g, K, like)
         weights.append(kernel)
         biases.append(None)
-        if any(bb is not None for bb in biases):
-            w, bias = algebra.compose_chain(weights, biases, g)
-        else:
-            w, bias = algebra.compose_chain(weights, None, g)
+        w, bias = algebra.compose_chain(weights, biases, g)  # all biases None: bias None
         if spec.spatial == "conv":
             w = algebra.embed_kernel(w, K, spec.offset)
         if b.norm is not None:

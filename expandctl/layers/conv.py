@@ -71,6 +71,15 @@ def describe_specs(module: nn.Module, specs: Sequence[dict]) -> tuple[list[str],
     return descs, total
 
 
+def factors_repr(factors) -> str:
+    """``"3->12 1x1, 12->32 7x7 s(2, 2), ..."``: the conv or transposed-conv factors of a chain."""
+    parts = []
+    for f in factors:
+        k = "x".join(map(str, f.kernel_size))
+        parts.append(f"{f.in_channels}->{f.out_channels} {k}" + (f" s{f.stride}" if max(f.stride) > 1 else ""))
+    return ", ".join(parts)
+
+
 def cl_reason(reason: str | None, module: nn.Module, pointwise: bool) -> str | None:
     """A conv kind's refusal, or CL's own: a 1x1 kernel only with ``pointwise``."""
     if reason is None and max(module.kernel_size) == 1 and not pointwise:
@@ -188,11 +197,7 @@ class ExpandedConv(ChainLayer):
         return super().linear_part(F.pad(x, [r for r in reach for _ in range(2)]))
 
     def extra_repr(self):
-        parts = []
-        for f in self.factors:
-            k = "x".join(map(str, f.kernel_size))
-            parts.append(f"{f.in_channels}->{f.out_channels} {k}" + (f" s{f.stride}" if max(f.stride) > 1 else ""))
-        return f"{self.kind} [{', '.join(parts)}], groups={self.groups}, forward={self.forward_mode}"
+        return f"{self.kind} [{factors_repr(self.factors)}], groups={self.groups}, forward={self.forward_mode}"
 
 
 @register_expansion

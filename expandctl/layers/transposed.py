@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import algebra
 from .base import ChainLayer, check_modes, register_expansion, template_of
-from .conv import ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, describe_specs
+from .conv import ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, describe_specs, factors_repr
 from .hosts import qualname
 from .preserve import fit_ck, preserve_exact
 
@@ -141,11 +141,8 @@ class ExpandedConvTranspose(ChainLayer):
         raise NotImplementedError
 
     def extra_repr(self):
-        parts = []
-        for f in self.factors:
-            k = "x".join(map(str, f.kernel_size))
-            parts.append(f"{f.in_channels}->{f.out_channels} {k}" + (f" s{f.stride}" if max(f.stride) > 1 else ""))
-        return f"{self.kind} transposed [{', '.join(parts)}], groups={self.groups}, forward={self.forward_mode}"
+        factors = factors_repr(self.factors)
+        return f"{self.kind} transposed [{factors}], groups={self.groups}, forward={self.forward_mode}"
 
 
 @register_expansion
