@@ -4,6 +4,7 @@ then quantized by ``expandctl quantize``'s library steps; float and INT8 accurac
     python benchmarks/int8_drop.py                       # compact, cl, ck, fc, cl+fc, ck+fc; k=7; seeds 0-4
     python benchmarks/int8_drop.py --kernels 3,5,7,9     # more later: finished runs are reused
     python benchmarks/int8_drop.py --calibration entropy # the same trained models, another calibration
+    python benchmarks/int8_drop.py --models              # the torchvision runs of examples/figures.py's models
 
 1. Training is examples/reproduce.py's (the results/fashion protocol by default: 12 epochs of the
    paper's schedule on a fixed stratified 10,000-image subset, SGD momentum 0.9, batch 128, rate 4),
@@ -16,6 +17,13 @@ then quantized by ``expandctl quantize``'s library steps; float and INT8 accurac
    thread, batch 32, 200 rounds). One JSON per run in WORK/int8-METHOD (skipped when present).
 3. The table, per run and per variant (mean +- sample std over seeds), goes to
    OUT/int8_drop.{md,json} (minmax) or OUT/int8_drop_METHOD.{md,json}; ``--report-only`` rebuilds it.
+
+With ``--models`` nothing is trained: the finished runs of examples/figures.py's ``models`` experiment
+(ShuffleNetV2 x0.5 and MobileNetV2 0.5 on Fashion-MNIST at 48x48, ``FIGURES/models/*.json``) are taken
+with the contracted model each left in ``FIGURES/work/models/NAME/contracted.pt`` (gitignored: a run
+finished on another machine has none and is listed as missing), calibrated on its 10,000 training
+images and scored on the 10,000 test images, both as its training read them; table in
+OUT/int8_drop_models.{md,json}.
 
 WORK (default benchmarks/work/int8) is gitignored; OUT (default benchmarks/results) is committed.
 """
@@ -65,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "int8"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--models", action="store_true", help="quantize figures.py's models runs (no training)")
+    ap.add_argument("--figures", default=str(ROOT / "results" / "figures"), help="figures.py's OUT, for --models")
     return ap.parse_args(argv)
 
 
@@ -84,20 +94,26 @@ def train_runs(args, work: Path) -> list[str]:
     ]
 
 
-def records_dir(work: Path, method: str) -> Path:
-    return work / f"int8-{method}"
+def records_dir(work: Path, method: str, models: bool = False) -> Path:
+    return work / (f"int8-models-{method}" if models else f"int8-{method}")
 
 
-def report_stem(method: str) -> str:
-    return "int8_drop" if method == "minmax" else f"int8_drop_{method}"
+def report_stem(method: str, models: bool = False) -> str:
+    stem = "int8_drop_models" if models else "int8_drop"
+    return stem if method == "minmax" else f"{stem}_{method}"
 
 
-def quantize_run(name: str, args, work: Path, sets) -> dict:
-    """Export the run's contracted model, quantize it, return (and store) the record."""
+def quantize_run(name: str, args, work: Path, sets, run: dict | None = None, contracted: Path | None = None) -> dict:
+    """Export the run's contracted model, quantize it, return (and store) the record. ``run`` and
+    ``contracted``: a figures.py ``models`` run file and its contracted model (else reproduce.py's)."""
     train_dir = work / "train"
-    run = json.loads((train_dir / "runs" / f"{name}.json").read_text())
-    ckpt = load_checkpoint(train_dir / "work" / name / "contracted.pt")
-    qdir = records_dir(work, args.calibration)
+    if run is None:
+        run = json.loads((train_dir / "runs" / f"{name}.json").read_text())
+        contracted = train_dir / "work" / name / "contracted.pt"
+    else:
+        run = {**run["spec"], "settings": run["settings"], "final_acc": run["final_acc"], "arch": run["spec"]["arch"]}
+    ckpt = load_checkpoint(contracted)
+    qdir = records_dir(work, args.calibration, args.models)
     qdir.mkdir(parents=True, exist_ok=True)
     cpu0 = time.process_time()
     float_path, _ = export_onnx(ckpt.model, qdir / f"{name}.onnx", ckpt.input_shape)
@@ -106,6 +122,7 @@ def quantize_run(name: str, args, work: Path, sets) -> dict:
                       latency_rounds=args.latency_rounds)  # fmt: skip
     record = {
         "name": name, "variant": run["variant"], "kernel": run["kernel"], "seed": run["seed"],
+        **({"arch": run["arch"]} if args.models else {}),
         "train_settings": run["settings"], "quant_settings": {k: getattr(args, k) for k in QUANT_KEYS},
         "torch_final_acc": run["final_acc"],  # the contracted model in torch (reproduce.py)
         **result.to_dict(),
@@ -125,15 +142,19 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
-def report(work: Path, out: Path, method: str = "minmax") -> dict:
-    records = [json.loads(p.read_text()) for p in sorted(records_dir(work, method).glob("*.json"))]
-    order = {v: i for i, v in enumerate(reproduce.VARIANTS)}
-    records.sort(key=lambda r: (order.get(r["variant"], 99), r["kernel"], r["seed"]))
+def report(work: Path, out: Path, method: str = "minmax", models: bool = False) -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(records_dir(work, method, models).glob("*.json"))]
     if not records:
-        raise SystemExit(f"no quantized runs in {records_dir(work, method)}")
-    groups: dict[tuple[str, int], list[dict]] = {}
+        raise SystemExit(f"no quantized runs in {records_dir(work, method, models)}")
+    if models:
+        order = {v: i for i, v in enumerate(("compact", "cl-paper", "cl-all-dw", "acb", "rep", "dbb", "orepa"))}
+        records.sort(key=lambda r: (r["arch"], order.get(r["variant"], 99), r["seed"]))
+    else:
+        order = {v: i for i, v in enumerate(reproduce.VARIANTS)}
+        records.sort(key=lambda r: (order.get(r["variant"], 99), r["kernel"], r["seed"]))
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        groups.setdefault((r["variant"], r["kernel"]), []).append(r)
+        groups.setdefault((r["arch"] if models else str(r["kernel"]), r["variant"]), []).append(r)
 
     def cols(rs):
         f = [100 * r["float_eval"]["accuracy"] for r in rs]
@@ -144,13 +165,24 @@ def report(work: Path, out: Path, method: str = "minmax") -> dict:
         return f, q, d, lat, lat_min
 
     summary = {}
-    lines = ["# INT8 drop of SmallNet variants (benchmarks/int8_drop.py)", ""]
     first = records[0]
     ts, qs = first["train_settings"], first["quant_settings"]
+    if models:
+        lines = ["# INT8 drop of the torchvision models (benchmarks/int8_drop.py --models)", "",
+                 f"Training: examples/figures.py's `models` experiment on {ts['data']} at {ts['image_size']}x"
+                 f"{ts['image_size']} (gray replicated to 3 channels), {ts['epochs']} epochs ({ts['schedule']} "
+                 f"schedule from lr {ts['lr']}), {ts['train_subset']} training images (stratified, seed "
+                 f"{ts['subset_seed']}), batch {ts['batch_size']}, momentum {ts['momentum']}, rate {ts['rate']}, "
+                 "one thread; then contracted (docs/evidence.md)."]  # fmt: skip
+        head = "| model | variant | seeds |"
+    else:
+        lines = ["# INT8 drop of SmallNet variants (benchmarks/int8_drop.py)", "",
+                 f"Training: examples/reproduce.py on {ts['data']}, {ts['epochs']} epochs ({ts['schedule']} "
+                 f"schedule, lr {ts['lr']}), {ts['train_subset']} training images (stratified, seed "
+                 f"{ts['subset_seed']}), batch {ts['batch_size']}, momentum {ts['momentum']}, rate {ts['rate']}, "
+                 "one thread; then contracted."]  # fmt: skip
+        head = "| variant | k | seeds |"
     lines += [
-        f"Training: examples/reproduce.py on {ts['data']}, {ts['epochs']} epochs ({ts['schedule']} schedule, lr "
-        f"{ts['lr']}), {ts['train_subset']} training images (stratified, seed {ts['subset_seed']}), batch "
-        f"{ts['batch_size']}, momentum {ts['momentum']}, rate {ts['rate']}, one thread; then contracted.",
         f"Quantization: onnxruntime {first['quantization']['onnxruntime']} static, {first['quantization']['format']}, "
         f"weights {first['quantization']['weights']}, activations {first['quantization']['activations']}; "
         f"{qs['calibration']} calibration on {qs['calib_size']} training images (stratified, seed {qs['calib_seed']}).",
@@ -158,19 +190,21 @@ def report(work: Path, out: Path, method: str = "minmax") -> dict:
         f"{qs['latency_rounds']} interleaved rounds, batch {qs['latency_batch']}, {first['latency']['threads']} "
         "thread, INT8 / float (below 1: INT8 faster) of the median and of the fastest round, on a shared machine.",
         "",
-        "| variant | k | seeds | float acc % | INT8 acc % | drop (points) | latency ratio (medians) | (fastest) |",
+        f"{head} float acc % | INT8 acc % | drop (points) | latency ratio (medians) | (fastest) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, k), rs in groups.items():
+    for (where, variant), rs in groups.items():
         f, q, d, lat, lat_min = cols(rs)
-        summary[f"{variant}-k{k}"] = {
+        key = f"{where}-{variant}" if models else f"{variant}-k{where}"
+        summary[key] = {
             "seeds": [r["seed"] for r in rs],
             "float_acc": f, "int8_acc": q, "drop_points": d, "latency_ratio": lat, "latency_ratio_min": lat_min,
             "mean": {"float_acc": statistics.mean(f), "int8_acc": statistics.mean(q), "drop_points": statistics.mean(d),
                      "latency_ratio": statistics.mean(lat), "latency_ratio_min": statistics.mean(lat_min)},
         }  # fmt: skip
+        cells = f"| {where} | {variant} |" if models else f"| {variant} | {where} |"
         lines.append(
-            f"| {variant} | {k} | {len(rs)} | {mean_std(f)} | {mean_std(q)} | {mean_std(d)} | {mean_std(lat)} "
+            f"{cells} {len(rs)} | {mean_std(f)} | {mean_std(q)} | {mean_std(d)} | {mean_std(lat)} "
             f"| {mean_std(lat_min)} |"
         )
     lines += ["", "Every run (latency in ms per batch, median / fastest round):", ""]
@@ -185,35 +219,70 @@ def report(work: Path, out: Path, method: str = "minmax") -> dict:
             f"{r['load_average_1min']:.1f} |"
         )
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / f"{report_stem(method)}.md") as tmp:
+    with atomic_write(out / f"{report_stem(method, models)}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     slim = [{k: v for k, v in r.items() if k not in ("train_settings", "output")} for r in records]  # no local paths
-    with atomic_write(out / f"{report_stem(method)}.json") as tmp:
+    with atomic_write(out / f"{report_stem(method, models)}.json") as tmp:
         tmp.write_text(json.dumps({"summary": summary, "train_settings": ts, "runs": slim}, indent=1) + "\n")
     return summary
+
+
+def model_runs(args) -> list[tuple[str, dict, Path | None]]:
+    """``(name, run, contracted model or None)`` of every finished figures.py ``models`` run."""
+    figures_dir = Path(args.figures)
+    runs = [json.loads(p.read_text()) for p in sorted((figures_dir / "models").glob("*.json"))]
+    found = []
+    for r in runs:
+        path = figures_dir / "work" / "models" / r["name"] / "contracted.pt"
+        found.append((r["name"], r, path if path.is_file() else None))
+    return found
+
+
+def model_sets(data, run: dict):
+    """The run's calibration (its training images) and scoring (all test images) splits, as it read them."""
+    import figures
+
+    spec = figures.Spec("models", run["spec"]["variant"], run["spec"]["seed"], arch=run["spec"]["arch"])
+    splits = data.for_spec(spec)
+    return figures.DataSplits(splits.train, data.full_test(spec), splits.num_classes, splits.input_shape)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     work, out = Path(args.work), Path(args.out)
+    qdir = records_dir(work, args.calibration, args.models)
     if not args.report_only:
-        names = train_runs(args, work)
-        sets = load_data(args.data, augment=False)
-        for name in names:
-            path = records_dir(work, args.calibration) / f"{name}.json"
+        if args.models:
+            import figures
+
+            todo = [(n, r, c) for n, r, c in model_runs(args) if not (qdir / f"{n}.json").is_file()]
+            missing = [n for n, _, c in todo if c is None]
+            if missing:
+                print(f"no contracted model for {len(missing)} run(s) (trained elsewhere?): {', '.join(missing)}")
+            todo = [t for t in todo if t[2] is not None]
+            data = figures.load(figures.SETTINGS) if todo else None
+            jobs = [
+                (n, lambda n=n, r=r, c=c: quantize_run(n, args, work, model_sets(data, r), r, c)) for n, r, c in todo
+            ]
+        else:
+            names = train_runs(args, work)
+            sets = load_data(args.data, augment=False)
+            jobs = [(n, lambda n=n: quantize_run(n, args, work, sets)) for n in names]
+        for name, job in jobs:
+            path = qdir / f"{name}.json"
             if path.is_file():
                 done = json.loads(path.read_text())["quant_settings"]
                 if done != {k: getattr(args, k) for k in QUANT_KEYS}:
                     raise SystemExit(f"{path} was quantized with other settings ({done}); use another --work")
                 continue
             t0 = time.perf_counter()
-            r = quantize_run(name, args, work, sets)
+            r = job()
             f, q = 100 * r["float_eval"]["accuracy"], 100 * r["int8_eval"]["accuracy"]
             print(f"{name}: float {f:.2f}%, INT8 {q:.2f}%, drop {r['drop_points']:+.2f}, "
                   f"latency x{r['latency']['ratio']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    summary = report(work, out, args.calibration)
-    print((out / f"{report_stem(args.calibration)}.md").read_text())
+    summary = report(work, out, args.calibration, args.models)
+    print((out / f"{report_stem(args.calibration, args.models)}.md").read_text())
     return summary
 
 

@@ -121,6 +121,8 @@ REAL_MODELS = {
 #: augmentation, as in the SmallNet protocol.
 MODELS_SETTINGS = {**SETTINGS, "image_size": 48, "epochs": 15, "lr": 0.05, "schedule": "cosine"}
 MODELS_SEEDS = 3
+#: The contracted model a ``models`` run leaves in its work folder (``OUT/work/models/NAME/``).
+CONTRACTED = "contracted.pt"
 #: What the ``models`` recipe changes in a run's settings (``run_one``).
 MODELS_RECIPE_KEYS = ("image_size", "epochs", "lr", "schedule")
 #: variant -> (strategy, include globs) per model. The paper's ImageNet choice (CL, rate 4): MobileNetV2's
@@ -507,6 +509,8 @@ def run_one(spec: Spec, out: Path, data: Data, settings: dict, verbose: bool) ->
                                                 batch_size=250, max_batches=4)  # fmt: skip
     if is_teacher:
         save(t.compact, out / "work" / "teacher.pt", arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=shape)
+    if spec.experiment == "models":  # kept (not committed) for the INT8 drop (benchmarks/int8_drop.py --models)
+        save(t.compact, work / CONTRACTED, arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=shape)
     result.update({
         # CPU seconds of this process for the whole run (build, train, contract, check, evaluate): what a
         # run costs on an idle core; wall seconds also count waiting for one. (The measurements after

@@ -3,6 +3,7 @@ in a CL chain, which layers the paper's CL choice expands, the run order, and th
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_plan_is_seed_major_and_trains_the_models_cl_variants_before_the_branch_
     assert all(s.strategy in (None, "cl") for s in models[:first_branch])
 
 
-def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figures, tmp_path, monkeypatch):
+def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figures, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(figures.MODELS_SETTINGS, "epochs", 1)
     monkeypatch.setitem(figures.MODELS_SETTINGS, "image_size", 36)
     monkeypatch.setattr(figures, "REAL_CURVE_IMAGES", 40)
@@ -123,6 +124,28 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     assert "| SmallNet 3x3 | dbb |" in table and "(2 of 5)" in table and "| ShuffleNetV2 x0.5 | acb |" in table
     assert (tmp_path / "evidence.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["evidence"]["smallnet_3x3"]["dbb"]["n"] == 2
+
+    # Issue 17's INT8 drop of these runs: each models run keeps its contracted model for it.
+    int8 = load_script("int8_drop", "benchmarks")
+    monkeypatch.setitem(sys.modules, "figures", figures)  # int8_drop imports it by name
+    monkeypatch.setattr(figures, "load", lambda settings: data)
+    (tmp_path / "work" / "models" / "shufflenet_v2_x0_5-acb-s0" / "contracted.pt").rename(tmp_path / "moved.pt")
+    argv = ["--models", "--figures", str(tmp_path), "--work", str(tmp_path / "q"), "--out", str(tmp_path / "out"),
+            "--calib-size", "16", "--latency-rounds", "2"]  # fmt: skip
+    summary = int8.main(argv)
+    assert "no contracted model for 1 run(s) (trained elsewhere?): shufflenet_v2_x0_5-acb-s0" in capsys.readouterr().out
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "q" / "int8-models-minmax").glob("*.json")]
+    compact = results[("models", "shufflenet_v2_x0_5-compact-s0")]
+    assert record["arch"] == "shufflenet_v2_x0_5" and record["variant"] == "compact"
+    assert record["float_eval"]["samples"] == 80 and record["calibration"]["size"] == 16  # all test images
+    assert abs(record["float_eval"]["accuracy"] - compact["final_acc"]) <= 1 / 80  # the ONNX file is the run's model
+    assert summary["shufflenet_v2_x0_5-compact"]["drop_points"] == [record["drop_points"]]
+    (tmp_path / "moved.pt").rename(tmp_path / "work" / "models" / "shufflenet_v2_x0_5-acb-s0" / "contracted.pt")
+    summary = int8.main(argv)  # the other run now; the first is not redone
+    assert set(summary) == {"shufflenet_v2_x0_5-compact", "shufflenet_v2_x0_5-acb"}
+    table = (tmp_path / "out" / "int8_drop_models.md").read_text()
+    assert "| shufflenet_v2_x0_5 | compact | 1 |" in table and "| shufflenet_v2_x0_5 | acb | 1 |" in table
+    assert "at 36x36" in table
 
 
 def test_model_strategies_must_be_branch_kinds(figures, capsys):
