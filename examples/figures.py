@@ -1035,7 +1035,7 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
     """Gain over compact (points, error bar: standard error of the difference over seeds) and training
     time per epoch relative to compact, per model (group) and strategy (bar)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(2, 1, figsize=(14, 8.6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     seen: dict[str, object] = {}
     ticks, names = [], []
     x = 0.0
@@ -1072,14 +1072,14 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
     for ax in axes:
         ax.set_xlim(-0.8, max(x - 0.2, 1))
         ax.margins(y=0.12)
-        ax.set_xticks(ticks, names, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        ax.set_xlabel("model (compact's accuracy, seeds)")
-    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(len(seen), 5), fontsize=9,
-               title="strategy", frameon=False)  # fmt: skip
+    axes[1].set_xticks(ticks, names, fontsize=9)
+    axes[1].set_xlabel("model (compact's accuracy, seeds)")
+    axes[0].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
+                   title="strategy")  # fmt: skip
     fig.suptitle(f"Which expansion helps which model: Fashion-MNIST, contracted-model accuracy on 10,000 test images "
                  f"({n_runs} runs so far)", fontsize=12)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout()
     _save(fig, path)
 
 
