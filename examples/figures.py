@@ -77,6 +77,7 @@ from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data
 from expandctl.train.data import random_crop, random_flip, resize, to_channels
 from expandctl.train.losses import product_l2, split_decay_parameters
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import Progress, subset_indices  # noqa: E402
 
@@ -703,6 +704,8 @@ def report(out: Path) -> dict:
     if runs["strategies"] or runs["models"]:
         more, summary["evidence"] = report_evidence(out, runs)
         lines += more
+        if Path(out).resolve() == (ROOT / "results" / "figures").resolve():  # the committed results: README too
+            update_readme(ROOT / "README.md", "evidence:table", evidence_readme_table(summary["evidence"]))
     every = [r for rs in runs.values() for r in rs]
     if every:
         cpu = sum(r["cpu_seconds"] for r in every)
@@ -772,6 +775,60 @@ def evidence_cells(row: dict, of: int) -> str:
         again = f"{row['gain_rerun']:+.2f}" + (f" (p={row['p_rerun']:.2g})" if row["p_rerun"] else "")
     return " | ".join([num("params_trained", ","), acc, versus_, again, num("seconds", ".1f"), num("time_ratio", ".2f"),
                        num("memory_mib", ".0f"), num("memory_ratio", ".2f")])  # fmt: skip
+
+
+#: Columns of the README's table: (title, variant per model group; a group missing is not run).
+README_COLUMNS = (
+    ("CL", {"smallnet": "cl", "shufflenet_v2_x0_5": "cl-paper", "mobilenet_v2": "cl-paper"}),
+    ("CL, every dw", {"mobilenet_v2": "cl-all-dw", "shufflenet_v2_x0_5": "= CL"}),
+    ("CK", {"smallnet": "ck"}),
+    ("CL+FC", {"smallnet": "cl+fc"}),
+    *((k, {}) for k in BRANCH_KINDS),
+)
+
+
+def evidence_readme_table(evidence: dict) -> str:
+    """The README's summary of :func:`report_evidence`: gain over compact (points; bold: Welch's p <
+    0.05), seeds, and training time per epoch relative to compact, per model and strategy."""
+    titles = {"smallnet_7x7": "SmallNet 7x7", "smallnet_3x3": "SmallNet 3x3", **MODEL_TITLES}
+    lines = ["| gain (points, seeds), x time | " + " | ".join(t for t, _ in README_COLUMNS) + " |",
+             "|---" * (len(README_COLUMNS) + 1) + "|"]  # fmt: skip
+    for key, rows in evidence.items():
+        family = "smallnet" if key.startswith("smallnet") else key
+        base = rows.get("compact", {})
+        head = f"{titles[key]} ({base['mean']:.2f}%, {base['n']})" if "mean" in base else titles[key]
+        cells = []
+        for title, variants in README_COLUMNS:
+            v = title if title in BRANCH_KINDS else variants.get(family)
+            row = rows.get(v) if v else None
+            if v and v.startswith("= "):  # the same layers as another column (ShuffleNetV2: every 3x3 is depthwise)
+                cells.append(v)
+                continue
+            if row is None or "gain" not in row:
+                cells.append("-")
+                continue
+            gain = f"{row['gain']:+.2f}"
+            gain = f"**{gain}**" if row.get("p") is not None and row["p"] < 0.05 else gain
+            ratio = f", {row['time_ratio']:.1f}x" if "time_ratio" in row else ""
+            cells.append(f"{gain} ({row['n']}){ratio}")
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, marker: str, text: str) -> None:
+    """Replace what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``path`` (if both are there)."""
+    if not path.is_file():
+        return
+    old = path.read_text()
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in old or end not in old:
+        return
+    head, rest = old.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{text}\n{end}{tail}"
+    if new != old:
+        with atomic_write(path) as tmp:
+            tmp.write_text(new)
 
 
 EVIDENCE_HEADER = ["| model | strategy | params trained | test acc. (seeds done) | vs compact (Welch p) "

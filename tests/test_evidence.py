@@ -125,6 +125,21 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     assert (tmp_path / "evidence.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["evidence"]["smallnet_3x3"]["dbb"]["n"] == 2
 
+    # The README's table is the same summary, written between its markers.
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- evidence:table -->\nold\n<!-- /evidence:table -->\nend\n")
+    figures.update_readme(readme, "evidence:table", figures.evidence_readme_table(summary))
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n<!-- evidence:table -->\n| gain") and text.endswith("end\n")
+    (row,) = [line for line in text.splitlines() if line.startswith("| SmallNet 3x3")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == f"SmallNet 3x3 ({k3['compact']['mean']:.2f}%, 2)" and cells[3] == "-"  # CK: 7x7 only
+    assert cells[7].strip("*").startswith(f"{k3['dbb']['gain']:+.2f}") and cells[7].endswith(
+        f"(2), {k3['dbb']['time_ratio']:.1f}x"
+    )
+    figures.update_readme(readme, "evidence:table", figures.evidence_readme_table(summary))
+    assert readme.read_text() == text  # rewriting is idempotent
+
     # Issue 17's INT8 drop of these runs: each models run keeps its contracted model for it.
     int8 = load_script("int8_drop", "benchmarks")
     monkeypatch.setitem(sys.modules, "figures", figures)  # int8_drop imports it by name
