@@ -6,6 +6,11 @@ accuracy is unchanged, but INT8's per-tensor scale for that activation erases th
 """
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -192,3 +197,19 @@ def test_a_static_batch_file_is_calibrated_and_timed_at_its_batch_size(tmp_path)
         data, _ = cli_json("quantize", tmp_path / "static.onnx", "--data", DATA, "-o", tmp_path / f"{method}.onnx",
                            "--calibration", method, "--calib-size", "30", "--latency-rounds", "2")  # fmt: skip
         assert data["latency"]["batch"] == 1 and data["int8_eval"]["accuracy"] > 0.9
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="examples/int8_gate.sh needs jq (apt-get install -y jq)")
+def test_the_ci_gate_script_passes_a_good_model_and_refuses_a_zero_tolerance(tmp_path):
+    """The README's CI-style script: train on digits, contract, quantize with --max-drop 1.0 (exit 0, a
+    file), then --max-drop 0 on the same model, which loses accuracy under INT8 (exit 1, no file)."""
+    root = Path(__file__).resolve().parents[1]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's expandctl first
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", str(root / "examples" / "int8_gate.sh"), str(tmp_path / "gate")], env=env,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "INT8 passed the gate" in run.stdout and "refused (exit 1)" in run.stdout and "gate ok" in run.stdout
+    assert (tmp_path / "gate" / "compact.int8.onnx").stat().st_size > 0
+    assert not (tmp_path / "gate" / "strict.int8.onnx").exists()
+    assert json.loads((tmp_path / "gate" / "strict.json").read_text())["exit_code"] == 1
