@@ -702,10 +702,12 @@ def report(out: Path) -> dict:
         lines.append("")
         plot_real(out, rm)
     if runs["strategies"] or runs["models"]:
-        more, summary["evidence"] = report_evidence(out, runs)
+        more, summary["evidence"], blocks = report_evidence(out, runs)
         lines += more
         if Path(out).resolve() == (ROOT / "results" / "figures").resolve():  # the committed results: README too
-            update_readme(ROOT / "README.md", "evidence:table", evidence_readme_table(summary["evidence"]))
+            update_marked(ROOT / "README.md", "evidence:table", evidence_readme_table(summary["evidence"]))
+            for name, text in blocks.items():
+                update_marked(ROOT / "docs" / "evidence.md", f"evidence:{name}", text)
     every = [r for rs in runs.values() for r in rs]
     if every:
         cpu = sum(r["cpu_seconds"] for r in every)
@@ -815,7 +817,7 @@ def evidence_readme_table(evidence: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, marker: str, text: str) -> None:
+def update_marked(path: Path, marker: str, text: str) -> None:
     """Replace what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``path`` (if both are there)."""
     if not path.is_file():
         return
@@ -836,9 +838,10 @@ EVIDENCE_HEADER = ["| model | strategy | params trained | test acc. (seeds done)
                    "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
 
-def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], dict]:
-    """Issue 16's tables: every strategy on SmallNet, and the torchvision models on their own recipe."""
-    lines, summary, groups = [], {}, {}
+def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], dict, dict[str, str]]:
+    """Issue 16's tables: every strategy on SmallNet, and the torchvision models on their own recipe.
+    Also returns the tables alone (``smallnet``, ``models``, ``compute``), for docs/evidence.md."""
+    lines, summary, groups, blocks = [], {}, {}, {}
     st, b = runs["strategies"], runs["behaviour"]
     if st:
         lines += ["## Every strategy on SmallNet (7x7, 3x3)", "", " ".join([
@@ -860,6 +863,7 @@ def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], 
                                        base_cost, rerun)  # fmt: skip
                 lines.append(f"| SmallNet {k}x{k} | {v} | {evidence_cells(rows[v], len(SEEDS))} |")
             summary[f"smallnet_{k}x{k}"] = groups[f"SmallNet {k}x{k}"] = rows
+        blocks["smallnet"] = "\n".join(lines[lines.index(EVIDENCE_HEADER[0]):])
         lines.append("")
     m = runs["models"]
     if m:
@@ -870,6 +874,7 @@ def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], 
                   f"per-epoch curves on {REAL_CURVE_IMAGES:,}. CL rate 4: `cl-paper` the paper's layers, `cl-all-dw` "
                   f"the first conv and every depthwise conv; branch kinds on every 3x3 conv. Partial while a cell "
                   f"shows fewer than {MODELS_SEEDS} seeds.", "", *EVIDENCE_HEADER]  # fmt: skip
+        first = len(lines) - len(EVIDENCE_HEADER)
         for arch in REAL_MODELS:
             base = select(m, arch=arch, variant="compact")
             present = {r["spec"]["variant"] for r in select(m, arch=arch)}
@@ -880,10 +885,38 @@ def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], 
                 rows[v] = evidence_row(rs if v != "compact" else base, base, rs, base)
                 lines.append(f"| {MODEL_TITLES[arch]} | {v} | {evidence_cells(rows[v], MODELS_SEEDS)} |")
             summary[arch] = groups[MODEL_TITLES[arch]] = rows
+        blocks["models"] = "\n".join(lines[first:])
         lines.append("")
     plot_evidence(out / "evidence.png", groups, sum(len(runs[e]) for e in ("strategies", "models")))
     lines += ["![gain over compact and training cost per strategy and model](evidence.png)", ""]
-    return lines, summary
+    blocks["compute"] = evidence_compute(runs)
+    return lines, summary, blocks
+
+
+def evidence_compute(runs: dict[str, list[dict]]) -> str:
+    """CPU and wall seconds per run of the study's two experiments, per model and strategy, and in all."""
+    lines = ["| experiment | model | strategy | runs | CPU s / run (mean) | wall s / run (mean) | resumed runs |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    cpu = wall = 0.0
+    n = 0
+    for e in ("strategies", "models"):
+        cells: dict[tuple[str, str], list[dict]] = {}
+        for r in runs[e]:
+            sp = r["spec"]
+            model = f"SmallNet {sp['kernel']}x{sp['kernel']}" if sp["arch"] == "smallnet" else MODEL_TITLES[sp["arch"]]
+            cells.setdefault((model, sp["variant"]), []).append(r)
+        for (model, v), rs in sorted(cells.items()):
+            cpu_s = statistics.fmean(r["cpu_seconds"] for r in rs)
+            wall_s = statistics.fmean(r["wall_seconds"] for r in rs)
+            resumed = sum(bool(r["resumed"]) for r in rs)
+            lines.append(f"| {e} | {model} | {v} | {len(rs)} | {cpu_s:.0f} | {wall_s:.0f} | {resumed} |")
+            cpu += sum(r["cpu_seconds"] for r in rs)
+            wall += sum(r["wall_seconds"] for r in rs)
+            n += len(rs)
+    lines += ["", f"In all: {n} runs, {cpu / 3600:.2f} CPU hours, {wall / 3600:.2f} wall hours of single-threaded "
+              "processes (two at a time on this 2-core machine; a resumed run counts its last process "
+              "only)."]  # fmt: skip
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     # The README's table is the same summary, written between its markers.
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- evidence:table -->\nold\n<!-- /evidence:table -->\nend\n")
-    figures.update_readme(readme, "evidence:table", figures.evidence_readme_table(summary))
+    figures.update_marked(readme, "evidence:table", figures.evidence_readme_table(summary))
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n<!-- evidence:table -->\n| gain") and text.endswith("end\n")
     (row,) = [line for line in text.splitlines() if line.startswith("| SmallNet 3x3")]
@@ -137,8 +137,14 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     assert cells[7].strip("*").startswith(f"{k3['dbb']['gain']:+.2f}") and cells[7].endswith(
         f"(2), {k3['dbb']['time_ratio']:.1f}x"
     )
-    figures.update_readme(readme, "evidence:table", figures.evidence_readme_table(summary))
+    figures.update_marked(readme, "evidence:table", figures.evidence_readme_table(summary))
     assert readme.read_text() == text  # rewriting is idempotent
+    _, _, blocks = figures.report_evidence(tmp_path, figures.collect(tmp_path))  # docs/evidence.md's tables
+    assert blocks["smallnet"].startswith(figures.EVIDENCE_HEADER[0]) and "| SmallNet 3x3 | dbb |" in blocks["smallnet"]
+    assert "| ShuffleNetV2 x0.5 | acb |" in blocks["models"] and "| models | ShuffleNetV2 x0.5 | acb | 1 |" in blocks[
+        "compute"
+    ]
+    assert f"In all: {len(specs) - 4} runs" in blocks["compute"]  # strategies and models runs, not behaviour
 
     # Issue 17's INT8 drop of these runs: each models run keeps its contracted model for it.
     int8 = load_script("int8_drop", "benchmarks")
