@@ -30,7 +30,7 @@ alone. The files are the resume point: a rerun runs each model for the strategie
     python benchmarks/zoo_sweep.py [--workers 2] [--out benchmarks/results/zoo_sweep.jsonl]
                                    [--strategies acb,rep,dbb,orepa] [--order size]
                                    [--models resnet18,timm:vit_*] [--limit 10] [--max-params 40e6]
-    python benchmarks/zoo_sweep.py --summary     # the markdown summary for the README
+    python benchmarks/zoo_sweep.py --summary --write-docs   # the markdown summary, into README.md and docs/zoo.md
 
 Run it under ``nice``: it takes hours of CPU for the whole zoo.
 """
@@ -54,6 +54,7 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "zoo_sweep.jsonl"
 STRATEGY, RATE = "ck+cl+fc", 2
 PRESERVE_STRATEGY = "cl+fc"
@@ -859,6 +860,29 @@ def strategy_table(out: Path, strategies: list[str], total: int | None, top: int
     return "\n".join(lines).rstrip() + "\n"
 
 
+def coverage(out: Path, strategies: list[str], total: int) -> str:
+    """README's words for how much of the zoo the strategies other than ``ck+cl+fc`` cover."""
+    others = [s for s in strategies if s != STRATEGY]
+    if not others:
+        return "-"
+    recs = [read_records(results_file(out, s)) for s in others]
+    covered = min(len(r) for r in recs)
+    if covered >= total:
+        return f"cover the whole zoo ({total:,} models)"
+    largest = max((r.get("params") or 0 for rs in recs for r in rs), default=0)
+    return f"cover {covered:,} of {total:,} models so far, smallest first (up to {largest / 1e6:.1f}M parameters)"
+
+
+def write_docs(out: Path, strategies: list[str], total: int, table: str, text: str) -> None:
+    """The summary into README.md (the per-strategy table and the coverage) and docs/zoo.md (all of it)."""
+    from expandctl.experiments.markdown import update_marked
+
+    readme, doc = ROOT / "README.md", ROOT / "docs" / "zoo.md"
+    update_marked(readme, "zoo:table", table.split("\n\n", 1)[0].rstrip())
+    update_marked(readme, "zoo:progress", coverage(out, strategies, total), inline=True)
+    update_marked(doc, "zoo:summary", text.rstrip())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the {STRATEGY} results; others beside it")
@@ -877,6 +901,11 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per model and strategy")
     ap.add_argument("--per-worker", type=int, default=25, help="models per worker process before a fresh one")
     ap.add_argument("--summary", action="store_true", help="print the markdown summary of the results and exit")
+    ap.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="with --summary: also write it into README.md and docs/zoo.md (between their zoo: markers)",
+    )
     args = ap.parse_args(argv)
     from expandctl.rewrite import parse_strategy
 
@@ -896,10 +925,12 @@ def main(argv=None):
         strategies = [STRATEGY]
     models = all_models()
     if args.summary:
-        print(strategy_table(args.out, strategies, len(models)))
-        for strategy in strategies:
-            print(f"\n## `{strategy}`\n")
-            print(summary(results_file(args.out, strategy), len(models)))
+        table = strategy_table(args.out, strategies, len(models))
+        parts = [table] + [f"\n### `{s}`\n\n{summary(results_file(args.out, s), len(models))}" for s in strategies]
+        text = "\n".join(parts)
+        print(text)
+        if args.write_docs:
+            write_docs(args.out, strategies, len(models), table, text)
         return
     if args.models:
         pats = [p if ":" in p else f"*:{p}" for p in args.models.split(",")]

@@ -69,6 +69,7 @@ from expandctl import CheckFailed, ExpandctlError
 from expandctl.analysis.confusion import grad_confusion_hook, gradient_confusion
 from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
+from expandctl.experiments.markdown import update_marked
 from expandctl.experiments.runs import Lock, finish_run, read_runs, train_contracted
 from expandctl.experiments.runs import claim as claim_lock
 from expandctl.experiments.stats import mean_std, std_error_of_difference, welch_p
@@ -815,22 +816,6 @@ def evidence_readme_table(evidence: dict) -> str:
             cells.append(f"{gain} ({row['n']}){ratio}")
         lines.append(f"| {head} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def update_marked(path: Path, marker: str, text: str) -> None:
-    """Replace what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``path`` (if both are there)."""
-    if not path.is_file():
-        return
-    old = path.read_text()
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    if start not in old or end not in old:
-        return
-    head, rest = old.split(start, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{start}\n{text}\n{end}{tail}"
-    if new != old:
-        with atomic_write(path) as tmp:
-            tmp.write_text(new)
 
 
 EVIDENCE_HEADER = ["| model | strategy | params trained | test acc. (seeds done) | vs compact (Welch p) "

@@ -184,3 +184,28 @@ def test_order_by_size_and_randomized_branches(tmp_path):
     layer.contract = off
     assert zoo._layer_error(big, [3, 8, 8]) > 1e-4
     assert layer.forward_mode == "fused"  # put back as it was
+
+
+def test_write_docs_fills_the_markers_and_says_how_much_is_covered(tmp_path, monkeypatch):
+    zoo = load_script("zoo_sweep", "benchmarks")
+    out = tmp_path / "zoo.jsonl"
+    out.write_text(json.dumps({"model": "tv:a", "status": "exact", "max_rel": 1e-15, "params": 1_000}) + "\n")
+    sizes = (("a", 1e6), ("b", 2.5e6))
+    recs = [{"model": f"tv:{m}", "status": "exact", "max_rel": 1e-15, "params": p} for m, p in sizes]
+    (tmp_path / "zoo_acb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    words = "cover 2 of 3 models so far, smallest first (up to 2.5M parameters)"
+    assert zoo.coverage(out, ["ck+cl+fc", "acb"], 3) == words
+    assert zoo.coverage(out, ["ck+cl+fc", "acb"], 2) == "cover the whole zoo (2 models)"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("x <!-- zoo:progress -->old<!-- /zoo:progress -->.\n<!-- zoo:table -->\nold\n"
+                                        "<!-- /zoo:table -->\nend\n")  # fmt: skip
+    (tmp_path / "docs" / "zoo.md").write_text("# zoo\n<!-- zoo:summary -->\nold\n<!-- /zoo:summary -->\n")
+    monkeypatch.setattr(zoo, "ROOT", tmp_path)
+    table = zoo.strategy_table(out, ["ck+cl+fc", "acb"], 3)
+    zoo.write_docs(out, ["ck+cl+fc", "acb"], 3, table, table + "\nmore")
+    readme = (tmp_path / "README.md").read_text()
+    assert "x <!-- zoo:progress -->cover 2 of 3 models so far" in readme and "old" not in readme
+    assert "| `acb` | 2 of 3 | 2 | 2 |" in readme and "Layers left alone" not in readme  # the table only
+    assert readme.endswith("<!-- /zoo:table -->\nend\n")
+    doc = (tmp_path / "docs" / "zoo.md").read_text()
+    assert doc.startswith("# zoo\n<!-- zoo:summary -->\n| strategy |") and doc.endswith("more\n<!-- /zoo:summary -->\n")
