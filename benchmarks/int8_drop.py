@@ -44,6 +44,7 @@ import torch
 
 import expandctl
 from expandctl.checkpoint import atomic_write, load_checkpoint
+from expandctl.experiments.markdown import update_marked
 from expandctl.export import export_onnx
 from expandctl.quantize import quantize
 from expandctl.train.data import load_data
@@ -227,6 +228,31 @@ def report(work: Path, out: Path, method: str = "minmax", models: bool = False) 
     return summary
 
 
+MODEL_TITLES = {"shufflenet_v2_x0_5": "ShuffleNetV2 x0.5", "mobilenet_v2": "MobileNetV2 0.5"}
+
+
+def readme_table(out: Path) -> str | None:
+    """The README's INT8 table (min-max calibration): SmallNet's variants and the torchvision
+    models', from the two committed summaries; ``None`` if neither is there."""
+    head = "| model | variant | seeds | float acc % | INT8 acc % | drop (points) | INT8 / float time (fastest rounds) |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for stem in ("int8_drop", "int8_drop_models"):
+        path = out / f"{stem}.json"
+        if not path.is_file():
+            continue
+        for key, g in json.loads(path.read_text())["summary"].items():
+            if stem == "int8_drop":
+                variant, k = key.rsplit("-k", 1)
+                model = f"SmallNet {k}x{k}"
+            else:
+                arch, variant = next((a, key[len(a) + 1 :]) for a in MODEL_TITLES if key.startswith(a + "-"))
+                model = MODEL_TITLES[arch]
+            cells = [mean_std([float(x) for x in g[f]]) for f in ("float_acc", "int8_acc", "drop_points")]
+            lat = mean_std(g["latency_ratio_min"])
+            lines.append(f"| {model} | {variant} | {len(g['seeds'])} | {' | '.join(cells)} | {lat} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def model_runs(args) -> list[tuple[str, dict, Path | None]]:
     """``(name, run, contracted model or None)`` of every finished figures.py ``models`` run."""
     figures_dir = Path(args.figures)
@@ -282,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"{name}: float {f:.2f}%, INT8 {q:.2f}%, drop {r['drop_points']:+.2f}, "
                   f"latency x{r['latency']['ratio']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     summary = report(work, out, args.calibration, args.models)
+    if out.resolve() == (ROOT / "benchmarks" / "results").resolve() and args.calibration == "minmax":
+        table = readme_table(out)
+        if table:
+            update_marked(ROOT / "README.md", "int8:table", table)
     print((out / f"{report_stem(args.calibration, args.models)}.md").read_text())
     return summary
 
