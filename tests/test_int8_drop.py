@@ -34,6 +34,9 @@ def test_trains_quantizes_tabulates_and_resumes(tmp_path, capsys):
     assert "digits, 1 epochs" in table and "64 training images" in table
     saved = json.loads((tmp_path / "out" / "int8_drop.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
+    readme = bench.readme_table(tmp_path / "out")  # the README's rows, from the committed summary
+    float_acc, drop = 100 * ck["float_eval"]["accuracy"], ck["drop_points"]
+    assert f"| SmallNet 5x5 | ck | 1 | {float_acc:.2f} |" in readme and f"| {drop:.2f} |" in readme
 
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "int8-minmax").glob("*.json")}
     capsys.readouterr()
