@@ -706,7 +706,8 @@ def report(out: Path) -> dict:
         more, summary["evidence"], blocks = report_evidence(out, runs)
         lines += more
         if Path(out).resolve() == (ROOT / "results" / "figures").resolve():  # the committed results: README too
-            update_marked(ROOT / "README.md", "evidence:table", evidence_readme_table(summary["evidence"]))
+            table = evidence_readme_table(summary["evidence"])
+            update_marked(ROOT / "README.md", "evidence:table", f"{table}\n\n{evidence_compute_line(runs)}")
             for name, text in blocks.items():
                 update_marked(ROOT / "docs" / "evidence.md", f"evidence:{name}", text)
     every = [r for rs in runs.values() for r in rs]
@@ -902,6 +903,19 @@ def evidence_compute(runs: dict[str, list[dict]]) -> str:
               "processes (two at a time on this 2-core machine; a resumed run counts its last process "
               "only)."]  # fmt: skip
     return "\n".join(lines)
+
+
+def evidence_compute_line(runs: dict[str, list[dict]]) -> str:
+    """One sentence for the README: what the study's runs cost, per model family."""
+    parts = []
+    for title, rs in (("SmallNet", runs["strategies"]), *((MODEL_TITLES[a], select(runs["models"], arch=a))
+                                                          for a in REAL_MODELS)):  # fmt: skip
+        if rs:
+            parts.append(f"{title} {statistics.fmean(r['cpu_seconds'] for r in rs):.0f} s per run ({len(rs)} runs)")
+    every = runs["strategies"] + runs["models"]
+    cpu = sum(r["cpu_seconds"] for r in every) / 3600
+    return (f"Compute: {len(every)} runs, {cpu:.2f} CPU hours of one thread each: " + ", ".join(parts)
+            + " (CPU seconds per run, mean; per strategy in docs/evidence.md).")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
         "compute"
     ]
     assert f"In all: {len(specs) - 4} runs" in blocks["compute"]  # strategies and models runs, not behaviour
+    line = figures.evidence_compute_line(figures.collect(tmp_path))
+    assert line.startswith(f"Compute: {len(specs) - 4} runs,") and "ShuffleNetV2 x0.5" in line and "(2 runs)" in line
 
     # Issue 17's INT8 drop of these runs: each models run keeps its contracted model for it.
     int8 = load_script("int8_drop", "benchmarks")
