@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import shlex
 import statistics
@@ -1112,6 +1113,8 @@ def plot_bars(path: Path, groups: dict[str, list[dict]], title: str, hline=None)
     _save(fig, path)
 
 
+#: Gains (points) beyond this are drawn clipped, with their value written on the bar.
+OFF_SCALE = 3.0
 EVIDENCE_STYLE = {  # strategy -> (label, colour, hatch)
     "cl": ("CL", "#1f77b4", ""), "cl-paper": ("CL, the paper's layers", "#1f77b4", "//"),
     "cl-all-dw": ("CL, every depthwise conv", "#aec7e8", ""), "ck": ("CK", "#d62728", ""),
@@ -1128,6 +1131,11 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
     seen: dict[str, object] = {}
     ticks, names = [], []
     x = 0.0
+    # A gain beyond +-OFF_SCALE points (a run that collapsed) would flatten every other bar: the axis
+    # stops at the largest of the others, and such a bar is drawn to its edge with its value written.
+    ends = [abs(r["gain"]) + (r.get("se") or 0) for rows in groups.values() for v, r in rows.items()
+            if v != "compact" and "gain" in r and abs(r["gain"]) <= OFF_SCALE]  # fmt: skip
+    limit = 1.25 * max(ends, default=1.0)
     for gname, rows in groups.items():
         strategies = [v for v in rows if v != "compact" and "mean" in rows[v]]
         if not strategies:
@@ -1137,13 +1145,20 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
             r = rows[v]
             label, color, hatch = EVIDENCE_STYLE[v]
             if "gain" in r:
-                bar = axes[0].bar(x, r["gain"], 0.8, yerr=r.get("se"), color=color, hatch=hatch, edgecolor="black",
-                                  linewidth=0.5, capsize=3, label=label)  # fmt: skip
+                off = abs(r["gain"]) > limit
+                shown = math.copysign(limit, r["gain"]) if off else r["gain"]
+                bar = axes[0].bar(x, shown, 0.8, yerr=None if off else r.get("se"), color=color, hatch=hatch,
+                                  edgecolor="black", linewidth=0.5, capsize=3, label=label)  # fmt: skip
                 seen.setdefault(label, bar)
                 star = "*" if r.get("p") is not None and r["p"] < 0.05 else ""
-                top = r["gain"] + (r.get("se") or 0) if r["gain"] >= 0 else r["gain"] - (r.get("se") or 0)
-                axes[0].annotate(f"{star}\nn={r['n']}" if star else f"n={r['n']}", (x, top), ha="center",
-                                 va="bottom" if r["gain"] >= 0 else "top", fontsize=7)  # fmt: skip
+                if off:
+                    axes[0].annotate(f"{r['gain']:+.2f}\noff\nscale\nn={r['n']}", (x, shown * 0.97), ha="center",
+                                     va="bottom" if shown < 0 else "top", fontsize=7,
+                                     bbox={"boxstyle": "round", "fc": "white", "lw": 0.5})  # fmt: skip
+                else:
+                    top = r["gain"] + (r.get("se") or 0) if r["gain"] >= 0 else r["gain"] - (r.get("se") or 0)
+                    axes[0].annotate(f"{star}\nn={r['n']}" if star else f"n={r['n']}", (x, top), ha="center",
+                                     va="bottom" if r["gain"] >= 0 else "top", fontsize=7)  # fmt: skip
             if "time_ratio" in r:
                 axes[1].bar(x, r["time_ratio"], 0.8, color=color, hatch=hatch, edgecolor="black", linewidth=0.5)
             x += 1
@@ -1162,6 +1177,7 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
         ax.set_xlim(-0.8, max(x - 0.2, 1))
         ax.margins(y=0.12)
         ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylim(-limit * 1.1, limit * 1.1)
     axes[1].set_xticks(ticks, names, fontsize=9)
     axes[1].set_xlabel("model (compact's accuracy, seeds)")
     axes[0].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
