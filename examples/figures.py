@@ -1183,7 +1183,7 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
     axes[0].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
                    title="strategy")  # fmt: skip
     fig.suptitle(f"Which expansion helps which model: Fashion-MNIST, contracted-model accuracy on 10,000 test images "
-                 f"({n_runs} runs so far)", fontsize=12)  # fmt: skip
+                 f"({n_runs} runs)", fontsize=12)  # fmt: skip
     fig.tight_layout()
     _save(fig, path)
 
