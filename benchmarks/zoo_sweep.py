@@ -220,10 +220,14 @@ def _layer_error(big, shape) -> float:
 
     layers = list(expandctl.expanded_layers(big))
     seen: dict[str, torch.Tensor] = {}
-    handles = [
-        layer.register_forward_pre_hook(lambda m, args, path=path: seen.setdefault(path, args[0]))
-        for path, layer in layers
-    ]
+
+    def keep(path):
+        def hook(module, args):  # returns None: a value returned here would replace the layer's input
+            seen.setdefault(path, args[0])  # the first call's (a shared head runs once per level)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(path)) for path, layer in layers]
     modes = {path: layer.forward_mode for path, layer in layers}
     expandctl.set_forward(big, "explicit")
     worst = 0.0
@@ -445,7 +449,10 @@ def run_strategy(model, base: dict, strategy: str, preserve_every: int) -> dict:
             rec["noise_floor"] = _noise_floor(small, shape)
             # and of every tensor (biases and BatchNorm statistics too) by 1e-16, under float64's eps
             rec["noise_floor_all"] = _noise_floor(small, shape, 1e-16, every_tensor=True)
-            rec["layer_max_rel"] = _layer_error(big, shape)
+            try:  # a diagnosis: if it cannot run, the record keeps its status and says why
+                rec["layer_max_rel"] = _layer_error(big, shape)
+            except Exception as e:
+                rec["layer_error_failed"] = _reason(e)
         elif not same:
             rec["reason"] = "contracted model's module types differ from the original's"
         del big, small

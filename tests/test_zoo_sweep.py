@@ -209,3 +209,25 @@ def test_write_docs_fills_the_markers_and_says_how_much_is_covered(tmp_path, mon
     assert readme.endswith("<!-- /zoo:table -->\nend\n")
     doc = (tmp_path / "docs" / "zoo.md").read_text()
     assert doc.startswith("# zoo\n<!-- zoo:summary -->\n| strategy |") and doc.endswith("more\n<!-- /zoo:summary -->\n")
+
+
+def test_layer_error_runs_a_layer_that_the_model_applies_twice():
+    """A shared layer (a detection head over several feature levels) gets each call's own input."""
+    import torch
+
+    import expandctl
+
+    zoo = load_script("zoo_sweep", "benchmarks")
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.nn.functional.avg_pool2d(self.conv(x), 2)
+            return self.conv(a) + a  # 4x4 + 4x4: the second call must see its own (4x4) input
+
+    torch.manual_seed(0)
+    big = expandctl.expand(Shared().double().eval(), "dbb", seed=0)
+    assert zoo._layer_error(big, (3, 8, 8)) < 1e-12
