@@ -112,7 +112,7 @@ def quantize_run(name: str, args, work: Path, sets, run: dict | None = None, con
         run = json.loads((train_dir / "runs" / f"{name}.json").read_text())
         contracted = train_dir / "work" / name / "contracted.pt"
     else:
-        run = {**run["spec"], "settings": run["settings"], "final_acc": run["final_acc"], "arch": run["spec"]["arch"]}
+        run = {**run["spec"], "settings": run["settings"], "final_acc": run["final_acc"]}  # spec holds arch
     ckpt = load_checkpoint(contracted)
     qdir = records_dir(work, args.calibration, args.models)
     qdir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,9 @@ def report(work: Path, out: Path, method: str = "minmax", models: bool = False) 
     if not records:
         raise SystemExit(f"no quantized runs in {records_dir(work, method, models)}")
     if models:
-        order = {v: i for i, v in enumerate(("compact", "cl-paper", "cl-all-dw", "acb", "rep", "dbb", "orepa"))}
+        import figures  # the study's variant order: compact, the CL variants, the branch kinds
+
+        order = {v: i for i, v in enumerate((*figures.MODEL_VARIANTS["mobilenet_v2"], *figures.BRANCH_KINDS))}
         records.sort(key=lambda r: (r["arch"], order.get(r["variant"], 99), r["seed"]))
     else:
         order = {v: i for i, v in enumerate(reproduce.VARIANTS)}
@@ -228,13 +230,12 @@ def report(work: Path, out: Path, method: str = "minmax", models: bool = False) 
     return summary
 
 
-MODEL_TITLES = {"shufflenet_v2_x0_5": "ShuffleNetV2 x0.5", "mobilenet_v2": "MobileNetV2 0.5"}
-
-
 def readme_table(out: Path) -> str | None:
     """The README's INT8 table (min-max calibration): SmallNet's variants and the torchvision
     models', from the two committed summaries; ``None`` if neither is there."""
     head = "| model | variant | seeds | float acc % | INT8 acc % | drop (points) | INT8 / float time (fastest rounds) |"
+    from figures import MODEL_TITLES
+
     lines = [head, "|---|---|---|---|---|---|---|"]
     for stem in ("int8_drop", "int8_drop_models"):
         path = out / f"{stem}.json"
