@@ -1,0 +1,416 @@
+"""Find every maximal linear region of a traced model and merge each into one layer.
+
+A region maps one tensor ``x`` (its *root*) to one tensor through linear steps only
+(:mod:`.ops`); every value inside it is an :class:`~.affine.Affine` of ``x``. The pass runs the
+model once in float64 to know every value, then, in topological order, extends each linear node's
+map from its inputs' maps when they share a root. A value read by more than one operation, or
+by one that does not fold it, is a region's output; a step whose result is not one layer cuts its
+input off (that input becomes a region output, the step starts a new region) and is reported with
+the reason. Each region with at least two steps and one layer is replaced by the layer its map
+defines, after a float64 check on the region's own input, unless the merged layer would hold more
+parameters than the steps it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .affine import Affine, NotOneLayer
+from .ops import ROOT, Step, is_random, linear_step
+from .trace import Untraceable, run_values, trace
+
+__all__ = ["GraphPlan", "Region", "contract_graph", "plan_graph"]
+
+#: A merge is accepted when, on the region's own input in float64, its output differs from the
+#: region's by at most this much relative to the largest output value.
+REGION_RTOL = 1e-9
+
+
+@dataclass
+class Region:
+    """One linear region: what it covers and the layer it became (or why it stayed)."""
+
+    name: str
+    root: str
+    output: str
+    steps: list[str]
+    modules: list[str]
+    became: str
+    params_before: int
+    params_after: int
+    error: float | None = None
+    merged: bool = False
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "input": self.root,
+            "output": self.output,
+            "steps": self.steps,
+            "modules": self.modules,
+            "became": self.became,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "error": self.error,
+            "merged": self.merged,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class GraphPlan:
+    """What ``contract --graph`` found: regions merged, candidates left alone, opaque modules."""
+
+    regions: list[Region] = field(default_factory=list)
+    left_alone: list[dict] = field(default_factory=list)
+    opaque: dict[str, str] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def merged(self) -> list[Region]:
+        return [r for r in self.regions if r.merged]
+
+    def to_dict(self) -> dict:
+        return {
+            "regions_merged": len(self.merged),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "regions": [r.to_dict() for r in self.regions],
+            "left_alone": self.left_alone,
+            "opaque": [{"module": k, "reason": v} for k, v in self.opaque.items()],
+        }
+
+
+def _count(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def _is_const(graph: fx.Graph) -> dict[fx.Node, bool]:
+    const: dict[fx.Node, bool] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            const[n] = True
+        elif n.op in ("call_function", "call_method", "call_module"):
+            const[n] = (
+                n.op != "call_module" and not is_random(n) and all(const.get(i, False) for i in n.all_input_nodes)
+            )
+        else:
+            const[n] = False
+    return const
+
+
+_RANK_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
+_SHAPE_ATTRS = {"shape"}
+
+
+def meta_read(user: fx.Node) -> str | None:
+    """``"rank"`` when ``user`` reads only a tensor's rank / dtype / device (the same for every value
+    of a region), ``"shape"`` for its shape, ``None`` when it reads the values."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+        attr = user.args[1]
+        return "rank" if attr in _RANK_ATTRS else ("shape" if attr in _SHAPE_ATTRS else None)
+    if user.op == "call_method" and user.target in ("dim", "ndimension", "size"):
+        return "shape" if user.target == "size" else "rank"
+    return None
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if meta_read(u) is None]
+
+
+def _label(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+class _Pass:
+    """The fixed point: roots, maps, cuts and reasons of every node."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict) -> None:
+        self.gm, self.values = gm, values
+        self.nodes = list(gm.graph.nodes)
+        self.const = _is_const(gm.graph)
+        self.steps: dict[fx.Node, Step | None] = {
+            n: linear_step(n, gm, values, self.const) if not self.const[n] else None for n in self.nodes
+        }
+        self.cut: set[fx.Node] = set()
+        self.reasons: dict[fx.Node, str] = {}
+        while not self._sweep():
+            pass
+
+    def _sweep(self) -> bool:
+        self.root: dict[fx.Node, fx.Node] = {}
+        self.maps: dict[fx.Node, Affine] = {}
+        new_cuts: set[fx.Node] = set()
+        for n in self.nodes:
+            self.root[n] = n
+            step = self.steps[n]
+            if step is None or step.apply is None:
+                if step is not None and step.refused:
+                    self.reasons[n] = step.refused
+                continue
+            sources = [i if (i in self.cut or self.root[i] is i) else self.root[i] for i in step.inputs]
+            if len(set(sources)) != 1:
+                continue  # adds values of different origins: each is its own region's output
+            r = sources[0]
+            args = [ROOT if (i is r) else self.maps[i] for i in step.inputs]
+            try:
+                self.maps[n] = step.apply(*args)
+                if step.weighted and args[0] is not ROOT:
+                    grown, before = self.maps[n].params(), args[0].params() + step.own_params
+                    if grown > before:
+                        raise NotOneLayer(
+                            f"merging it with what precedes it grows the layer ({grown:,} parameters vs {before:,})"
+                        )
+            except NotOneLayer as e:
+                self.reasons[n] = str(e)
+                new_cuts |= {i for i in step.inputs if i is not r}
+                continue
+            self.root[n] = r
+        for m in self.nodes:
+            if self.root[m] is m or m in self.cut:
+                continue
+            users = value_users(m)
+            folding = [u for u in users if self.root[u] is self.root[m] and u in self.maps]
+            if len(users) > 1 and folding:
+                new_cuts.add(m)
+                self.reasons.setdefault(m, f"its output is read by {len(users)} operations")
+        new_cuts -= self.cut
+        self.cut |= new_cuts
+        return not new_cuts
+
+    def outputs(self) -> list[fx.Node]:
+        """Nodes whose value leaves their region (read by a step outside it, or by a non-linear op)."""
+        out = []
+        for m in self.nodes:
+            if self.root[m] is m:
+                continue
+            users = value_users(m)
+            if m in self.cut or not users or any(self.root[u] is not self.root[m] or u not in self.maps for u in users):
+                out.append(m)
+        return out
+
+    def members(self, out: fx.Node) -> list[fx.Node]:
+        r, seen, stack = self.root[out], [], [out]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.append(n)
+            for i in self.steps[n].inputs:
+                if i is not r and i not in self.cut and self.root[i] is r:
+                    stack.append(i)
+        order = {n: k for k, n in enumerate(self.nodes)}
+        return sorted(seen, key=order.__getitem__)
+
+
+def _constants_of(nodes: list[fx.Node], gm: fx.GraphModule, const) -> list[torch.Tensor]:
+    """Every parameter / buffer the nodes read (call_module targets' and constant subgraphs')."""
+    seen: dict[int, torch.Tensor] = {}
+    stack = list(nodes)
+    visited = set()
+    while stack:
+        n = stack.pop()
+        if n in visited:
+            continue
+        visited.add(n)
+        if n.op == "call_module" and n in nodes:
+            m = gm.get_submodule(n.target)
+            for t in list(m.parameters()) + list(m.buffers()):
+                seen[id(t)] = t
+        elif n.op == "get_attr":
+            obj = _get_attr(gm, n.target)
+            if isinstance(obj, torch.Tensor):
+                seen[id(obj)] = obj
+        for i in n.all_input_nodes:
+            if const.get(i, False):
+                stack.append(i)
+    return list(seen.values())
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    prefix = []
+    for tokens in zip(*parts):
+        if len(set(tokens)) != 1:
+            break
+        prefix.append(tokens[0])
+    # the prefix must name a module, not the merged layer itself
+    if len(parts) == 1 or prefix == parts[0]:
+        prefix = prefix[:-1]
+    return ".".join(prefix)
+
+
+def _fresh_name(gm: fx.GraphModule, base: str, taken: set[str]) -> str:
+    stem = f"{base}.merged" if base else "merged"
+    name, k = stem, 1
+    while name in taken or _exists(gm, name):
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _analyse(model: nn.Module, example_inputs: tuple):
+    model = copy.deepcopy(model).eval()
+    gm, opaque = trace(model)
+    gm64 = copy.deepcopy(gm).double()
+    inputs64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = run_values(gm64, inputs64)
+    return gm, gm64, opaque, values
+
+
+def plan_graph(model: nn.Module, example_inputs: tuple) -> GraphPlan:
+    """The plan of :func:`contract_graph` without building anything."""
+    return _contract(model, example_inputs, apply=False)[1]
+
+
+def contract_graph(model: nn.Module, example_inputs) -> fx.GraphModule:
+    """A module computing what ``model`` computes in eval mode, with every maximal linear region that
+    is exactly one convolution or linear layer merged into that layer (a ``torch.fx.GraphModule``;
+    ``result.graph_plan`` says what was merged, left alone and why). ``model`` is not changed."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm, plan = _contract(model, tuple(example_inputs), apply=True)
+    gm.graph_plan = plan
+    return gm
+
+
+def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.GraphModule | None, GraphPlan]:
+    plan = GraphPlan(params_before=_count(model))
+    try:
+        gm, gm64, opaque, values = _analyse(model, example_inputs)
+    except Untraceable as e:
+        plan.opaque[type(model).__name__] = str(e)
+        plan.params_after = plan.params_before
+        if apply:
+            holder = nn.Module()
+            holder.model = copy.deepcopy(model).eval()
+            gm = fx.GraphModule(holder, _opaque_graph(len(example_inputs)))
+            return gm, plan
+        return None, plan
+    plan.opaque = dict(opaque)
+    p = _Pass(gm64, values)
+    dtype = _model_dtype(model)
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    gm64_nodes = {n.name: n for n in gm64.graph.nodes}
+    taken: set[str] = set()
+    in_region: set[fx.Node] = set()
+    replacements: list[tuple] = []
+    for n in gm.graph.nodes:
+        v = values.get(gm64_nodes.get(n.name))
+        n.meta["shape"] = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    for out in p.outputs():
+        nodes = p.members(out)
+        in_region.update(nodes)
+        steps = [p.steps[n] for n in nodes]
+        layers = sum(1 for s in steps if s.weighted)
+        meaningful = [s for s in steps if s.kind not in ("identity", "contiguous", "clone", "detach")]
+        if layers == 0 or len(meaningful) < 2:
+            continue
+        rep = p.maps[out]
+        modules = sorted({m for s in steps for m in s.modules})
+        before = sum(t.numel() for t in _constants_of(nodes, gm64, p.const))
+        root = p.root[out]
+        region = Region(
+            name="",
+            root=_label(root),
+            output=_label(out),
+            steps=[f"{_label(n)} ({p.steps[n].kind})" for n in nodes],
+            modules=modules,
+            became=rep.describe(),
+            params_before=before,
+            params_after=rep.params(),
+        )
+        plan.regions.append(region)
+        if rep.params() > before:
+            region.reason = f"the merged layer would hold more parameters ({rep.params():,} vs {before:,})"
+            continue
+        layer64 = rep.module(torch.float64)
+        with torch.no_grad():
+            got = layer64(values[root])
+        want = values[out]
+        scale = float(want.abs().max()) or 1.0
+        region.error = float((got - want).abs().max()) / scale
+        if not region.error <= REGION_RTOL:
+            region.reason = f"the float64 check failed (relative error {region.error:.2e})"
+            continue
+        region.merged = True
+        interior = [by_name[n.name] for n in nodes if n is not out]
+        replacements.append((by_name[root.name], by_name[out.name], rep.module(dtype, device), interior))
+        base = _common_prefix(modules)
+        if base and not _exists(gm, base):
+            base = ""
+        region.name = _fresh_name(gm, base, taken)
+    for n, reason in p.reasons.items():
+        if n.op in ("placeholder", "output"):
+            continue
+        plan.left_alone.append({"at": _label(n), "kind": p.steps[n].kind if p.steps[n] else n.op, "reason": reason})
+    if not apply:
+        plan.params_after = plan.params_before - sum(r.params_before - r.params_after for r in plan.merged)
+        return None, plan
+    _replace(gm, replacements, [r.name for r in plan.merged])
+    plan.params_after = _count(gm)
+    return gm, plan
+
+
+def _replace(gm: fx.GraphModule, replacements, names: list[str]) -> None:
+    mapping: dict[fx.Node, fx.Node] = {}
+    for (root, out, layer, interior), name in zip(replacements, names):
+        gm.add_submodule(name, layer)
+        src = mapping.get(root, root)
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_module(name, (src,))
+        out.replace_all_uses_with(new)
+        mapping[out] = new
+        for n in interior:  # rank / shape reads of inner values read the region's input instead
+            for u in list(n.users):
+                kind = meta_read(u)
+                if kind == "rank" or (kind == "shape" and n.meta.get("shape") == src.meta.get("shape")):
+                    u.replace_input_with(n, src)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _opaque_graph(n_inputs: int) -> fx.Graph:
+    """A graph that calls the whole model as one leaf (an untraceable model, returned unchanged)."""
+    g = fx.Graph()
+    xs = [g.placeholder(f"x{i}") for i in range(n_inputs)]
+    g.output(g.call_module("model", tuple(xs)))
+    return g
