@@ -313,3 +313,43 @@ def settle(model: nn.Module, shape=(3, 32, 32), steps: int = 3, seed: int = 0) -
         loss.backward()
         opt.step()
     return model.eval()
+
+
+class TimmStyle(nn.Module):
+    """conv -> timm's BatchNormAct2d (a BatchNorm subclass with its activation inside, traced through)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(c, act_layer=nn.ReLU)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+class WithOwnMerge(nn.Module):
+    """A block that merges itself (``switch_to_deploy``), as RepVGG / MobileOne codebases write them."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+    def switch_to_deploy(self):
+        raise NotImplementedError
+
+
+class HasBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = WithOwnMerge(4)
+
+    def forward(self, x):
+        return self.block(torch.relu(self.stem(x)))

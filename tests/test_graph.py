@@ -330,3 +330,39 @@ def test_relu_network_with_functional_padding_and_avg_pool():
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     gm = contract_graph(net, x)
     assert len(gm.graph_plan.merged) == 1 and _error(net, gm, x) <= 1e-12
+
+
+# ---------------------------------------------------------------------------- models that have branches
+def test_expand_plan_says_when_a_layer_sits_in_a_reparameterisable_block(tmp_path, monkeypatch):
+    plan = expandctl.plan(B.HasBlocks(), strategy="rep")
+    blocks = {e.path: e.block for e in plan.expanded}
+    assert blocks == {"stem": None, "block.a": "WithOwnMerge at block"}
+    assert "1 of the 2 layers to expand already sit in re-parameterisable blocks (WithOwnMerge)" in plan.in_blocks()
+    monkeypatch.chdir(tmp_path)
+    torch.save(B.HasBlocks(), "m.pt")
+    r = runner.invoke(app, ["expand", "m.pt", "--trust-pickle", "--strategy", "rep", "--input-shape", "3,8,8",
+                            "--dry-run", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert any("re-parameterisable blocks" in w for w in data["warnings"])
+    r = runner.invoke(app, ["expand", "m.pt", "--trust-pickle", "--strategy", "rep", "--input-shape", "3,8,8",
+                            "--dry-run"])  # fmt: skip
+    assert r.exit_code == 0 and "merges its blocks" in r.output.replace("\n", " ")
+
+
+def test_fold_bn_folds_timm_batchnormact_and_the_checkpoint_loads(tmp_path):
+    pytest.importorskip("timm")
+    model = B.settle(B.TimmStyle(), shape=(3, 16, 16))
+    src = tmp_path / "m.pt"
+    expandctl.save(model, src, arch="graph_blocks:TimmStyle", input_shape=(3, 16, 16))
+    out = tmp_path / "folded.pt"
+    r = runner.invoke(app, ["contract", str(src), "--fold-bn", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["folded_bn"] == [{"conv": "conv", "bn": "bn", "neutral": True}]
+    loaded = expandctl.load_checkpoint(out).model.eval()
+    assert loaded.conv.bias is not None and type(loaded.bn).__name__ == "BatchNormAct2d"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
+        assert torch.allclose(loaded.bn.running_mean, torch.zeros(8))

@@ -156,7 +156,10 @@ def save(
     spec, _ = resolve_arch(arch)
     arch_kwargs = dict(arch_kwargs or {})
     _check_json(arch_kwargs, "arch_kwargs")
-    folded = [{"conv": str(p["conv"]), "bn": str(p["bn"])} for p in (folded_bn or [])]
+    folded = [
+        {"conv": str(p["conv"]), "bn": str(p["bn"]), **({"neutral": True} if p.get("neutral") else {})}
+        for p in (folded_bn or [])
+    ]
     lay = layout(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     added = _check_rebuild(spec, arch_kwargs, lay, folded, state, model)
