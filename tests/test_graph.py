@@ -312,6 +312,12 @@ def test_cli_contract_graph_pt2_loads_back(tmp_path, monkeypatch):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert (program(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
+    # expandctl reads it back only when trusted: torch.export.load unpickles the weights in the archive
+    r = runner.invoke(app, ["verify", str(tmp_path / "m.pt"), str(tmp_path / "m.pt2"), "--trust-pickle", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["input_shape"] == [3, 16, 16]  # recorded by the program, not by the pickle
+    r = runner.invoke(app, ["inspect", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 3 and "torch.export" in r.stderr
 
 
 def test_relu_network_with_functional_padding_and_avg_pool():
