@@ -145,6 +145,8 @@ def expand(
                 f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
                 "nothing written"
             )
+            for w in result.warnings:
+                ui.warn(w)
             if not plan.expanded:
                 raise plan.nothing_selected("see the reasons above. Try another --strategy, --pointwise or --include")
             ui.emit({**result.to_dict(), "source": src})
