@@ -4,9 +4,11 @@ dry run, split and figure, the messages and the help. In-process through CliRunn
 console entry point itself is under test (Click's usage errors)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from expandctl import workflows
@@ -144,3 +146,163 @@ def test_compare_val_fraction_holds_out_that_share(study):
     out, _, _ = study
     run = json.loads((out / "runs" / "compact-s0.json").read_text())
     assert (run["val_size"], run["train_size"]) == (15, 15)  # half of 3 x 10 images
+
+
+def _gain_summary(spread=(0.9, 1.6)):
+    """A report's summary: compact and three strategies, three seeds each, one with a wide cost spread."""
+
+    def row(s, d, accs, sec, sec_range):
+        return {"strategy": s, "status": "ok", "n": len(accs), "accuracy": {"mean": sum(accs) / 3, "values": accs},
+                "vs_compact": None if s == "compact" else {"difference": d, "std_error": 0.3, "p": 0.03},
+                "seconds_ratio": sec, "seconds_ratio_range": list(sec_range), "memory_ratio": 1.01,
+                "memory_ratio_range": [1.0, 1.02], "seconds_per_epoch": 1.0, "peak_memory_mib": 300,
+                "memory_kind": "rss"}  # fmt: skip
+
+    return {"strategies": [row("compact", 0, [97.0, 97.5, 98.0], 1.0, (0.95, 1.05)),
+                           row("ck", 1.2, [98.0, 98.5, 99.2], 1.3, spread),
+                           row("cl", 1.4, [98.0, 98.9, 99.5], 1.2, (1.15, 1.25)),
+                           row("orepa", -0.4, [97.0, 96.9, 97.5], 1.1, (1.05, 1.12))],
+            "runs": {"finished": 12}}  # fmt: skip
+
+
+def test_gain_legends_cover_no_bar_or_seed_dot_and_cost_shows_its_spread():
+    from matplotlib.collections import PathCollection
+    from matplotlib.patches import Rectangle
+
+    from expandctl.experiments.plots import gain_figure
+
+    fig = gain_figure(_gain_summary(), "smallnet on digits")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        marks = [p.get_window_extent(renderer) for p in ax.patches if isinstance(p, Rectangle)]
+        for coll in ax.collections:
+            if isinstance(coll, PathCollection):  # the seed dots, in display coordinates
+                marks += [type(legend).from_bounds(x - 1, y - 1, 2, 2) for x, y in coll.get_offset_transform()
+                          .transform(coll.get_offsets())]  # fmt: skip
+        assert marks and not any(legend.overlaps(m) for m in marks), ax.get_title()
+    cost = fig.axes[1]
+    bars = [c for c in cost.containers if getattr(c, "errorbar", None) is not None]
+    assert len(bars) == 2  # seconds and memory, each with its min..max over the runs
+    assert any("0.90-1.60" in t.get_text() for t in cost.texts)
+
+
+def test_a_wide_cost_spread_gets_a_note_in_the_report():
+    from expandctl.experiments import compare
+
+    wide = compare._cost_notes(_gain_summary()["strategies"])
+    assert len(wide) == 1 and wide[0].startswith("ck: seconds per epoch ranges 0.90-1.60x compact's mean")
+    assert compare._cost_notes(_gain_summary(spread=(1.25, 1.35))["strategies"]) == []
+    summary = {"strategies": [], "study": None, "verdict": "x.", "seeds": [0, 1, 2], "cost_notes": wide}
+    assert f"Cost: {wide[0]}." in compare.render_markdown(summary)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. train checks its input as contract does: NaN weights are exit 2 naming the parameter
+# --------------------------------------------------------------------------------------------------
+def test_train_refuses_nan_weights_up_front(tmp_path):
+    from expandctl import checkpoint as C
+
+    src = tmp_path / "m.pt"
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "-o", src, "-q").exit_code == 0
+    ckpt = C.load_checkpoint(src)
+    name, weight = next(iter(ckpt.model.named_parameters()))
+    with torch.no_grad():
+        weight.view(-1)[3] = float("nan")
+    C.save(ckpt.model, tmp_path / "nan.pt", arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs,
+           input_shape=ckpt.input_shape, plan=ckpt.plan)  # fmt: skip
+    data = cli_json("train", tmp_path / "nan.pt", "--data", "digits", "--epochs", "1", "--out", tmp_path / "run",
+                    code=2)  # fmt: skip
+    assert data["error"].startswith(f"{tmp_path / 'nan.pt'}: parameter {name!r} has 1 non-finite values (1 NaN)")
+    assert "--lr" not in data["error"] and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The input size never changes silently: the hint names --image-size, a new size is a warning
+# --------------------------------------------------------------------------------------------------
+MYNET = """
+import torch.nn as nn
+
+
+class MyNet(nn.Module):  # any input size: global pooling before the classifier
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 5, padding=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+"""
+
+
+@pytest.fixture
+def any_size_model(tmp_path, monkeypatch):
+    """``m.pt``: a 3x32x32 model of the user's own class that also runs on 8x8 images."""
+    name = f"mynet_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(MYNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = cli("expand", "--arch", f"{name}:MyNet", "--input-shape", "3,32,32", "--strategy", "ck", "-o",
+            tmp_path / "m.pt", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    yield tmp_path / "m.pt"
+    sys.modules.pop(name, None)
+
+
+def test_the_channels_hint_names_image_size_too(any_size_model, tmp_path):
+    data = cli_json("train", any_size_model, "--data", "digits", "--epochs", "1", "--out", tmp_path / "r", code=2)
+    assert "takes 3x32x32 inputs" in data["error"] and data["error"].endswith("--channels 3 --image-size 32")
+
+
+def test_training_at_another_size_than_recorded_warns_with_both(any_size_model, tmp_path):
+    args = ["train", any_size_model, "--data", "digits", "--channels", "3", "--epochs", "1", "--train-subset", "50"]
+    r = cli(*args, "--out", tmp_path / "r1", "-q")
+    assert r.exit_code == 0, r.output
+    assert "records input shape 3x32x32 but --data digits gives 3x8x8 images" in r.stderr
+    assert "--image-size 32" in r.stderr
+    data = cli_json(*args, "--out", tmp_path / "r2")
+    assert any("3x32x32" in w and "3x8x8" in w for w in data["warnings"])
+    quiet = cli(*args, "--image-size", "32", "--out", tmp_path / "r3", "-q")
+    assert quiet.exit_code == 0 and "records input shape" not in quiet.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. A gate that fails a model at chance: --min-accuracy on quantize and evaluate
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chance_onnx(tmp_path_factory):
+    """An untrained 1x8x8 model as ONNX: about 10% on digits, float and INT8 alike."""
+    d = tmp_path_factory.mktemp("chance")
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "--strategy", "rep",
+               "-o", d / "rv.pt", "-q").exit_code == 0  # fmt: skip
+    assert cli("contract", d / "rv.pt", "-o", d / "rv.onnx", "-q").exit_code == 0
+    return d / "rv.onnx"
+
+
+def test_quantize_min_accuracy_refuses_a_model_at_chance(chance_onnx, tmp_path):
+    out = tmp_path / "q.onnx"
+    base = ["quantize", chance_onnx, "--data", "digits", "-o", out, "--max-drop", "1.0", "--calib-size", "64",
+            "--latency-rounds", "2"]  # fmt: skip
+    data = cli_json(*base, "--min-accuracy", "50", code=1)
+    assert data["error"].startswith("INT8 accuracy") and "below --min-accuracy 50" in data["error"]
+    assert data["min_accuracy"] == 50 and data["passed"] is False and not out.exists()
+    ok = cli_json(*base, "--min-accuracy", "5")
+    assert ok["passed"] is True and out.exists()
+    assert "between 0 and 100" in cli_json(*base, "--min-accuracy", "150", code=2)["error"]
+
+
+def test_evaluate_min_accuracy_is_a_check(chance_onnx):
+    data = cli_json("evaluate", chance_onnx, "--data", "digits", "--min-accuracy", "50", code=1)
+    assert "below --min-accuracy 50" in data["error"] and data["error_type"] == "CheckFailed"
+    assert data["accuracy"] < 0.5 and data["samples"] == 360
+    assert cli_json("evaluate", chance_onnx, "--data", "digits", "--min-accuracy", "5")["min_accuracy"] == 5
+
+
+def test_quantize_val_fraction_scores_that_share(tmp_path):
+    root = _digit_folder(tmp_path / "pngs")
+    src = tmp_path / "m.pt"
+    kw = {**GRAY, "num_classes": 3}
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(kw), "-o", src, "-q").exit_code == 0
+    data = cli_json("quantize", src, "--data", f"imagefolder:{root}", "--channels", "1", "--val-fraction", "0.5",
+                    "--calib-size", "8", "--latency-rounds", "2", "-o", tmp_path / "q.onnx")  # fmt: skip
+    assert data["float_eval"]["samples"] == 15

@@ -99,6 +99,8 @@ class ConsoleReporter(Callbacks):
 
     def on_start(self, info: dict) -> None:
         self.epochs = info["epochs"]
+        for w in info.get("warnings") or ():
+            self.ui.warn(w)
         advice = small_set_advice(info)
         if advice:
             self.ui.warn(advice)
