@@ -306,3 +306,72 @@ def test_quantize_val_fraction_scores_that_share(tmp_path):
     data = cli_json("quantize", src, "--data", f"imagefolder:{root}", "--channels", "1", "--val-fraction", "0.5",
                     "--calib-size", "8", "--latency-rounds", "2", "-o", tmp_path / "q.onnx")  # fmt: skip
     assert data["float_eval"]["samples"] == 15
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Messages: the class folder's name, an output folder that is a file, the output (not its temporary
+#    file) in I/O errors, Click's usage errors as one line, --json errors that say where the reasons are
+# --------------------------------------------------------------------------------------------------
+def test_a_class_folder_with_one_image_is_named(tmp_path):
+    from expandctl.datasets import load_data
+    from expandctl.errors import UsageError
+
+    root = _digit_folder(tmp_path / "ci", classes=2, per_class=3)
+    (root / "1").rename(root / "run")
+    for extra in sorted((root / "run").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(UsageError, match="imagefolder: folder 'run' has 1 image"):
+        load_data(f"imagefolder:{root}")
+
+
+def test_an_output_folder_that_is_a_file_is_called_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    data = cli_json("expand", "--arch", "smallnet", "-o", tmp_path / "afile" / "out.pt", code=2)
+    assert f"'{tmp_path / 'afile'}' is a file, not a directory" in data["error"]
+    assert "does not exist" not in data["error"]
+
+
+def test_io_errors_name_the_output_not_its_temporary_file(tmp_path, monkeypatch):
+    from expandctl.checkpoint import files
+
+    out = tmp_path / "out.pt"
+
+    def refused(prefix, suffix, dir):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}etk5kmql{suffix}")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refused)
+    data = cli_json("expand", "--arch", "smallnet", "-o", out, code=5)
+    assert repr(str(out)) in data["error"] and ".out.pt." not in data["error"] and "Permission denied" in data["error"]
+    monkeypatch.undo()
+    with pytest.raises(OSError) as info, files.atomic_write(out) as tmp:
+        raise OSError(28, "No space left on device", str(tmp))
+    assert info.value.filename == str(out) and info.value.errno == 28 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_click_usage_errors_are_one_error_line_on_stderr(json_mode, monkeypatch, capsys):
+    from expandctl.cli import main
+
+    argv = ["expandctl", "train", "m.pt", "--epochs", "x", *(["--json"] if json_mode else [])]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Invalid value for '--epochs'"), captured.err
+    assert lines[0].endswith("see 'expandctl train --help'") and "Usage:" not in captured.err
+    if json_mode:
+        data = json.loads(captured.out)
+        assert data["ok"] is False and data["command"] == "train" and data["error"].startswith("Invalid value")
+    else:
+        assert captured.out == ""
+
+
+def test_json_errors_say_where_the_reasons_are():
+    args = ["expand", "--arch", "smallnet", "--strategy", "fc", "--include", "features*", "--dry-run"]
+    data = cli_json(*args, code=4)
+    assert "above" not in data["error"] and '"plan"."layers"[].reason' in data["error"]
+    assert {e["reason"] for e in data["plan"]["layers"]} >= {"not matched by --include"}
+    assert "in the table above" in cli(*args).stderr
+    assert "without --quiet" in cli(*args, "-q").stderr
