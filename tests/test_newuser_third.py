@@ -375,3 +375,60 @@ def test_json_errors_say_where_the_reasons_are():
     assert {e["reason"] for e in data["plan"]["layers"]} >= {"not matched by --include"}
     assert "in the table above" in cli(*args).stderr
     assert "without --quiet" in cli(*args, "-q").stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Help: train --threads, evaluate without --augment, one placeholder style, train -q, the timm spec
+# --------------------------------------------------------------------------------------------------
+def test_train_takes_threads_as_compare_does(tmp_path):
+    src = tmp_path / "m.pt"
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "-o", src, "-q").exit_code == 0
+    before = torch.get_num_threads()
+    try:
+        data = cli_json("train", src, "--data", "digits", "--epochs", "1", "--train-subset", "40", "--threads", "2",
+                        "--out", tmp_path / "run")  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert data["threads"] == 2
+    assert "--threads N" in cli("train", "--help").stdout
+    assert "train's --threads" in " ".join(cli("compare", "--help").stdout.split())
+    refused = cli_json("train", src, "--data", "digits", "--threads", "0", code=2)
+    assert "--threads must be at least 1" in refused["error"]
+
+
+def test_evaluate_does_not_offer_augment():
+    assert "--augment" not in cli("evaluate", "--help").stdout
+    assert cli("evaluate", "x.pt", "--data", "digits", "--augment", "crop-flip").exit_code == 2
+
+
+@pytest.mark.parametrize("command", [["expand"], ["contract"], ["verify"], ["export"], ["inspect"], ["evaluate"],
+                                     ["train"], ["compare"], ["quantize"], ["plot"], ["analyze", "grad-confusion"],
+                                     ["analyze", "landscape"]])  # fmt: skip
+def test_help_uses_one_placeholder_style(command):
+    import re
+
+    text = cli(*command, "--help").stdout
+    assert not re.findall(r"<(?:str|int|float|path|Path|bool)>", text), text
+    assert not re.search(r"--\w[\w-]* TEXT\b", text) or command == ["plot"]  # plot --title TEXT: free text
+
+
+def test_train_quiet_prints_one_line(tmp_path):
+    src = tmp_path / "m.pt"
+    assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "-o", src, "-q").exit_code == 0
+    r = cli("train", src, "--data", "digits", "--epochs", "1", "--train-subset", "40", "--batch-size", "8",
+            "--out", tmp_path / "run", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {tmp_path / 'run' / 'last.pt'} (final val acc "), r.stdout
+
+
+def test_the_timm_arch_spec_in_the_docs_works():
+    import re
+    import shlex
+
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    snippet = re.search(r"`(--arch timm:create_model --arch-kwargs '[^']+')`", text)
+    assert snippet, "docs/cli.md shows the timm --arch spec"
+    data = cli_json("expand", *shlex.split(snippet.group(1)), "--input-shape", "3,32,32", "--strategy", "cl",
+                    "--dry-run")  # fmt: skip
+    assert data["arch"]["spec"] == "timm:create_model" and data["expanded_layers"]

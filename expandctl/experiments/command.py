@@ -145,7 +145,9 @@ def compare(
         typer.Option("--dry-run", help="Print the runs it would do (rate and parameters of each strategy, the "
                      "strategies skipped and why); train and write nothing."),
     ] = False,
-    threads: Annotated[int, typer.Option(metavar="N", help="Torch CPU threads per run.")] = 1,
+    threads: Annotated[
+        int, typer.Option(metavar="N", help="Torch CPU threads per run (train's --threads, for each run).")
+    ] = 1,
     nproc_per_run: Annotated[
         int,
         typer.Option(

@@ -517,6 +517,7 @@ def _train(
         "best_val_acc": loop.best_acc if loop.best_epoch else None, "best_epoch": loop.best_epoch or None,
         "final": history[-1] if history else None, "history": list(history),
         "seconds": round(time.perf_counter() - started, 3), "device": str(device), "world_size": d.world_size,
+        "threads": torch.get_num_threads(),
         "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()}, "warnings": warnings,
     }  # fmt: skip
     if d.main:
