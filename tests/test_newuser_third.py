@@ -186,6 +186,7 @@ def test_gain_legends_cover_no_bar_or_seed_dot_and_cost_shows_its_spread():
     bars = [c for c in cost.containers if getattr(c, "errorbar", None) is not None]
     assert len(bars) == 2  # seconds and memory, each with its min..max over the runs
     assert any("0.90-1.60" in t.get_text() for t in cost.texts)
+    assert "(0.95-1.05x over its runs)" in cost.get_title()  # compact's own spread
 
 
 def test_a_wide_cost_spread_gets_a_note_in_the_report():

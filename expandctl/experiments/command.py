@@ -279,5 +279,7 @@ def compare(
                 if r["status"] != "ok":
                     ui.print(escape(f"{r['strategy']}: {r['status']}, {r['reason']}"))
         ui.print(escape(f"verdict: {summary['verdict']}"))
+        for note in summary.get("cost_notes") or ():
+            ui.warn(f"cost: {note}")
         ui.print(escape(f"wrote {', '.join(files.values())}"))
         ui.emit({"out": str(out), **result, "report": summary, "files": files})

@@ -377,7 +377,7 @@ def _cost_notes(rows: list[dict]) -> list[str]:
                 notes.append(
                     f"{r['strategy']}: {what} ranges {spread[0]:.2f}-{spread[1]:.2f}x compact's mean over its "
                     f"{r['n']} runs; the machine's load likely changed between runs, so this ratio is uncertain "
-                    "(rerun the study on an idle machine, or with --jobs 1, to measure cost)"
+                    "(measure cost on an otherwise idle machine)"
                 )
     return notes
 
