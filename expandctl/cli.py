@@ -76,26 +76,37 @@ def _register() -> None:
 _register()
 
 
+def _usage_error(e) -> int:
+    """Click's usage error as every other error: one line ``error: ...`` on stderr (and, with
+    ``--json``, the same keys as :meth:`expandctl.console.UI.error` on stdout)."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+    message = " ".join(e.format_message().split())
+    if "--json" in sys.argv[1:]:
+        payload = {
+            "ok": False,
+            "command": command or None,
+            "error": message,
+            "exit_code": e.exit_code,
+            "error_type": type(e).__name__,
+        }
+        sys.stdout.write(json.dumps(payload) + "\n")
+    help_cmd = " ".join(["expandctl", *([command] if command else []), "--help"])
+    sys.stderr.write(f"error: {message.rstrip('.')}; see '{help_cmd}'\n")
+    return e.exit_code
+
+
 def main() -> None:
     """Console-script entry point: click's own usage errors also honour ``--json``."""
     _shared._ARGV = sys.argv[1:]
     try:
         rv = app(prog_name="expandctl", standalone_mode=False)
     except typer.TyperException as e:  # click's usage errors (missing option, bad value...)
-        if "--json" in sys.argv[1:]:
-            # The same keys as every other error (console.UI.error), so a pipeline parses one shape.
-            ctx = getattr(e, "ctx", None)
-            command = ctx.command_path.partition(" ")[2] if ctx is not None else None
-            payload = {
-                "ok": False,
-                "command": command or None,
-                "error": e.format_message(),
-                "exit_code": e.exit_code,
-                "error_type": type(e).__name__,
-            }
-            sys.stdout.write(json.dumps(payload) + "\n")
-        e.show()
-        rv = e.exit_code
+        if "NoArgsIsHelp" in type(e).__name__:  # a bare command group: its help, as asked
+            e.show()
+            rv = e.exit_code
+        else:
+            rv = _usage_error(e)
     except typer.Abort:
         rv = EXIT_INTERRUPTED
     finally:

@@ -40,8 +40,38 @@ class Command(typer.core.TyperCommand):
     """Usage lines name required arguments plainly (``SRC``), as the docs do; Typer writes ``{SRC}``,
     which reads like a literal brace to type. Every expandctl command is registered with it."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # one style of value placeholder in --help: SRC, --data SPEC, --epochs N
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = _no_type  # "SRC", not "SRC <str>"
+            elif not getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = placeholder(param)
+
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+#: The placeholder of an option that names none: by its name, else by its type.
+PLACEHOLDERS = {
+    "data": "SPEC", "teacher_arch": "SPEC", "teacher_arch_kwargs": "JSON", "optimizer": "sgd|adamw",
+    "schedule": "paper|step|cosine", "decay_on": "factors|product", "forward": "fused|explicit",
+    "device": "auto|cpu|cuda", "out": "DIR",
+}  # fmt: skip
+
+
+def placeholder(param) -> str:
+    if param.name in PLACEHOLDERS:
+        return PLACEHOLDERS[param.name]
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None and desc.is_path:
+        return "PATH"
+    kind = param.bare_type() if hasattr(param, "bare_type") else ""
+    return {"int": "N", "float": "X"}.get(kind, "TEXT")
+
+
+def _no_type(ctx) -> str:
+    return ""
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -54,7 +84,7 @@ ArchOpt = Annotated[
         "--arch",
         metavar="SPEC",
         help="Architecture: a torchvision name (resnet18), smallnet, or module:callable "
-        "(mypkg.models:MyNet). "
+        "(mypkg.models:MyNet; timm: timm:create_model with model_name in --arch-kwargs). "
         "Needed for plain state dicts; overrides what a checkpoint records.",
     ),
 ]

@@ -640,17 +640,21 @@ class _FolderSplit(torch.utils.data.Subset):
         return [self.dataset.targets[i] for i in self.indices]
 
 
-def split_per_class(targets: Sequence[int], fraction: float, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+def split_per_class(
+    targets: Sequence[int], fraction: float, seed: int = SPLIT_SEED, classes: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
     """``(train, val)`` indices: ``round(fraction * n)`` of each class's ``n`` images held out (at least
-    one, and one left to train), drawn by a generator seeded with ``seed``; sorted."""
+    one, and one left to train), drawn by a generator seeded with ``seed``; sorted. ``classes``: the
+    class folders' names, by label (for the error)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(list(targets))
     train, val = [], []
     for c in labels.unique().tolist():
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < 2:
+            name = f"folder {classes[c]!r}" if classes is not None and c < len(classes) else f"class {c}"
             raise UsageError(
-                f"imagefolder: class {c} has {len(idx)} image; a validation split needs at least 2 per class"
+                f"imagefolder: {name} has {len(idx)} image; a validation split needs at least 2 per class"
             )
         k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
         idx = idx[torch.randperm(len(idx), generator=g)]
@@ -708,7 +712,7 @@ def _imagefolder(
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"imagefolder: {e}") from None
     if flat:
-        train_idx, val_idx = split_per_class(whole.targets, opts.val_fraction or VAL_FRACTION)
+        train_idx, val_idx = split_per_class(whole.targets, opts.val_fraction or VAL_FRACTION, classes=whole.classes)
         held_out = copy.copy(whole)  # the same file list, read with the validation transform
         held_out.transform = val_tf
         return DataSplits(

@@ -297,13 +297,24 @@ class QuantizeResult:
     max_drop: float | None = None
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: The INT8 accuracy (percent) below which the model is refused: a gate a model at chance fails.
+    min_accuracy: float | None = None
+
+    @property
+    def accurate_enough(self) -> bool:
+        return self.min_accuracy is None or 100.0 * self.int8_eval["accuracy"] >= self.min_accuracy
 
     @property
     def passed(self) -> bool:
-        return self.max_drop is None or self.drop_points <= self.max_drop
+        return (self.max_drop is None or self.drop_points <= self.max_drop) and self.accurate_enough
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+
+def check_min_accuracy(value: float | None) -> None:
+    if value is not None and not 0 <= value <= 100:
+        raise UsageError(f"--min-accuracy is a percentage between 0 and 100, not {value:g}")
 
 
 def _evaluate(path, dataset, batch_size, num_classes) -> dict:
@@ -325,13 +336,15 @@ def quantize(
     batch_size: int = 256,
     latency_batch: int = 32,
     latency_rounds: int = 30,
+    min_accuracy: float | None = None,
 ) -> QuantizeResult:
     """Quantize ``float_path`` (a float ONNX classifier) calibrated on ``sets.train`` (a
     :class:`expandctl.datasets.DataSplits` loaded without augmentation; ``data`` is its spec, for
     the record), score both files on ``sets.val`` and write the INT8 file to ``out`` atomically.
 
     With ``max_drop`` (percentage points), a larger accuracy drop raises :class:`CheckFailed`
-    (``.details`` holds the whole result) and nothing is written. An already-quantized input, an
+    (``.details`` holds the whole result) and nothing is written; so does an INT8 accuracy below
+    ``min_accuracy`` (percent: a model that never learned passes any drop gate). An already-quantized input, an
     empty calibration set or a model that does not fit the data raise :class:`UsageError` first.
     """
     from .checkpoint import atomic_write
@@ -340,6 +353,7 @@ def quantize(
     check_float_onnx(float_path)
     if max_drop is not None and max_drop < 0:
         raise UsageError(f"--max-drop must be a number of percentage points >= 0, not {max_drop:g}")
+    check_min_accuracy(min_accuracy)
     indices = calibration_indices(dataset_labels(sets.train), calib_size, seed)
     float_eval = _evaluate(float_path, sets.val, batch_size, sets.num_classes)  # also the fit check
     with tempfile.TemporaryDirectory(prefix="expandctl-int8-") as tmp:
@@ -376,9 +390,18 @@ def quantize(
             int8_bytes=0,  # with the metadata, below
             max_drop=max_drop,
             notes=notes,
+            min_accuracy=min_accuracy,
         )
         _set_metadata(int8, result, data)
         result.int8_bytes = int8.stat().st_size
+        if not result.accurate_enough:
+            err = CheckFailed(
+                f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is below --min-accuracy {min_accuracy:g} "
+                f"(float model: {100 * float_eval['accuracy']:.2f}%, chance: {100 / sets.num_classes:.2f}%); "
+                "nothing was written"
+            )
+            err.details = result.to_dict()
+            raise err
         if not result.passed:
             err = CheckFailed(
                 f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is {result.drop_points:.2f} points below the "

@@ -28,6 +28,7 @@ from .cli_common import (
     RtolOpt,
     ShapeOpt,
     TrustOpt,
+    ValFractionOpt,
     data_options,
     guard,
     input_shape_of,
@@ -53,6 +54,7 @@ def result_rows(r: dict) -> list[tuple[str, str]]:
         ("INT8 accuracy / loss", f"{_pct(q['accuracy'])} / {q['loss']:.4f}"),
         ("accuracy drop", f"{r['drop_points']:+.2f} points ({f['samples']} validation images)"),
         ("max drop", "-" if r["max_drop"] is None else f"{r['max_drop']:g} points"),
+        *([("min accuracy", f"{r['min_accuracy']:g}%")] if r.get("min_accuracy") is not None else []),
         (
             "latency (median)",
             f"float {lat['float_ms']:.3f} ms, INT8 {lat['int8_ms']:.3f} ms per batch of {lat['batch']} "
@@ -85,6 +87,15 @@ def quantize(
             "--max-drop", metavar="POINTS", help="Fail (exit 1, nothing written) if accuracy drops by more points."
         ),
     ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            "--min-accuracy",
+            metavar="PERCENT",
+            help="Fail (exit 1, nothing written) if the INT8 accuracy is below PERCENT: refuses a model that "
+            "never learned, which --max-drop passes.",
+        ),
+    ] = None,
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel (default) or tensor.")
     ] = True,
@@ -94,6 +105,7 @@ def quantize(
     channels: ChannelsOpt = None,
     image_size: ImageSizeOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     input_shape: ShapeOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
@@ -108,7 +120,7 @@ def quantize(
     from .commands._shared import contract_checked_cli, onnx_metadata_of, onnx_shape
     from .datasets import load_data
     from .export import export_onnx
-    from .quantize import METHODS, check_float_onnx
+    from .quantize import METHODS, check_float_onnx, check_min_accuracy
     from .quantize import quantize as run_quantize
     from .rewrite import expanded_layers
 
@@ -120,13 +132,14 @@ def quantize(
             raise UsageError(f"the calibration set is empty (--calib-size {calib_size}); give at least 1 image")
         if max_drop is not None and max_drop < 0:
             raise UsageError(f"--max-drop must be a number of percentage points >= 0, not {max_drop:g}")
+        check_min_accuracy(min_accuracy)
         for flag, value in (("--batch-size", batch_size), ("--latency-batch", latency_batch)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1")
         if latency_rounds < 1:
             raise UsageError("--latency-rounds must be at least 1")
         out = ckpt_io.check_output_path(output, [src], (".onnx",))
-        opts = data_options(channels, image_size, None, None, download)
+        opts = data_options(channels, image_size, None, None, download, val_fraction)
         with contextlib.ExitStack() as stack:
             if ckpt_io.sniff_format(src) == "onnx":
                 check_float_onnx(src)
@@ -174,6 +187,7 @@ def quantize(
                         seed=seed,
                         per_channel=per_channel,
                         max_drop=max_drop,
+                        min_accuracy=min_accuracy,
                         batch_size=batch_size,
                         latency_batch=latency_batch,
                         latency_rounds=latency_rounds,

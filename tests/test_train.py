@@ -361,9 +361,9 @@ def test_resume_guards(src, tmp_path):
 
 def test_model_data_mismatch_is_one_line(tmp_path):
     src = make_src(tmp_path)  # 1x8x8, 10 classes
-    with pytest.raises(UsageError, match=r"takes 1-channel inputs but --data synthetic:3x8x8 gives 3x8x8 images") as e:
+    with pytest.raises(UsageError, match=r"takes 1x8x8 inputs but --data synthetic:3x8x8 gives 3x8x8 images") as e:
         train(config(src, tmp_path / "a", data="synthetic:3x8x8"))
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).endswith("adapt the data with --channels 1")
     few = make_src(tmp_path / "few", num_classes=4)
     with pytest.raises(UsageError, match="4 outputs but synthetic has 10 classes"):
         train(config(few, tmp_path / "b"))

@@ -55,10 +55,11 @@ def test_json_is_one_object(src, tmp_path):
     assert payload["best_epoch"] in (1, 2) and payload["files"]["last"].endswith("last.pt")
 
 
-def test_quiet_prints_only_the_summary(src, tmp_path):
+def test_quiet_prints_only_the_result_line(src, tmp_path):
     r = invoke(src, tmp_path / "run", "--quiet")
     assert r.exit_code == 0, r.output
-    assert "epoch 1/2" not in r.stdout and "best val acc" in r.stdout
+    assert "epoch 1/2" not in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    assert r.stdout.startswith(f"wrote {tmp_path / 'run' / 'last.pt'} (final val acc ")
 
 
 def test_resume_through_the_cli(src, tmp_path):

@@ -19,6 +19,17 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
+def _check_output_folder(path: Path) -> None:
+    """The folder an output goes into must exist, and be a folder: a file of that name is not one."""
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(
+                f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another output path"
+            )
+    if not path.parent.is_dir():
+        raise UsageError(f"the output directory {str(path.parent)!r} does not exist; create it first")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
@@ -27,9 +38,11 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     a failed command never leaves a file that looks finished.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UsageError(f"the output directory {str(path.parent)!r} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _check_output_folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _as_output_error(e, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,10 +53,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and _names_temporary(e, path):
+            raise _as_output_error(e, path) from None
         raise
+
+
+def _names_temporary(e: OSError, path: Path) -> bool:
+    return any(f is not None and Path(f).name.startswith(f".{path.name}.") for f in (e.filename, e.filename2))
+
+
+def _as_output_error(e: OSError, path: Path) -> OSError:
+    """The same error, naming the output the user asked for instead of the hidden temporary file beside it."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -93,8 +117,7 @@ def check_output_path(out: str | Path, inputs: Sequence[str | Path] = (), suffix
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
         raise UsageError(f"output {str(out)!r} must end in one of {', '.join(suffixes)}")
-    if not out.parent.is_dir():
-        raise UsageError(f"the output directory {str(out.parent)!r} does not exist; create it first")
+    _check_output_folder(out)
     if out.is_dir():
         raise UsageError(f"output {str(out)!r} is a directory; give a file name")
     for src in inputs:

@@ -12,7 +12,6 @@ from .. import checkpoint as ckpt_io
 from ..cli_common import (
     ArchKwOpt,
     ArchOpt,
-    AugmentOpt,
     ChannelsOpt,
     DebugOpt,
     DownloadOpt,
@@ -27,7 +26,7 @@ from ..cli_common import (
     load_for_cli,
 )
 from ..console import UI
-from ..errors import UsageError
+from ..errors import CheckFailed, UsageError
 from ..shapes import data_mismatch, first_layer_channels
 from ._shared import onnx_shape
 
@@ -37,9 +36,12 @@ def evaluate(
     data: Annotated[str, typer.Option("--data", metavar="SPEC", help="Data spec, e.g. digits, cifar10:DIR.")],
     split: Annotated[str, typer.Option(metavar="val|train", help="Which split to score.")] = "val",
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per batch.")] = 256,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(metavar="PERCENT", help="Exit 1 if the accuracy is below PERCENT (a CI gate)."),
+    ] = None,
     channels: ChannelsOpt = None,
     image_size: ImageSizeOpt = None,
-    augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
     val_fraction: ValFractionOpt = None,
@@ -60,7 +62,9 @@ def evaluate(
             raise UsageError(f"--split must be val or train, not {split!r}")
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        opts = data_options(channels, image_size, augment, train_subset, download, val_fraction)
+        opts = data_options(channels, image_size, None, train_subset, download, val_fraction)  # never augmented
+        if min_accuracy is not None and not 0 <= min_accuracy <= 100:
+            raise UsageError(f"--min-accuracy is a percentage between 0 and 100, not {min_accuracy:g}")
         if ckpt_io.sniff_format(src) == "onnx":
             shape = onnx_shape(src)
             sets = load_data(data, shape, augment=False, options=opts)
@@ -83,4 +87,12 @@ def evaluate(
             f"{src}: accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['samples']}), "
             f"loss {result['loss']:.4f} on {data} {split} ({result['runtime']})"
         )
-        ui.emit({"source": src, "data": data, "split": split, **result})
+        if min_accuracy is not None and 100 * result["accuracy"] < min_accuracy:
+            err = CheckFailed(
+                f"{src}: accuracy {100 * result['accuracy']:.2f}% on {data} {split} is below --min-accuracy "
+                f"{min_accuracy:g} (chance: {100 / sets.num_classes:.2f}%)"
+            )
+            scored = {k: v for k, v in result.items() if k != "error"}  # "error" is the message under --json
+            err.details = {"source": src, "data": data, "split": split, **scored, "min_accuracy": min_accuracy}
+            raise err
+        ui.emit({"source": src, "data": data, "split": split, **result, "min_accuracy": min_accuracy})

@@ -147,8 +147,16 @@ def expand(
                 f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
                 "nothing written"
             )
+            for w in result.warnings:
+                ui.warn(w)
             if not plan.expanded:
-                raise plan.nothing_selected("see the reasons above. Try another --strategy, --pointwise or --include")
+                where = ("""in the JSON object's "plan"."layers"[].reason""" if ui.json
+                         else "shown without --quiet" if ui.quiet else "in the table above")  # fmt: skip
+                err = plan.nothing_selected(
+                    f"each layer's reason is {where}. Try another --strategy, --pointwise or --include"
+                )
+                err.details = {"plan": plan.to_dict()}
+                raise err
             ui.emit({**result.to_dict(), "source": src})
             return
         ui.detail(plan_table(plan, only_expanded=True))

@@ -27,6 +27,7 @@ from ..cli_common import (
     ShapeOpt,
     TrainSubsetOpt,
     TrustOpt,
+    ValFractionOpt,
     guard,
     load_for_cli,
     parse_json_object,
@@ -86,6 +87,31 @@ def _table(summary: dict) -> Table:
     return t
 
 
+def _dry_run(ui: UI, todo, runnable, skipped, details, out: Path, seeds: int) -> None:
+    """What compare would run, and nothing else: no folder is written."""
+    t = Table(title="expandctl compare --dry-run: the runs it would do", title_justify="left")
+    for col in ("strategy", "rate", "params trained", "expanded layers", "runs"):
+        t.add_column(col, overflow="fold", justify="left" if col in ("strategy", "expanded layers") else "right")
+    for s in runnable:
+        d = details[s]
+        runs = [study_lib.run_name(st, seed) for st, seed in todo if st == s]
+        layers = ", ".join(d["layers"]) or "-"
+        t.add_row(s, study_lib.fmt_strategy_rate(d["rate"]), f"{d['params']:,}", escape(layers), str(len(runs)))
+    ui.detail(t)
+    for s, why in skipped.items():
+        ui.print(escape(f"{s}: skipped, {why}"))
+    done = [n for n in (study_lib.run_name(s, seed) for s, seed in todo) if (out / "runs" / f"{n}.json").is_file()]
+    ui.print(escape(
+        f"would run {len(todo) - len(done)} runs ({len(runnable)} strategies x {seeds} seeds"
+        + (f", {len(done)} already finished in {out}" if done else "") + f") in {out}; nothing trained or written"
+    ))  # fmt: skip
+    ui.emit({
+        "dry_run": True, "out": str(out), "runs": [study_lib.run_name(s, seed) for s, seed in todo],
+        "finished": done, "skipped": skipped,
+        "strategies": [{"strategy": s, **details[s]} for s in runnable],
+    })  # fmt: skip
+
+
 def compare(
     model: Annotated[
         Path | None,
@@ -114,7 +140,14 @@ def compare(
         typer.Option(metavar="I/N", help="Run only the I-th of N slices (1-based): one per machine sharing --out."),
     ] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Train nothing; write the report.")] = False,
-    threads: Annotated[int, typer.Option(metavar="N", help="Torch CPU threads per run.")] = 1,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the runs it would do (rate and parameters of each strategy, the "
+                     "strategies skipped and why); train and write nothing."),
+    ] = False,
+    threads: Annotated[
+        int, typer.Option(metavar="N", help="Torch CPU threads per run (train's --threads, for each run).")
+    ] = 1,
     nproc_per_run: Annotated[
         int,
         typer.Option(
@@ -123,7 +156,11 @@ def compare(
             "expandctl train`); the effective batch is N x --batch-size.",
         ),
     ] = 1,
-    rate: Annotated[float, typer.Option(metavar="R", help="Expansion rate.")] = 4.0,
+    rate: Annotated[
+        float | None,
+        typer.Option(metavar="R", help="Expansion rate of every strategy; default: each kind's own, as in expand "
+                     "(ck/cl/fc 4, dbb/orepa 1)."),
+    ] = None,
     include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Expand only these.")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Never expand these.")] = None,
     pointwise: Annotated[bool, typer.Option("--pointwise", help="Also expand 1x1 convolutions with cl.")] = False,
@@ -148,6 +185,7 @@ def compare(
     augment: AugmentOpt = None,
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
+    val_fraction: ValFractionOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     input_shape: ShapeOpt = None,
@@ -185,14 +223,22 @@ def compare(
                 "augment": augment.lower() if augment else None, "train_subset": train_subset, "download": download,
                 "trust_pickle": trust_pickle,
             }  # fmt: skip
+            if val_fraction is not None:  # only when given: folders made before the option keep their settings
+                recipe["val_fraction"] = val_fraction
             TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
             study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,
                            rate=rate, include=list(include or ()), exclude=list(exclude or ()),
                            pointwise=pointwise)  # fmt: skip
             if report_only:  # the report must describe the runs in the folder: the same recipe
                 check_settings(out / "settings.json", study.settings())
-        runnable, skipped, _ = study_lib.plan_strategies(study, names)
+        runnable, skipped, details = study_lib.plan_strategies(study, names, refuse=not dry_run)
         seed_list = list(range(seeds))
+        for s in runnable:
+            for w in details[s]["warnings"]:
+                ui.warn(w)
+        if dry_run:
+            _dry_run(ui, study_lib.schedule(runnable, seed_list, part), runnable, skipped, details, out, seeds)
+            return
         result = {"ran": [], "reused": [], "waited": []}
         if not report_only:
             study.save(out)  # refuses a folder whose runs used another recipe
@@ -233,5 +279,7 @@ def compare(
                 if r["status"] != "ok":
                     ui.print(escape(f"{r['strategy']}: {r['status']}, {r['reason']}"))
         ui.print(escape(f"verdict: {summary['verdict']}"))
+        for note in summary.get("cost_notes") or ():
+            ui.warn(f"cost: {note}")
         ui.print(escape(f"wrote {', '.join(files.values())}"))
         ui.emit({"out": str(out), **result, "report": summary, "files": files})

@@ -48,6 +48,7 @@ __all__ = [
     "run_path",
     "work_dir",
     "plan_strategies",
+    "strategy_rate",
     "schedule",
     "execute",
     "summarize",
@@ -63,7 +64,7 @@ ALPHA = 0.05
 RECIPE_FIELDS = (
     "epochs", "batch_size", "accumulate", "lr", "optimizer", "momentum", "nesterov", "schedule", "weight_decay",
     "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "forward", "device", "workers",
-    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle",
+    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle", "val_fraction",
 )  # fmt: skip
 #: Fields that change the timing but not the result: a later invocation may change them.
 NOT_COMPARED = ("workers", "download", "trust_pickle")
@@ -86,7 +87,7 @@ class Study:
     input_shape: list[int]
     data: str
     train: dict  # RECIPE_FIELDS of expandctl.train.TrainConfig
-    rate: float = 4.0
+    rate: float | None = None  # None: each kind's default rate, as expand gives it
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     pointwise: bool = False
@@ -170,21 +171,34 @@ def lock_path(out: Path, strategy: str, seed: int) -> Path:
     return Path(out) / "work" / "locks" / f"{run_name(strategy, seed)}.lock"
 
 
-def plan_strategies(study: Study, strategies: Sequence[str]) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
-    """``(runnable, skipped, layers)``: the strategies that select at least one layer of the model
-    (compact always), the reason for each that selects none, and the layers each expands."""
+def plan_strategies(
+    study: Study, strategies: Sequence[str], refuse: bool = True
+) -> tuple[list[str], dict[str, str], dict[str, dict]]:
+    """``(runnable, skipped, details)``: the strategies that select at least one layer of the model
+    (compact always), the reason for each that selects none, and for each runnable one its rate, the
+    layers it expands, its parameter count and the size warnings of its plan. A strategy whose
+    expanded model cannot fit in this machine's memory raises :class:`UsageError` (``refuse=False``,
+    a dry run: a warning instead), before any run starts."""
     from ..models import build_arch
     from ..rewrite import plan
+    from ..workflows import check_expanded_size, count_params
 
     model = build_arch(study.arch, study.arch_kwargs)
-    runnable, skipped, layers = [COMPACT], {}, {COMPACT: []}
+    compact = count_params(model)
+    runnable, skipped = [COMPACT], {}
+    details = {COMPACT: {"rate": None, "layers": [], "params": compact, "warnings": []}}
     for s in strategies:
         if s == COMPACT:
             continue
         p = plan(model, s, study.rate, study.include, study.exclude, study.pointwise)
         if p.expanded:
             runnable.append(s)
-            layers[s] = [e.path for e in p.expanded]
+            details[s] = {
+                "rate": strategy_rate(s, study.rate),
+                "layers": [e.path for e in p.expanded],
+                "params": compact - p.params_before + p.params_after,
+                "warnings": check_expanded_size(model, p, f"the {s} model", refuse=refuse),
+            }
         else:
             skipped[s] = p.why_nothing()
     if len(runnable) == 1:
@@ -193,7 +207,31 @@ def plan_strategies(study: Study, strategies: Sequence[str]) -> tuple[list[str],
             + "; ".join(f"{s}: {why}" for s, why in skipped.items())
             + ". Try other --strategies, --pointwise or --include"
         )
-    return runnable, skipped, layers
+    return runnable, skipped, details
+
+
+def strategy_rate(strategy: str, rate: float | None) -> float | dict | None:
+    """The rate ``strategy`` expands with: ``rate``, else its kind's default (``expand``'s too): one
+    number, ``{kind: rate}`` for kinds with different defaults, ``None`` for kinds that take none."""
+    from ..layers import EXPANSIONS
+    from ..rewrite import parse_strategy
+
+    if strategy == COMPACT:
+        return None
+    if rate is not None:
+        return rate
+    rates = {k: EXPANSIONS[k][0].default_rate for k in parse_strategy(strategy)}
+    given = {k: r for k, r in rates.items() if r is not None}
+    values = set(given.values())
+    return None if not values else values.pop() if len(values) == 1 else given
+
+
+def fmt_strategy_rate(rate: float | dict | None) -> str:
+    if rate is None:
+        return "-"
+    if isinstance(rate, dict):
+        return ", ".join(f"{k} {r:g}" for k, r in rate.items())
+    return f"{rate:g}"
 
 
 def schedule(strategies: Sequence[str], seeds: Sequence[int], shard: tuple[int, int] = (1, 1)) -> list[tuple[str, int]]:
@@ -320,6 +358,30 @@ def _ratio(x: float | None, base: float | None) -> float | None:
     return None if x is None or not base else x / base
 
 
+#: A cost ratio whose runs spread wider than this (max - min, in multiples of compact) gets a note.
+WIDE_COST_SPREAD = 0.2
+
+
+def _spread(values: Sequence[float], base: float | None) -> list[float] | None:
+    """``[min, max]`` of each run's cost as a multiple of compact's mean: how far one number can be trusted."""
+    return [min(values) / base, max(values) / base] if values and base else None
+
+
+def _cost_notes(rows: list[dict]) -> list[str]:
+    """A sentence for each cost ratio whose runs disagree widely: the machine's load changed between runs."""
+    notes = []
+    for r in rows:
+        for key, what in (("seconds_ratio_range", "seconds per epoch"), ("memory_ratio_range", "peak memory")):
+            spread = r.get(key)
+            if r["status"] == "ok" and spread and spread[1] - spread[0] > WIDE_COST_SPREAD:
+                notes.append(
+                    f"{r['strategy']}: {what} ranges {spread[0]:.2f}-{spread[1]:.2f}x compact's mean over its "
+                    f"{r['n']} runs; the machine's load likely changed between runs, so this ratio is uncertain "
+                    "(measure cost on an otherwise idle machine)"
+                )
+    return notes
+
+
 def summarize(
     out: Path,
     strategies: Sequence[str],
@@ -330,6 +392,7 @@ def summarize(
     """The study's numbers, from the run files of ``strategies`` x ``seeds`` present in ``out``."""
     out = Path(out)
     skipped = skipped or {}
+    study = Study.load(out) if (out / "study.json").is_file() else None
     runs = {s: [read_run(run_path(out, s, seed)) for seed in seeds if run_path(out, s, seed).is_file()]
             for s in strategies if s not in skipped}  # fmt: skip
     planned = [run_name(s, seed) for s in runs for seed in seeds]
@@ -357,7 +420,10 @@ def summarize(
             "vs_compact": None,
             "seconds_per_epoch": sec, "seconds_ratio": _ratio(sec, base_sec),
             "peak_memory_mib": mem, "memory_ratio": _ratio(mem, base_mem), "memory_kind": rs[0]["memory_kind"],
+            "seconds_ratio_range": _spread([_seconds_per_epoch(r) for r in rs], base_sec),
+            "memory_ratio_range": _spread([r["peak_memory_mib"] for r in rs], base_mem),
             "params_trained": rs[0]["params_trained"], "params_compact": rs[0]["params_compact"],
+            "rate": strategy_rate(s, study.rate if study else None),
             "expanded_layers": rs[0]["expanded_layers"],
             "contraction_max_rel_float64": max((r["contraction_max_rel_float64"] or 0.0) for r in rs) if s != COMPACT
             else None,
@@ -370,14 +436,16 @@ def summarize(
             }
         rows.append(row)
     better, worse, verdict = _verdict(rows, alpha, len(planned) - len(missing), len(planned))
+    cost_notes = _cost_notes(rows)
     return {
-        "study": Study.load(out).to_dict() if (out / "study.json").is_file() else None,
+        "study": study.to_dict() if study else None,
         "strategies": rows,
         "seeds": list(seeds),
         "alpha": alpha,
         "better": better,
         "worse": worse,
         "verdict": verdict,
+        "cost_notes": cost_notes,
         "runs": {"planned": len(planned), "finished": len(planned) - len(missing), "missing": missing},
     }
 
@@ -460,6 +528,7 @@ def render_markdown(summary: dict) -> str:
         ],
         f"**Verdict:** {summary['verdict']}",
         "",
+        *[line for note in summary.get("cost_notes") or () for line in (f"Cost: {note}.", "")],
     ]
     if base:
         kind = "peak GPU memory allocated" if base["memory_kind"] == "cuda" else "peak resident memory of the process"
@@ -467,7 +536,9 @@ def render_markdown(summary: dict) -> str:
                   f"({kind}), {base['params_trained']:,} parameters.", ""]  # fmt: skip
     if study:
         recipe = {k: v for k, v in study["train"].items() if v not in (None, False)}
-        lines += [f"Recipe: `{json.dumps(recipe)}`; rate {study['rate']:g}; seeds {summary['seeds']}.", ""]
+        rates = "; ".join(f"{r['strategy']} {fmt_strategy_rate(r.get('rate'))}" for r in rows if r["status"] == "ok"
+                          and r["strategy"] != COMPACT)  # fmt: skip
+        lines += [f"Recipe: `{json.dumps(recipe)}`; rates: {rates or '-'}; seeds {summary['seeds']}.", ""]
     return "\n".join(lines)
 
 

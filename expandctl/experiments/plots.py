@@ -63,13 +63,18 @@ def plot_curves(path: Path, runs: dict[str, list[dict]], title: str) -> None:
 
 def plot_gain(path: Path, summary: dict, title: str) -> None:
     """Left: accuracy difference to compact (points), +- its standard error, seeds as dots. Right:
-    seconds per epoch and peak memory as multiples of compact's."""
+    seconds per epoch and peak memory as multiples of compact's, with their spread over the runs."""
+    _save(gain_figure(summary, title), path)
+
+
+def gain_figure(summary: dict, title: str):
+    """The figure of :func:`plot_gain`; each legend sits below its panel, clear of bars and dots."""
     plt = _plt()
     rows = [r for r in summary["strategies"] if r["status"] == "ok" and r["vs_compact"]]
     base = next(r for r in summary["strategies"] if r["strategy"] == "compact" and r["status"] == "ok")
     colors = _colors([r["strategy"] for r in summary["strategies"]])
     names = [r["strategy"] for r in rows]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios": [1, 1]})
     for i, r in enumerate(rows):
         v = r["vs_compact"]
         label = f"{r['strategy']}: {v['difference']:+.2f} points" + (f", p={v['p']:.2g}" if v["p"] is not None else "")
@@ -82,26 +87,40 @@ def plot_gain(path: Path, summary: dict, title: str) -> None:
     ax.set(xlabel="strategy", ylabel="accuracy - compact's mean (points)",
            title="gain over compact (bar: mean \u00b1 standard error;\ndots: seeds)")  # fmt: skip
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="best")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
     width = 0.38
     xs = range(len(names))
     sec = [r["seconds_ratio"] or 0 for r in rows]
     mem = [r["memory_ratio"] or 0 for r in rows]
-    bx.bar([x - width / 2 for x in xs], sec, width, color="#555555", label="seconds per epoch")
-    bx.bar([x + width / 2 for x in xs], mem, width, color="#bbbbbb", label="peak memory")
-    for x, a, b in zip(xs, sec, mem):
-        bx.text(x - width / 2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
-        bx.text(x + width / 2, b, f"{b:.2f}", ha="center", va="bottom", fontsize=8)
+    sec_range = [r.get("seconds_ratio_range") or [s, s] for r, s in zip(rows, sec)]
+    mem_range = [r.get("memory_ratio_range") or [m, m] for r, m in zip(rows, mem)]
+
+    def whiskers(values, ranges):  # min..max over the runs, around the mean
+        return [[max(0.0, v - lo) for v, (lo, _) in zip(values, ranges)], [max(0.0, hi - v) for v, (_, hi) in
+                                                                           zip(values, ranges)]]  # fmt: skip
+
+    bx.bar([x - width / 2 for x in xs], sec, width, color="#555555", label="seconds per epoch (mean; min..max)",
+           yerr=whiskers(sec, sec_range), capsize=3, ecolor="#d62728")  # fmt: skip
+    bx.bar([x + width / 2 for x in xs], mem, width, color="#bbbbbb", label="peak memory (mean; min..max)",
+           yerr=whiskers(mem, mem_range), capsize=3, ecolor="#d62728")  # fmt: skip
+    for x, a, b, (alo, ahi), (blo, bhi) in zip(xs, sec, mem, sec_range, mem_range):
+        spread_a = f"\n{alo:.2f}-{ahi:.2f}" if ahi - alo > 0.005 else ""
+        spread_b = f"\n{blo:.2f}-{bhi:.2f}" if bhi - blo > 0.005 else ""
+        bx.text(x - width / 2, max(a, ahi), f"{a:.2f}{spread_a}", ha="center", va="bottom", fontsize=7)
+        bx.text(x + width / 2, max(b, bhi), f"{b:.2f}{spread_b}", ha="center", va="bottom", fontsize=7)
     bx.axhline(1, color="black", lw=1, ls="--", label="compact = 1")
     bx.set_xticks(list(xs), names)
     memory = "GPU memory" if base["memory_kind"] == "cuda" else "process RSS"
+    lo, hi = base.get("seconds_ratio_range") or (1.0, 1.0)
+    own = f" ({lo:.2f}-{hi:.2f}x over its runs)" if hi - lo > 0.005 else ""  # compact's own spread
     bx.set(xlabel="strategy", ylabel="multiple of compact's (x)",
-           title=f"training cost relative to compact\n(compact: {base['seconds_per_epoch']:.2f} s/epoch, "
+           title=f"training cost relative to compact\n(compact: {base['seconds_per_epoch']:.2f} s/epoch{own}, "
                  f"{base['peak_memory_mib']:.0f} MiB {memory})")  # fmt: skip
-    bx.set_ylim(0, max([*sec, *mem, 1.0]) * 1.45)  # room for the legend above the bars
+    top = max([*sec, *mem, *(hi for _, hi in sec_range), *(hi for _, hi in mem_range), 1.0])
+    bx.set_ylim(0, top * 1.25)  # room for the value labels above the bars
     bx.grid(alpha=0.3, axis="y")
-    bx.legend(loc="upper left", ncol=3, fontsize=8)
+    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{title}: does expansion help? ({summary['runs']['finished']} runs)", fontsize=12)
     fig.tight_layout()
-    _save(fig, path)
+    return fig

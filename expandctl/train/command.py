@@ -5,8 +5,9 @@ runs it standalone (e.g. under ``torchrun``). Output follows the other commands 
 
 * at a terminal: a rich progress bar per epoch on stderr, one line per epoch and a summary table on stdout;
 * in a pipe or CI log: the same lines and table, no bars;
-* ``--quiet``: only the summary table; ``--json``: exactly one JSON object on stdout at the end (the
-  summary and every epoch's metrics; also on error). ``metrics.jsonl`` streams the epochs either way.
+* ``--quiet``: one line (the last checkpoint and its validation accuracy); ``--json``: exactly one JSON
+  object on stdout at the end (the summary and every epoch's metrics; also on error). ``metrics.jsonl``
+  streams the epochs either way.
 
 Under ``torchrun`` only rank 0 prints.
 """
@@ -39,7 +40,7 @@ from ..cli_common import (
     parse_json_object,
 )
 from ..console import UI, fmt_count, kv_table
-from ..errors import ExpandctlError
+from ..errors import ExpandctlError, UsageError
 from .loop import Callbacks, TrainConfig
 from .loop import train as run_training
 
@@ -99,6 +100,8 @@ class ConsoleReporter(Callbacks):
 
     def on_start(self, info: dict) -> None:
         self.epochs = info["epochs"]
+        for w in info.get("warnings") or ():
+            self.ui.warn(w)
         advice = small_set_advice(info)
         if advice:
             self.ui.warn(advice)
@@ -149,6 +152,13 @@ class ConsoleReporter(Callbacks):
     def on_end(self, summary: dict) -> None:
         self.stop()
         final = summary["final"] or {}
+        if self.ui.quiet:  # one line, as every command under --quiet
+            best = summary["best_val_acc"]
+            self.ui.print(escape(
+                f"wrote {summary['files'].get('last', summary['out'])} (final val acc {_pct(final.get('val_acc'))}"
+                + (f", best {_pct(best)} at epoch {summary['best_epoch']}" if best is not None else "") + ")"
+            ))  # fmt: skip
+            return
         epochs = str(summary["epochs"])
         if summary["start_epoch"]:
             epochs += f" (resumed after {summary['start_epoch']}, ran {summary['epochs_run']})"
@@ -229,6 +239,11 @@ def train(
     ] = "fused",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (with bf16 autocast).")] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Torch CPU threads (default: torch's, about one per core); what compare's "
+                     "--threads sets for each of its runs."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random draw (shuffling, augmentation).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
     grad_confusion: Annotated[
@@ -260,6 +275,12 @@ def train(
         ui.out.quiet = ui.err.quiet = True
     reporter = ConsoleReporter(ui)
     with guard(ui):
+        if threads is not None:
+            if threads < 1:
+                raise UsageError("--threads must be at least 1")
+            import torch
+
+            torch.set_num_threads(threads)
         try:
             config = TrainConfig(
                 src=str(src),

@@ -466,9 +466,11 @@ def _train(
     model.to(device)
     if n_expanded:
         set_forward(model, config.forward)
-    check_fits(model, data.val, config.data, data.num_classes, data.input_shape, device)
+    recorded = tuple(ckpt.input_shape) if ckpt.input_shape else None
+    check_fits(model, data.val, config.data, data.num_classes, data.input_shape, device, expected=recorded)
     # What the model was just run on: adapters (--channels, --image-size) may differ from the source's shape.
-    input_shape = tuple(data.input_shape) if data.input_shape else tuple(ckpt.input_shape)
+    input_shape = tuple(data.input_shape) if data.input_shape else recorded
+    warnings = [] if state is not None else _size_warnings(config, recorded, input_shape)
 
     _seed_everything(config.seed + d.rank)
     loader_gen = torch.Generator().manual_seed(config.seed)
@@ -503,7 +505,7 @@ def _train(
             "world_size": d.world_size, "expanded_layers": n_expanded,
             "params": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
             "epochs": config.epochs, "resumed": state is not None, "out": str(out),
-            "batch_size": config.batch_size, "steps_per_epoch": len(train_loader),
+            "batch_size": config.batch_size, "steps_per_epoch": len(train_loader), "warnings": warnings,
         })  # fmt: skip
 
     loop = _EpochLoop(run, data, out, meta, callbacks, epoch_hooks, loader_gen, parent_sha, best_acc, best_epoch)
@@ -515,12 +517,29 @@ def _train(
         "best_val_acc": loop.best_acc if loop.best_epoch else None, "best_epoch": loop.best_epoch or None,
         "final": history[-1] if history else None, "history": list(history),
         "seconds": round(time.perf_counter() - started, 3), "device": str(device), "world_size": d.world_size,
-        "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()},
+        "threads": torch.get_num_threads(),
+        "files": {name: str(out / f) for name, f in _OUTPUT_FILES.items()}, "warnings": warnings,
     }  # fmt: skip
     if d.main:
         _write_curves(out / "curves.png", history, _title(config))
         callbacks.on_end(summary)
     return summary
+
+
+def _size_warnings(config: TrainConfig, recorded, trained) -> list[str]:
+    """A model that takes any image size trains at the data's size: say so when that is not the size
+    its file records (it becomes the size the run's checkpoints record)."""
+    from ..shapes import fmt_shape
+
+    if not recorded or not trained or tuple(recorded) == tuple(trained):
+        return []
+    fix = f" (pass --image-size {recorded[1]} to train at the recorded size)" if (
+        len(recorded) == 3 and recorded[1] == recorded[2] and tuple(recorded[1:]) != tuple(trained[1:])) else ""
+    return [
+        f"{config.src} records input shape {fmt_shape(recorded)} but --data {config.data} gives "
+        f"{fmt_shape(trained)} images: training at {fmt_shape(trained)}, and the run's checkpoints record "
+        f"{fmt_shape(trained)}{fix}"
+    ]
 
 
 def _open_run(config: TrainConfig, last_path: Path):
@@ -542,6 +561,7 @@ def _open_run(config: TrainConfig, last_path: Path):
                 "or pick another --out"
             )
         ckpt = load_checkpoint(config.src, config.arch, config.arch_kwargs, trust_pickle=config.trust_pickle)
+        _check_finite(ckpt.model, config.src)  # as contract and export do: exit 2 naming the parameter
         state, parent_sha = None, ckpt.sha256
     if not ckpt.arch:
         raise UsageError(f"cannot tell which architecture {config.src} is; pass --arch so checkpoints can be written")
@@ -695,10 +715,21 @@ def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
+def _check_finite(model: nn.Module, where: str) -> None:
+    """NaN or inf weights would only show up as a NaN loss an epoch later, blamed on --lr."""
+    from ..verify import check_finite
+
+    try:
+        check_finite(model)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
 def _load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
     if not config.teacher:
         return None
     ckpt = load_checkpoint(config.teacher, config.teacher_arch, config.teacher_arch_kwargs, config.trust_pickle)
+    _check_finite(ckpt.model, f"--teacher {config.teacher}")
     teacher = contract(ckpt.model, inplace=True)
     teacher.to(device).eval()
     for p in teacher.parameters():
