@@ -12,7 +12,7 @@ import torch
 from helpers import load_script
 
 import expandctl
-from expandctl.errors import UsageError
+from expandctl.errors import CheckFailed, UsageError
 from expandctl.integrations.lightning import ExpandNetsCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,22 @@ def test_resume_with_another_layout_is_refused(tmp_path, digits):
             _trainer(tmp_path, [ExpandNetsCallback(strategy="cl")], epochs=2, batches=2).fit(
                 fresh, train, val, ckpt_path=tmp_path / "last.ckpt"
             )
+
+
+def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_path, digits, monkeypatch):
+    import expandctl.context as context
+
+    def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
+        small = expandctl.contract(model, inplace)
+        with torch.no_grad():
+            small.net.classifier.weight.add_(1e-2)
+        return small
+
+    monkeypatch.setattr(context, "contract", wrong_contract)
+    module = example.LitDigits()
+    with pytest.raises(CheckFailed, match="not written back"):
+        _trainer(tmp_path, [ExpandNetsCallback(strategy="ck+cl+fc")], epochs=1, batches=2).fit(module, digits[0])
+    assert list(expandctl.expanded_layers(module))  # the trained expanded weights are kept, not half-contracted
 
 
 def test_validate_alone_leaves_the_module_compact(tmp_path, digits):

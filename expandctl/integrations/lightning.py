@@ -145,10 +145,13 @@ class ExpandNetsCallback(pl.Callback):
             self._hook.remove()
             self._hook = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self._load_hook is not None:  # the checkpoint (if any) is loaded by now
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._remove_load_hook()  # the checkpoint (if any) is loaded by now
 
     # --- checkpoints hold the expanded weights and their layout -------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -195,7 +198,7 @@ class ExpandNetsCallback(pl.Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._remove_hook()  # a fit that stopped on an exception leaves no hook behind
-        self.on_train_start(trainer, pl_module)
+        self._remove_load_hook()
 
 
 def _no_trainer_copy(module: nn.Module):
