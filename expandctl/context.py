@@ -109,9 +109,10 @@ class ExpandedTraining:
         return self.big
 
     def _record_shape(self, module, args) -> None:
+        # Stays registered until the block ends (a no-op once the shape is known): a hook that removes
+        # itself would break torch.compile's graph at the first forward.
         if self.input_shape is None and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1:
-            self.input_shape = tuple(args[0].shape[1:])
-            self._hook.remove()
+            self.input_shape = tuple(int(n) for n in args[0].shape[1:])
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self._hook is not None:

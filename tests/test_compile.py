@@ -82,7 +82,7 @@ def test_expanded_context_with_a_compiled_model_writes_back():
     model = Net()
     g = torch.Generator().manual_seed(0)
     with expandctl.expanded(model, strategy="ck+cl+fc", rate=2, seed=0) as big:
-        compiled = torch.compile(big)  # the shape hook on `big` still sees the first forward
+        compiled = torch.compile(big, fullgraph=True)  # the shape hook on `big` sees the first forward, no break
         opt = torch.optim.SGD(big.parameters(), lr=0.05, momentum=0.9)
         for _ in range(3):
             _step(compiled, opt, torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))

@@ -130,9 +130,10 @@ class ExpandNetsCallback(pl.Callback):
                 )
 
     def _record_shape(self, module, args) -> None:
+        # A no-op once the shape is known, removed at the end of the fit: a hook that removed itself
+        # would break a torch.compile'd module's graph at the first forward.
         if self._seen_shape is None and args and hasattr(args[0], "shape") and len(args[0].shape) > 1:
-            self._seen_shape = tuple(args[0].shape[1:])
-            self._remove_hook()
+            self._seen_shape = tuple(int(n) for n in args[0].shape[1:])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._seen_shape is None:  # a training_step that calls self.net(x), not self(x): the batch's x
