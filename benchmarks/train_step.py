@@ -25,6 +25,15 @@ repeats the whole sequence and keeps each configuration's median.
 them in turn, so that what differs between processes (placement, allocator state, load) cannot
 tell them apart; each of ``--rounds`` processes gives a ratio, the median and range are printed.
 
+``--compile`` times ``torch.compile`` (inductor) against eager, interleaved in one process per model:
+SmallNet 7x7 (batch 128, 3x32x32) compact and CK r=4, MobileNetV2 (batch 32, 3x64x64; the models of
+``strategy_cost.py``) compact, CL r=4 and orepa, each eager and compiled; it prints each expanded
+model's step ratio to the compact model of the same mode (compiled / compiled beside eager / eager),
+the compile speed-up of each model and the compile time (first two steps)::
+
+    python benchmarks/train_step.py --compile [--compile-models smallnet mobilenet_v2] [--threads 1] [--steps 20]
+                                    [--rounds 1] [--json out.json]
+
 Run it alone on the machine: on two cores a concurrent process distorts timings by 10-100x.
 """
 
@@ -49,6 +58,8 @@ CONFIGS = [
     ("orepa fused", "orepa", "fused", "auto"),
 ]
 EXPLICIT = [("ck r=4 explicit", "ck", "explicit", "direct"), ("cl r=4 explicit", "cl", "explicit", "direct")]
+#: ``--compile``: per model of strategy_cost.MODELS, the expansions timed beside the compact model.
+COMPILE_CASES = {"smallnet": [("ck r=4", "ck", 4)], "mobilenet_v2": [("cl r=4", "cl", 4), ("orepa", "orepa", None)]}
 
 
 def _rss_kib() -> int:
@@ -132,6 +143,72 @@ def interleaved(variant, batch, steps, threads, device_name) -> dict:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {name: {"median_ms": ms, "time_ratio": ms / med["compact"]} for name, ms in med.items()}
+
+
+def compiled_vs_eager(model_name: str, steps: int, threads: int) -> dict:
+    """The compact model and each expansion of :data:`COMPILE_CASES`, eager and ``torch.compile``d,
+    stepped in turn in this process (SGD + momentum, strategy_cost's fixed batch): median step time
+    per configuration, and the seconds the first two steps took (compilation)."""
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))  # compile workers share the cores too
+    import torch
+    from strategy_cost import MODELS, _build, _stepper
+
+    torch.set_num_threads(threads)
+    _, _, shape, batch = MODELS[model_name]
+    steppers, first = {}, {}
+    for name, strategy, rate in [("compact", None, None), *COMPILE_CASES[model_name]]:
+        for mode in ("eager", "compiled"):
+            model = _build(model_name, strategy, rate)
+            step = _stepper(torch.compile(model) if mode == "compiled" else model, shape, batch)
+            t0 = time.perf_counter()
+            step(), step()  # compiles (forward and backward graphs) in compiled mode
+            first[(name, mode)] = time.perf_counter() - t0
+            steppers[(name, mode)] = step
+    times: dict = {key: [] for key in steppers}
+    for _ in range(steps):
+        for key, step in steppers.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    return {
+        name: {
+            mode: {"median_ms": med[(name, mode)], "ratio": med[(name, mode)] / med[("compact", mode)],
+                   "first_two_steps_s": first[(name, mode)]}
+            for mode in ("eager", "compiled")
+        }
+        for name in dict.fromkeys(n for n, _ in steppers)
+    }  # fmt: skip
+
+
+def _main_compile(args) -> None:
+    import torch
+
+    rows = []
+    for m in args.compile_models:
+        rounds = [_child(args, "--one-compile", m, str(args.threads[0])) for _ in range(args.rounds)]
+        for name in rounds[0]:
+            row = {"model": m, "config": name, "threads": args.threads[0]}
+            for mode in ("eager", "compiled"):
+                ratios = [r[name][mode]["ratio"] for r in rounds]
+                row[f"{mode}_ms"] = statistics.median(r[name][mode]["median_ms"] for r in rounds)
+                row[f"{mode}_ratio"] = statistics.median(ratios)
+                row[f"{mode}_ratio_range"] = [min(ratios), max(ratios)]
+                row[f"{mode}_first_two_steps_s"] = statistics.median(r[name][mode]["first_two_steps_s"] for r in rounds)
+            row["compile_speedup"] = row["eager_ms"] / row["compiled_ms"]
+            rows.append(row)
+    print(f"torch {torch.__version__}, torch.compile (inductor) vs eager on {args.device}, {args.threads[0]} "
+          f"thread(s); SGD step, configurations interleaved in one process per model, {args.steps} steps each, "
+          f"{args.rounds} process(es); x compact: step time / the compact model's in the same mode")  # fmt: skip
+    print(f"{'model':13} {'config':8} {'eager ms':>9} {'x compact':>9} {'compiled ms':>11} {'x compact':>9} "
+          f"{'eager/compiled':>14} {'compile s':>9}")  # fmt: skip
+    for r in rows:
+        print(f"{r['model']:13} {r['config']:8} {r['eager_ms']:>9.1f} {r['eager_ratio']:>9.2f} "
+              f"{r['compiled_ms']:>11.1f} {r['compiled_ratio']:>9.2f} {r['compile_speedup']:>14.2f} "
+              f"{r['compiled_first_two_steps_s']:>9.1f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 def measure(variant, strategy, forward, composition, batch, steps, threads, device_name) -> dict:
@@ -232,9 +309,25 @@ def main() -> None:
         action="store_true",
         help="instead: all configurations in one process, steps alternating (time ratios only)",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: torch.compile vs eager, SmallNet 7x7 CK and MobileNetV2 CL / orepa (ratios to compact)",
+    )
+    ap.add_argument("--compile-models", nargs="+", default=list(COMPILE_CASES), choices=list(COMPILE_CASES))
     ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     ap.add_argument("--one-interleaved", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--one-compile", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_compile:
+        m, t = args.one_compile
+        print(json.dumps(compiled_vs_eager(m, args.steps, int(t))))
+        return
+    if args.compile:
+        if args.device != "cpu":
+            ap.error("--compile times the CPU (inductor's C++ backend); drop --device")
+        _main_compile(args)
+        return
     if args.one_interleaved:
         v, b, t = args.one_interleaved
         print(json.dumps(interleaved(v, int(b), args.steps, int(t), args.device)))

@@ -7,6 +7,7 @@
 
 from ._version import __version__
 from .checkpoint import Checkpoint, load, load_checkpoint, save
+from .context import ExpandedTraining, expanded
 from .errors import (
     AlreadyExpandedError,
     CheckFailed,
@@ -41,6 +42,8 @@ from .rewrite import (
 __all__ = [
     "__version__",
     "plan",
+    "expanded",
+    "ExpandedTraining",
     "expand",
     "contract",
     "set_forward",
