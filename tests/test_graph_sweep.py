@@ -1,0 +1,109 @@
+"""The graph sweep's harness (benchmarks/graph_sweep.py): the timm oracle on one small model (its
+record's fields, our error and parameter count against timm's own merge), the zoo part through the
+worker protocol, and the summary tables and docs markers on a small fake results file. The sweep
+itself is a benchmark; this keeps its machinery from rotting."""
+
+import json
+import multiprocessing as mp
+
+import pytest
+from helpers import load_script
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def gs():
+    return load_script("graph_sweep", "benchmarks")
+
+
+def test_oracle_record_against_timms_merge(gs):
+    # repvgg_a0 at 32 px, one training step, no ONNX timing: the fields, and the oracle's verdict
+    rec = gs.run_oracle("repvgg_a0", size=32, steps=1, batches=1, rounds=0)
+    assert rec["status"] == "exact", rec.get("reason")
+    assert rec["family"] == "byobnet" and rec["classes"] == ["RepVggBlock"] and rec["input"] == [3, 32, 32]
+    assert rec["max_rel"] <= 1e-9 and rec["timm_max_rel"] <= 1e-9
+    assert rec["worst_region_error"] <= 1e-9
+    # both merges remove the training-time branches; ours holds no more than timm's
+    assert rec["params_ours"] <= rec["params_timm"] < rec["params"]
+    assert 0 < rec["regions_merged"] == rec["regions_found"] and rec["opaque"] == {}
+    assert rec["contract_seconds"] > 0 and {"build", "train", "timm", "contract"} <= set(rec["stage_seconds"])
+    assert "onnx_ratio" not in rec
+
+
+def test_the_oracle_finds_timms_reparameterisable_families(gs):
+    modules = gs.reparam_modules()
+    assert {"byobnet", "fastvit", "repvit", "repghost", "levit", "mobilenetv3"} - set(modules) == {"mobilenetv3"}
+    model = timm.create_model("mobileone_s0", pretrained=False, num_classes=10, device="meta")
+    assert gs.reparam_classes(model) == ["MobileOneBlock"]
+    assert gs.reparam_classes(timm.create_model("resnet10t", pretrained=False, device="meta")) == []
+
+
+def test_zoo_part_through_the_worker_protocol(gs):
+    parent, child = mp.Pipe()
+    parent.send(("tv:squeezenet1_1", ["zoo"]))
+    parent.send(None)
+    gs._worker(40_000_000, 0, child)
+    part, rec = parent.recv()
+    assert parent.recv() is None
+    assert part == "zoo" and rec["model"] == "tv:squeezenet1_1" and rec["input"] == [3, 64, 64]
+    # squeezenet: convs and ReLUs only, nothing linear to merge, and the result is the model itself
+    assert rec["status"] == "nothing" and rec["regions_merged"] == 0 and rec["max_rel"] == 0.0
+    assert rec["params_before"] == rec["params_after"] and rec["untraceable"] is False
+
+
+def _oracle_rec(name, family, params, timm_params, ours, err, ratio=1.0, **extra):
+    return {
+        "model": f"timm:{name}", "family": family, "classes": ["RepVggBlock"], "input": [3, 64, 64],
+        "status": "exact" if err <= 1e-9 else "inexact", "regions_merged": 3, "regions_found": 4,
+        "params": params, "params_timm": timm_params, "params_ours": ours, "timm_max_rel": 1e-16,
+        "max_rel": err, "contract_seconds": 1.25, "onnx_ratio": ratio, "opaque": {}, **extra,
+    }
+
+
+def test_summary_tables_and_docs_markers(gs, tmp_path):
+    out = tmp_path / "graph_sweep.jsonl"
+    oracle = [
+        _oracle_rec("repvgg_a0", "byobnet", 1000, 800, 800, 2e-16, 0.98),
+        _oracle_rec("levit_128s", "levit", 500, 400, 450, 7e-16, 1.02, left_alone={"a linear layer": 12}),
+        {"model": "timm:broken", "family": "x", "status": "failed", "stage": "train", "reason": "RuntimeError: no"},
+    ]
+    zoo = [
+        {"model": "tv:resnet18", "status": "merged", "max_rel": 3e-15, "regions_merged": 20, "regions_found": 20,
+         "params_before": 100, "params_after": 90, "contract_seconds": 4.0, "left_alone": {}, "opaque": {}},
+        {"model": "timm:odd", "status": "nothing", "max_rel": 0.0, "regions_merged": 0, "regions_found": 1,
+         "params_before": 50, "params_after": 50, "contract_seconds": 2.0,
+         "left_alone": {"the float64 check failed": 1}, "opaque": {"blocks.0": "TraceError: symbolically traced"}},
+        {"model": "tv:huge", "status": "skipped", "reason": "too big"},
+    ]
+    (tmp_path / "graph_sweep_oracle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in oracle))
+    (tmp_path / "graph_sweep_zoo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in zoo))
+    texts = gs.summary(out)
+
+    table = texts["oracle"]
+    assert (
+        "| byobnet | repvgg_a0 | RepVggBlock | 64x64 | 3 / 4 | 1,000 | 800 | 800 | 1.0e-16 | 2.0e-16 | 1.2 | 0.98 |"
+        in table
+    )
+    assert "2 models from 2 families: 2 within 1e-09" in table
+    assert "equal to or below timm's in 1 of 2" in table and "from 0.98 to 1.02" not in table
+    assert "onnxruntime latency ours / timm: 0.98 to 1.02" in table
+    assert "- levit_128s: 50 more (12 x a linear layer)" in table
+    assert "- broken (x): failed at train: RuntimeError: no" in table
+
+    text = texts["zoo"]
+    assert "Models: 3 (2 tv, 1 timm)." in text
+    assert "| merged | 1 |" in text and "| nothing | 1 |" in text and "| skipped | 1 |" in text
+    assert "Regions merged: 20 of 21 found; parameters + buffers 150 -> 140 (6.7% fewer)" in text
+    assert "inexact (above 1e-09): 0" in text and "(resnet18)" in text
+    assert "- 1 x the float64 check failed" in text
+    assert "1 x `TraceError: symbolically traced`: odd:blocks.0" in text
+
+    doc = tmp_path / "graph.md"
+    doc.write_text("# head\n<!-- graph:oracle -->\nSTALE\n<!-- /graph:oracle -->\nmiddle\n<!-- graph:zoo -->\n"
+                   "<!-- /graph:zoo -->\ntail\n")
+    assert gs.write_docs(texts, doc) == ["oracle", "zoo"]
+    new = doc.read_text()
+    assert "STALE" not in new and table in new and text in new
+    assert new.startswith("# head\n") and "\nmiddle\n" in new and new.endswith("tail\n")
+    assert gs.write_docs(texts, doc) == []  # unchanged on a second run
