@@ -360,8 +360,8 @@ def _short(model_id: str) -> str:
 def oracle_table(recs: list[dict]) -> str:
     rows = [
         "| family | model | timm's merging blocks | input | regions merged / found | parameters before | timm | "
-        "expandctl | worst error timm | worst error expandctl | contract s | onnxruntime ours / timm |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "expandctl | worst error timm | worst error expandctl | contract s | onnxruntime ours / timm | same ONNX ops |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     failed = []
     for r in recs:
@@ -370,12 +370,13 @@ def oracle_table(recs: list[dict]) -> str:
                           f"{r.get('reason', '')[:200]}")
             continue
         ratio = f"{r['onnx_ratio']:.2f}" if r.get("onnx_ratio") is not None else "export failed"
+        same = "-" if "onnx_ops_ours" not in r else ("yes" if r["onnx_ops_ours"] == r["onnx_ops_timm"] else "no")
         rows.append(
             f"| {r['family']} | {_short(r['model'])} | {', '.join(r['classes'])} | "
             f"{'x'.join(map(str, r['input'][1:]))} | "
             f"{r['regions_merged']} / {r['regions_found']} | {r['params']:,} | {r['params_timm']:,} | "
             f"{r['params_ours']:,} | {_fmt_err(r['timm_max_rel'])} | {_fmt_err(r['max_rel'])} | "
-            f"{r['contract_seconds']:.1f} | {ratio} |"
+            f"{r['contract_seconds']:.1f} | {ratio} | {same} |"
         )
     ran = [r for r in recs if r.get("status") in ("exact", "inexact")]
     lines = rows
