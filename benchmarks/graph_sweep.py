@@ -21,8 +21,9 @@ parameter count (all of them with ``--all``). Per model:
    ``--rounds`` interleaved rounds) and its ratio ours / timm.
 
 **Zoo** (``graph_sweep_zoo.jsonl``). torchvision's classification models and ``--timm-sample``
-timm models (the first in ``zoo_sweep``'s hash order), built as ``zoo_sweep.prepare`` builds them
-(random init, random BatchNorm statistics, float64, eval, the smallest input they take):
+timm models (the first within ``--max-params`` in ``zoo_sweep``'s hash order), built as
+``zoo_sweep.prepare`` builds them (random init, random BatchNorm statistics, float64, eval, the
+smallest input they take):
 ``contract_graph`` on one random input, then the worst float64 relative error on two; what it
 merged, left alone and could not trace.
 
@@ -275,12 +276,19 @@ def run_oracle(name: str, size: int | None = ORACLE_SIZE, steps: int = 3, batche
 # --------------------------------------------------------------------------------------------------
 # One zoo model
 # --------------------------------------------------------------------------------------------------
-def zoo_models(timm_sample: int) -> list[str]:
-    """torchvision's classification models, then the first ``timm_sample`` timm models in the zoo
-    sweep's order (a hash of the name: a sample of every family)."""
+def zoo_models(timm_sample: int, max_params: int) -> list[str]:
+    """torchvision's classification models (all: those above ``max_params`` are recorded as skipped),
+    then the first ``timm_sample`` timm models within ``max_params`` in the zoo sweep's order (a hash
+    of the name: a sample of every family)."""
     models = zoo.all_models()
-    tv = sorted(m for m in models if m.startswith("tv:"))
-    return tv + [m for m in models if m.startswith("timm:")][:timm_sample]
+    chosen = sorted(m for m in models if m.startswith("tv:"))
+    sample = []
+    for m in models:
+        if len(sample) >= timm_sample:
+            break
+        if m.startswith("timm:") and (zoo.count_params(m) or 0) <= max_params:
+            sample.append(m)
+    return chosen + sample
 
 
 def run_zoo(model_id: str, max_params: int) -> dict:
@@ -526,7 +534,7 @@ def main(argv=None):
             else:
                 models = [f"timm:{name}" for _, name, _ in oracle_models(None if args.all else args.per_family)]
         else:
-            models = zoo_models(args.timm_sample)
+            models = zoo_models(args.timm_sample, int(args.max_params))
             if wanted:
                 models = [m for m in models if m in wanted or m.split(":", 1)[1] in wanted]
         log(f"{part}: {len(models)} models")
