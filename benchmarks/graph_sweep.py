@@ -414,6 +414,13 @@ def oracle_table(recs: list[dict]) -> str:
                 lines.append(
                     f"- {_short(r['model'])}: {r['params_ours'] - r['params_timm']:,} more ({shown or 'nothing'})"
                 )
+        differ = [r for r in ran if "onnx_ops_ours" in r and r["onnx_ops_ours"] != r["onnx_ops_timm"]]
+        if differ:
+            lines += ["", "Where the two ONNX graphs differ (op: timm's count vs ours):", ""]
+            for r in differ:
+                a, b = r["onnx_ops_timm"], r["onnx_ops_ours"]
+                ops = ", ".join(f"{k} {a.get(k, 0)} vs {b.get(k, 0)}" for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+                lines.append(f"- {_short(r['model'])}: {ops}")
         opaque = collections.Counter(v for r in ran for v in r.get("opaque", {}).values())
         if opaque:
             lines += ["", "Opaque modules (not traced, kept whole):", ""]

@@ -67,6 +67,8 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
         _oracle_rec("repvgg_a0", "byobnet", 1000, 800, 800, 2e-16, 0.98, onnx_ops_ours={"Conv": 2},
                     onnx_ops_timm={"Conv": 2}),
         _oracle_rec("levit_128s", "levit", 500, 400, 450, 7e-16, 1.02, left_alone={"a linear layer": 12}),
+        _oracle_rec("efficientvim_m1", "efficientvim", 600, 500, 500, 8e-16, 0.9, onnx_ops_timm={"Conv": 2, "Mul": 4},
+                    onnx_ops_ours={"Conv": 2, "Mul": 3, "Add": 1}),
         {"model": "timm:broken", "family": "x", "status": "failed", "stage": "train", "reason": "RuntimeError: no"},
     ]
     zoo = [
@@ -86,11 +88,12 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
         "| byobnet | repvgg_a0 | RepVggBlock | 64x64 | 3 / 4 | 1,000 | 800 | 800 | 1.0e-16 | 2.0e-16 | 1.2 | 0.98 "
         "| yes |" in table
     )
-    assert "2 models from 2 families: 2 within 1e-09" in table
-    assert "equal to or below timm's in 1 of 2" in table and "from 0.98 to 1.02" not in table
-    assert "onnxruntime latency ours / timm: 0.98 to 1.02" in table
+    assert "3 models from 3 families: 3 within 1e-09" in table
+    assert "equal to or below timm's in 2 of 3" in table
+    assert "onnxruntime latency ours / timm: 0.90 to 1.02 (median 0.98)" in table
+    assert "- efficientvim_m1: Add 0 vs 1, Mul 4 vs 3" in table
     assert "- levit_128s: 50 more (12 x a linear layer)" in table
-    assert table.count("| no |") == 0 and table.count("| - |") == 1  # levit_128s: no op counts recorded
+    assert table.count("| no |") == 1 and table.count("| - |") == 1  # levit_128s: no op counts recorded
     assert "- broken (x): failed at train: RuntimeError: no" in table
 
     text = texts["zoo"]
