@@ -52,6 +52,33 @@ def test_zoo_part_through_the_worker_protocol(gs):
     assert rec["params_before"] == rec["params_after"] and rec["untraceable"] is False
 
 
+def test_unused_tensors_counts_what_the_graph_never_reads(gs):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from expandctl.graph import contract_graph
+
+    class BNAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: F.batch_norm, then its own activation child
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self.act(y)
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    wrapped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BNAct(8)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert gs.unused_tensors(contract_graph(plain, x)) == 0
+    merged = contract_graph(wrapped, x)
+    assert len(merged.graph_plan.merged) == 1
+    # whatever the engine leaves behind on the container, the count is what the graph does not read
+    read = sum(t.numel() for n, t in merged.named_parameters() if n.startswith("merged."))
+    assert gs.unused_tensors(merged) == gs._count(merged) - read
+
+
 def _oracle_rec(name, family, params, timm_params, ours, err, ratio=1.0, **extra):
     return {
         "model": f"timm:{name}", "family": family, "classes": ["RepVggBlock"], "input": [3, 64, 64],
@@ -68,7 +95,7 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
                     onnx_ops_timm={"Conv": 2}),
         _oracle_rec("levit_128s", "levit", 500, 400, 450, 7e-16, 1.02, left_alone={"a linear layer": 12}),
         _oracle_rec("efficientvim_m1", "efficientvim", 600, 500, 500, 8e-16, 0.9, onnx_ops_timm={"Conv": 2, "Mul": 4},
-                    onnx_ops_ours={"Conv": 2, "Mul": 3, "Add": 1}),
+                    onnx_ops_ours={"Conv": 2, "Mul": 3, "Add": 1}, params_ours_unused=1234),
         {"model": "timm:broken", "family": "x", "status": "failed", "stage": "train", "reason": "RuntimeError: no"},
     ]
     zoo = [
@@ -92,6 +119,7 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "equal to or below timm's in 2 of 3" in table
     assert "onnxruntime latency ours / timm: 0.90 to 1.02 (median 0.98)" in table
     assert "- efficientvim_m1: Add 0 vs 1, Mul 4 vs 3" in table
+    assert "The merged GraphModule of 1 models also holds tensors" in table and "efficientvim_m1 1,234." in table
     assert "- levit_128s: 50 more (12 x a linear layer)" in table
     assert table.count("| no |") == 1 and table.count("| - |") == 1  # levit_128s: no op counts recorded
     assert "- broken (x): failed at train: RuntimeError: no" in table
