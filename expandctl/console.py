@@ -204,3 +204,32 @@ def layers_table(rows: Sequence[dict]) -> Table:
             *([fmt_residual(r.get("fit_residual"))] if fitted else []),
         )
     return t
+
+
+def graph_plan_table(plan) -> Table:
+    """``contract --graph``'s regions: what each covers, what it became, parameters, error, merged or why not."""
+    t = Table(title=f"linear regions: {len(plan.merged)} of {len(plan.regions)} merged", title_justify="left")
+    for col in ("region", "input -> output", "modules", "became", "params", "float64 err", "merged"):
+        t.add_column(col, overflow="fold")
+    for r in plan.regions:
+        mods = ", ".join(r.modules[:4]) + (f" (+{len(r.modules) - 4})" if len(r.modules) > 4 else "")
+        t.add_row(
+            escape(r.name or "-"),
+            escape(f"{r.root} -> {r.output}"),
+            escape(mods),
+            r.became,
+            f"{fmt_count(r.params_before)} -> {fmt_count(r.params_after)}",
+            fmt_err(r.error),
+            "yes" if r.merged else f"no: {escape(r.reason or '')}",
+        )
+    return t
+
+
+def left_alone_table(plan) -> Table:
+    """Linear steps that could not join the region before them, and why."""
+    t = Table(title="left alone", title_justify="left")
+    for col in ("at", "operation", "reason"):
+        t.add_column(col, overflow="fold")
+    for item in plan.left_alone:
+        t.add_row(escape(item["at"]), escape(str(item["kind"])), escape(item["reason"]))
+    return t

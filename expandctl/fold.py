@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .algebra import fold_bn
 from .errors import UsageError
+from .graph.trace import Untraceable, trace
 from .rewrite import expanded_layers, set_module
 
 __all__ = ["fold_batchnorm", "fold_pairs", "apply_folds", "absorb_shifts", "add_biases"]
@@ -44,12 +45,10 @@ def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
         )
 
     try:
-        import torch.fx
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable models (data-dependent control flow): Sequential fallback below
+            graph = trace(model)[0].graph
+    except Untraceable:  # data-dependent control flow at the top: Sequential fallback below
         graph = None
     pairs = []
     if graph is not None:
@@ -57,17 +56,19 @@ def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
         for node in graph.nodes:
             if node.op == "call_module":
                 calls[node.target] = calls.get(node.target, 0) + 1
+            elif node.op == "get_attr" and node.target.endswith(".running_mean"):
+                owner = node.target.rsplit(".", 1)[0]
+                calls[owner] = calls.get(owner, 0) + 1
         for node in graph.nodes:
-            if node.op != "call_module" or len(node.users) != 1:
+            users = [u for u in node.users if not _reads_rank(u)]
+            if node.op != "call_module" or len(users) != 1:
                 continue
-            user = next(iter(node.users))
-            if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
+            bn_path = _batchnorm_of(users[0], node)
+            if bn_path is None or calls.get(node.target) != 1 or calls.get(bn_path) != 1:
                 continue
-            if calls[node.target] != 1 or calls[user.target] != 1:
-                continue
-            conv, bn = model.get_submodule(node.target), model.get_submodule(user.target)
+            conv, bn = model.get_submodule(node.target), model.get_submodule(bn_path)
             if foldable(conv, bn):
-                pairs.append((node.target, user.target))
+                pairs.append((node.target, bn_path))
         return pairs
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
@@ -76,6 +77,28 @@ def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
                 if foldable(conv, bn):
                     pairs.append((names[id(conv)], names[id(bn)]))
     return pairs
+
+
+def _reads_rank(user) -> bool:
+    """A node that reads only a tensor's rank (timm's ``assert x.ndim == 4`` before its BatchNorm)."""
+    return user.op == "call_function" and user.target is getattr and user.args[1:] == ("ndim",)
+
+
+def _batchnorm_of(user, node) -> str | None:
+    """The BatchNorm module path that ``user`` applies to ``node``: a call of the module itself, or
+    ``F.batch_norm`` on its running statistics (a subclass traced through, e.g. timm's BatchNormAct2d)."""
+    if user.op == "call_module" and user.args == (node,) and not user.kwargs:
+        return user.target
+    if user.op == "call_function" and user.target is torch.nn.functional.batch_norm and user.args[:1] == (node,):
+        stats = [a for a in (*user.args[1:3], user.kwargs.get("running_mean"), user.kwargs.get("running_var")) if a]
+        owners = {a.target.rsplit(".", 1)[0] for a in stats if getattr(a, "op", None) == "get_attr"}
+        if len(stats) == 2 and len(owners) == 1 and user.kwargs.get("training", False) is False:
+            return owners.pop()
+    return None
+
+
+def _plain_batchnorm(bn: nn.Module) -> bool:
+    return type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -96,11 +119,21 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, 
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
         if bn.running_mean is None or bn.running_var is None:
             raise UsageError(f"cannot fold {bn_path}: a BatchNorm without running statistics")
+        if not _plain_batchnorm(bn) and bn.weight is None:
+            continue  # a subclass (activation inside) without an affine to neutralise: left as it is
         w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         conv.weight = nn.Parameter(w.to(conv.weight.dtype))
         conv.bias = nn.Parameter(b.to(conv.weight.dtype))
-        set_module(model, bn_path, nn.Identity())
-        folded.append({"conv": conv_path, "bn": bn_path})
+        if _plain_batchnorm(bn):
+            set_module(model, bn_path, nn.Identity())
+            folded.append({"conv": conv_path, "bn": bn_path})
+        else:
+            # timm's BatchNormAct2d and the like keep their activation: the BatchNorm becomes x -> x
+            # (mean 0, weight sqrt(var + eps), bias 0) and stays, so the structure is the same.
+            bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps).to(bn.weight.dtype))
+            bn.bias.zero_()
+            bn.running_mean.zero_()
+            folded.append({"conv": conv_path, "bn": bn_path, "neutral": True})
     return model, folded
 
 
@@ -116,7 +149,8 @@ def apply_folds(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
             ) from None
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
-        set_module(model, pair["bn"], nn.Identity())
+        if not pair.get("neutral"):  # a neutralised BatchNorm stays; its state comes with the weights
+            set_module(model, pair["bn"], nn.Identity())
 
 
 @torch.no_grad()

@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 _CANDIDATE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+#: Methods by which other codebases' blocks merge their own branches (timm, RepVGG, MobileOne, YOLO, DBB).
+REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse", "get_equivalent_kernel_bias", "fuse_reparam")
+
 #: A plan entry's reason for an expanded layer.
 ALREADY_EXPANDED = "already expanded"
 
@@ -56,6 +59,9 @@ class PlanEntry:
     #: After ``init="preserve"``: the relative residual of the chain's fit to the original kernel
     #: (:attr:`ExpandedLayer.fit_residual`; CK fits by least squares), else ``None``.
     fit_residual: float | None = None
+    #: The re-parameterisable block the layer already sits in (``"Class at path"``): a module above it
+    #: with a merge method of its own (:data:`REPARAM_METHODS`), whose branches would get branches.
+    block: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +113,18 @@ class Plan:
         if why.startswith("this model is already expanded"):
             return AlreadyExpandedError(why)
         return NothingToExpandError(f"{why}; {hint}")
+
+    def in_blocks(self) -> str | None:
+        """A warning when expanded layers already sit in re-parameterisable blocks, else ``None``."""
+        inside = [e for e in self.expanded if e.block]
+        if not inside:
+            return None
+        blocks = sorted({e.block.split(" at ")[0] for e in inside})
+        return (
+            f"{len(inside)} of the {len(self.expanded)} layers to expand already sit in re-parameterisable blocks "
+            f"({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}): their branches would get branches of "
+            "their own; to deploy such a model as it is, `expandctl contract --graph` merges its blocks"
+        )
 
     @property
     def params_before(self) -> int:
@@ -244,6 +262,11 @@ def plan(
     kinds = parse_strategy(strategy)
     rate = _check_rate(rate)
     include, exclude = tuple(include), tuple(exclude)
+    blocks = {
+        path: f"{type(m).__name__} at {path or '<root>'}"
+        for path, m in model.named_modules()
+        if any(callable(getattr(m, name, None)) for name in REPARAM_METHODS)
+    }
     entries = []
     for module, paths, inside in _walk(model):
         if inside is not None:
@@ -264,8 +287,19 @@ def plan(
                 entry.hidden = cls.hidden_for(module, rate if rate is not None else cls.default_rate)
                 entry.factors, entry.params_after = factor_parameters(cls, module, entry.hidden)
                 entry.note = fused_only_reason(module)
+                entry.block = _enclosing(path, blocks)
         entries.append(entry)
     return Plan(entries, "+".join(kinds), rate, pointwise, include, exclude)
+
+
+def _enclosing(path: str, blocks: dict[str, str]) -> str | None:
+    """The innermost block in ``blocks`` (by path) strictly above the module at ``path``."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        found = blocks.get(".".join(parts[:i]))
+        if found is not None:
+            return found
+    return None
 
 
 @contextlib.contextmanager

@@ -155,6 +155,7 @@ class ExpandResult:
                 "params_after": self.params_after,
                 "expanded_layers": layers,
                 "plan": self.plan_dict,
+                "warnings": self.warnings,
             }
         return {
             "output": str(self.output),
@@ -169,6 +170,7 @@ class ExpandResult:
             "params_after": self.params_after,
             "expanded_layers": layers,
             "plan": self.plan_dict,
+            "warnings": self.warnings,
         }
 
 
@@ -231,6 +233,8 @@ def expand_checkpoint(
         source, ckpt, plan, plan.to_dict(), shape, strategy, init, seed, before,
         before - plan.params_before + plan.params_after, dry_run=dry_run,
     )  # fmt: skip
+    if (blocks := plan.in_blocks()) is not None:
+        result.warnings.append(blocks)
     if dry_run:
         return result
     if not plan.expanded:

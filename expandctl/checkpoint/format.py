@@ -101,7 +101,9 @@ def load_checkpoint(
     if fmt == "onnx":
         raise UsageError(f"{str(path)!r} is an ONNX file; it can be verified or inspected but not loaded as a model")
     digest = sha256_file(path)
-    if fmt == "safetensors":
+    if fmt == "torch" and path.suffix.lower() == PROGRAM_SUFFIX:
+        ckpt = _from_program(path, trust_pickle)
+    elif fmt == "safetensors":
         tensors, header = _read_safetensors(path)
         if header is not None:
             ckpt = _from_header(header, tensors, path, arch, arch_kwargs, "expandctl-safetensors")
@@ -156,7 +158,10 @@ def save(
     spec, _ = resolve_arch(arch)
     arch_kwargs = dict(arch_kwargs or {})
     _check_json(arch_kwargs, "arch_kwargs")
-    folded = [{"conv": str(p["conv"]), "bn": str(p["bn"])} for p in (folded_bn or [])]
+    folded = [
+        {"conv": str(p["conv"]), "bn": str(p["bn"]), **({"neutral": True} if p.get("neutral") else {})}
+        for p in (folded_bn or [])
+    ]
     lay = layout(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     added = _check_rebuild(spec, arch_kwargs, lay, folded, state, model)
@@ -302,6 +307,46 @@ def _from_state_dict(sd: dict, path: Path, arch, arch_kwargs, fmt: str) -> Check
     model = _rebuild(arch, kwargs, {}, [])
     _load_into(model, sd, path, arch, kwargs)
     return Checkpoint(model, resolve_arch(arch)[0], kwargs, format=fmt)
+
+
+#: torch.export's program archive, as ``contract --graph`` writes it.
+PROGRAM_SUFFIX = ".pt2"
+
+
+def _from_program(path: Path, trust_pickle: bool) -> Checkpoint:
+    """A ``torch.export`` program (``.pt2``): its graph, run as a module. ``torch.export.load`` unpickles
+    the weights stored in the archive, so it needs ``trust_pickle``."""
+    if not trust_pickle:
+        raise UnsafeInputError(
+            f"{str(path)!r} is a torch.export program, and torch.export.load unpickles the weights inside it; "
+            "nothing was loaded. Pass --trust-pickle if you trust the file (e.g. you wrote it with contract --graph)"
+        )
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise _corrupt(path, e) from None
+    shape = None
+    args = program.example_inputs[0] if program.example_inputs else ()
+    if len(args) == 1 and isinstance(args[0], torch.Tensor):
+        shape = tuple(int(s) for s in args[0].shape[1:])
+    model = ExportedProgramModule(program.module())
+    return Checkpoint(model, None, {}, input_shape=shape, provenance={}, format="torch_export_program")
+
+
+class ExportedProgramModule(nn.Module):
+    """A loaded ``torch.export`` program as a module: it was captured in eval mode and stays so
+    (the program refuses ``train()`` / ``eval()``; this wrapper records the mode and runs it as it is)."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.program(*args, **kwargs)
 
 
 def _from_module(module: nn.Module, path: Path, arch, arch_kwargs) -> Checkpoint:

@@ -24,7 +24,7 @@ from ..cli_common import (
     load_for_cli,
     parse_shape,
 )
-from ..console import UI, fmt_count
+from ..console import UI, fmt_count, graph_plan_table, left_alone_table
 from ..errors import UsageError
 from ..workflows import contract_checkpoint
 from ._shared import DynamicSizeOpt, command_line, reports_on_failure, show_reports
@@ -32,8 +32,24 @@ from ._shared import DynamicSizeOpt, command_line, reports_on_failure, show_repo
 
 def contract(
     ctx: typer.Context,
-    src: Annotated[str, typer.Argument(metavar="SRC", help="Expanded checkpoint.")],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output .pt, .safetensors or .onnx.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Expanded checkpoint (or, with --graph, any model).")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o", "--output", metavar="OUT", help="Output .pt, .safetensors or .onnx (with --graph: .onnx or .pt2)."
+        ),
+    ] = None,
+    graph: Annotated[
+        bool,
+        typer.Option(
+            "--graph",
+            help="Also merge every linear region of the traced model (conv -> BN, parallel branches, chains, "
+            "layer scales) into one layer each, whoever built it; writes .onnx or .pt2.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --graph: list the regions and the reasons, write nothing.")
+    ] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     fold_bn: Annotated[
@@ -58,6 +74,12 @@ def contract(
     """Multiply every chain back into one layer, check it against the chain, write the compact model."""
     ui = UI("contract", as_json, quiet, debug)
     with guard(ui):
+        if graph or dry_run:
+            _contract_graph(ctx, ui, src, output, dry_run, input_shape, atol, rtol, fold_bn, dynamic_size,
+                            require_expanded, arch, arch_kwargs, trust_pickle)  # fmt: skip
+            return
+        if output is None:
+            raise UsageError("give the output file with -o OUT (.pt, .safetensors or .onnx)")
         out = ckpt_io.check_output_path(
             output, [src], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES + (".onnx",)
         )
@@ -88,3 +110,49 @@ def contract(
         ui.detail(summary)
         ui.print(f"wrote {out}")
         ui.emit(result.to_dict())
+
+
+def _contract_graph(
+    ctx, ui, src, output, dry_run, input_shape, atol, rtol, fold_bn, dynamic_size, require_expanded, arch,
+    arch_kwargs, trust_pickle,
+) -> None:  # fmt: skip
+    from ..graph.workflow import GRAPH_SUFFIXES, contract_graph_checkpoint
+
+    if dry_run and not graph_requested(ctx):
+        raise UsageError("--dry-run lists the regions of --graph; add --graph")
+    if dynamic_size or require_expanded:
+        flag = "--dynamic-size" if dynamic_size else "--require-expanded"
+        raise UsageError(f"{flag} is not available with --graph")
+    out = None
+    if not dry_run:
+        if output is None:
+            raise UsageError("give the output file with -o OUT (.onnx or .pt2), or --dry-run to see the plan")
+        out = ckpt_io.check_output_path(output, [src], GRAPH_SUFFIXES)
+    ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+    with reports_on_failure(ui):
+        result = contract_graph_checkpoint(
+            ckpt, out, input_shape=parse_shape(input_shape), atol=atol, rtol=rtol, source=src,
+            command=command_line(ctx), progress=ui,
+        )  # fmt: skip
+    ui.detail(graph_plan_table(result.plan))
+    if result.plan.left_alone:
+        ui.detail(left_alone_table(result.plan))
+    for path, reason in result.plan.opaque.items():
+        ui.note(f"note: {path} cannot be traced and stays as it is ({reason})")
+    if fold_bn:
+        ui.note("note: --graph folds every BatchNorm that follows a linear layer; --fold-bn adds nothing")
+    show_reports(ui, result.reports, "checks")
+    plan = result.plan
+    summary = (
+        f"{len(plan.merged)} linear regions merged: {fmt_count(plan.params_before)} -> "
+        f"{fmt_count(plan.params_after)} parameters and buffers"
+    )
+    if result.contracted_layers:
+        summary = f"contracted {len(result.contracted_layers)} expanded layers; " + summary
+    ui.detail(summary)
+    ui.print("dry run: nothing written" if out is None else f"wrote {out}")
+    ui.emit(result.to_dict())
+
+
+def graph_requested(ctx) -> bool:
+    return bool(ctx.params.get("graph"))

@@ -140,6 +140,8 @@ def expand(
         plan = result.plan
         if dry_run:
             ui.detail(plan_table(plan))
+            for w in result.warnings:
+                ui.warn(w)
             ui.print(
                 f"{len(plan.expanded)} of {len(plan.entries)} candidate layers would be expanded: "
                 f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "

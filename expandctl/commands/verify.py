@@ -80,10 +80,15 @@ def verify(
         if fb == "onnx" and want == torch.float64:
             raise UsageError("onnxruntime runs the exported model in float32; drop --dtype float64")
         ckpt_a = load_for_cli(ui, a, arch, arch_kwargs, trust_pickle)
+        ckpt_b = None
         if fb == "onnx" and input_shape is None:
             # The ONNX file says what it was exported with (graph input, else expandctl's metadata);
             # the checkpoint may record another shape its model also takes (contract --input-shape).
             shape = onnx_shape(b) or input_shape_of(ckpt_a, None)
+        elif b is not None and input_shape is None and ckpt_a.input_shape is None:
+            # A foreign pickle records no input shape; the second file (a .pt2 program) may.
+            ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
+            shape = input_shape_of(ckpt_b, None)
         else:
             shape = input_shape_of(ckpt_a, input_shape)
         check = {"samples": samples, "batch": batch, "seed": seed, "atol": atol, "rtol": rtol}
@@ -123,7 +128,8 @@ def verify(
                 reports = [check_onnx_sizes(ckpt_a.model, b, sizes, (batch,), atol, rtol, samples=samples, seed=seed)]
             title = f"{a} vs {b} (onnxruntime)"
         else:
-            ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
+            if ckpt_b is None:
+                ckpt_b = load_for_cli(ui, b, arch, arch_kwargs, trust_pickle)
             sa, sb = ckpt_a.input_shape, ckpt_b.input_shape
             if input_shape is None and sa and sb and tuple(sa) != tuple(sb):
                 raise UsageError(

@@ -100,6 +100,12 @@ class Affine:
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
 
+    def shifted(self) -> bool:
+        """Whether the map adds a constant: a bias beyond rounding (a shift subtracted again in float64,
+        as a BNAndPad-style border does, leaves ~1e-17 of it)."""
+        scale = max(1.0, float(self.weight.abs().max()) if self.weight.numel() else 1.0)
+        return bool((self.bias.abs() > 1e-12 * scale).any())
+
     def pointwise(self) -> bool:
         """Every output pixel reads one input pixel and no padding is involved."""
         return all(k == 1 for k in self.kernel) and not any(self.padding)
@@ -147,7 +153,7 @@ class Affine:
                     f"a zero-padded {what} after a {'x'.join(map(str, self.kernel))} kernel: at the image border the "
                     "second layer reads padding the first never saw, so the pair is not one convolution"
                 )
-            if bool(self.bias.any()):
+            if self.shifted():
                 raise NotOneLayer(
                     f"a zero-padded {what} after a bias or shift: the border would read 0 where the merged layer "
                     "reads the shift, so the pair is not one convolution"
@@ -180,7 +186,7 @@ class Affine:
 
     def then_pad(self, padding: tuple[int, ...]) -> Affine:
         """Zero padding of the output, symmetric per spatial dimension."""
-        if not self.pointwise() or bool(self.bias.any()):
+        if not self.pointwise() or self.shifted():
             raise NotOneLayer("zero padding after a spatial kernel or a shift is not part of one convolution")
         return replace(self, padding=tuple(p * s for p, s in zip(padding, self.stride)))
 

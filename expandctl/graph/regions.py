@@ -31,6 +31,12 @@ __all__ = ["GraphPlan", "Region", "contract_graph", "plan_graph"]
 #: region's by at most this much relative to the largest output value.
 REGION_RTOL = 1e-9
 
+#: A layer joins the map before it unless that multiplies the parameters by more than this (a
+#: depthwise kxk before a 1x1 expansion would become a dense kxk); a chain that grows a little on the
+#: way and shrinks at its end (an ExpandNets chain) stays whole. A whole region that would hold
+#: more parameters than its steps is left alone.
+GROWTH_LIMIT = 1.5
+
 
 @dataclass
 class Region:
@@ -165,7 +171,7 @@ class _Pass:
                 self.maps[n] = step.apply(*args)
                 if step.weighted and args[0] is not ROOT:
                     grown, before = self.maps[n].params(), args[0].params() + step.own_params
-                    if grown > before:
+                    if grown > GROWTH_LIMIT * before:
                         raise NotOneLayer(
                             f"merging it with what precedes it grows the layer ({grown:,} parameters vs {before:,})"
                         )
@@ -283,9 +289,12 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _analyse(model: nn.Module, example_inputs: tuple):
-    model = copy.deepcopy(model).eval()
-    gm, opaque = trace(model)
-    gm64 = copy.deepcopy(gm).double()
+    gm, opaque = trace(copy.deepcopy(model).eval())
+    # Traced again in float64: arithmetic on buffers alone (a BNAndPad shift) is folded into constants
+    # while tracing, in the dtype of the traced model; the analysis needs it in float64.
+    gm64, _ = trace(copy.deepcopy(model).eval().double())
+    if [n.name for n in gm.graph.nodes] != [n.name for n in gm64.graph.nodes]:
+        gm64 = copy.deepcopy(gm).double()
     inputs64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,6 +318,7 @@ def contract_graph(model: nn.Module, example_inputs) -> fx.GraphModule:
     return gm
 
 
+@torch.no_grad()
 def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.GraphModule | None, GraphPlan]:
     plan = GraphPlan(params_before=_count(model))
     try:
@@ -390,6 +400,7 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
 
 def _replace(gm: fx.GraphModule, replacements, names: list[str]) -> None:
     mapping: dict[fx.Node, fx.Node] = {}
+    attrs_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for (root, out, layer, interior), name in zip(replacements, names):
         gm.add_submodule(name, layer)
         src = mapping.get(root, root)
@@ -405,6 +416,15 @@ def _replace(gm: fx.GraphModule, replacements, names: list[str]) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    still = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in attrs_before - still:  # parameters and buffers only the merged steps read
+        owner, _, name = target.rpartition(".")
+        try:
+            module = gm.get_submodule(owner) if owner else gm
+        except AttributeError:
+            continue
+        if hasattr(module, name):
+            delattr(module, name)
     gm.recompile()
 
 
