@@ -194,16 +194,34 @@ def _train(model, shape, steps: int, seed: int = 0) -> None:
     model.eval()
 
 
+def _reason_key(reason: str) -> str:
+    """A reason without its numbers (``12,288``, ``1.5e-10``, ``3x3``), so that the same cause groups."""
+    return re.sub(r"\d[\d,]*(\.\d+)?(e[-+]?\d+)?", "N", reason or "")[:200]
+
+
 def _left_alone(plan) -> dict[str, int]:
-    """Candidates left alone, counted by reason (numbers replaced, so that the same cause groups)."""
+    """Candidates left alone, counted by reason."""
     reasons = [r["reason"] for r in plan.left_alone] + [r.reason for r in plan.regions if not r.merged]
-    return dict(collections.Counter(zoo._group(r) for r in reasons if r).most_common())
+    return dict(collections.Counter(_reason_key(r) for r in reasons if r).most_common())
+
+
+_PASS = {"identity", "contiguous", "clone", "detach"}
+
+
+def region_pattern(region) -> str:
+    """What a merged region was: its layer count and its other step kinds, e.g. ``1 layer + BatchNorm``,
+    ``3 layers + BatchNorm, add`` (a RepVGG block)."""
+    kinds = [step.rsplit(" (", 1)[-1].rstrip(")") for step in region.steps]
+    layers = sum(k.startswith("Conv") or k == "Linear" for k in kinds)
+    others = sorted({k for k in kinds if k not in _PASS and not k.startswith("Conv") and k != "Linear"})
+    return f"{layers} layer{'s' if layers != 1 else ''}" + (f" + {', '.join(others)}" if others else "")
 
 
 def _plan_fields(plan) -> dict:
     return {
         "regions_found": len(plan.regions),
         "regions_merged": len(plan.merged),
+        "merged_patterns": dict(collections.Counter(region_pattern(r) for r in plan.merged).most_common()),
         "opaque": dict(plan.opaque),
         "left_alone": _left_alone(plan),
         "worst_region_error": max((r.error for r in plan.merged if r.error is not None), default=None),
@@ -487,6 +505,12 @@ def zoo_summary(recs: list[dict]) -> str:
             f"{worst['max_rel']:.1e} ({_short(worst['model'])}); inexact (above {TOLERANCE:g}): {by['inexact']}. "
             f"Contract time: median {secs[len(secs) // 2]:.1f} s, longest {secs[-1]:.1f} s.",
         ]
+        patterns = collections.Counter()
+        for r in ran:
+            patterns.update(r.get("merged_patterns", {}))
+        if patterns:
+            lines += ["", "What the merged regions were (layers, and the other linear steps in them):", ""]
+            lines += [f"- {n} x {pattern}" for pattern, n in patterns.most_common(8)]
         left = collections.Counter()
         for r in ran:
             for reason, n in r.get("left_alone", {}).items():
@@ -497,7 +521,7 @@ def zoo_summary(recs: list[dict]) -> str:
         opaque = collections.defaultdict(list)
         for r in ran:
             for module, reason in r.get("opaque", {}).items():
-                opaque[zoo._group(reason)[:140]].append(f"{_short(r['model'])}:{module}")
+                opaque[_reason_key(reason)[:140]].append(f"{_short(r['model'])}:{module}")
         if opaque:
             n = sum(len(v) for v in opaque.values())
             lines += ["", f"Opaque modules (not traced, kept whole): {n} in "
