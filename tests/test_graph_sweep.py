@@ -27,6 +27,9 @@ def test_oracle_record_against_timms_merge(gs):
     # both merges remove the training-time branches; ours holds no more than timm's
     assert rec["params_ours"] <= rec["params_timm"] < rec["params"]
     assert 0 < rec["regions_merged"] == rec["regions_found"] and rec["opaque"] == {}
+    # each RepVGG block: a 3x3 and a 1x1 conv with their BatchNorms, plus the identity's BatchNorm, summed
+    assert sum(rec["merged_patterns"].values()) == rec["regions_merged"]
+    assert rec["merged_patterns"]["2 layers + BatchNorm, add"] > 0 and rec["params_ours_unused"] == 0
     assert rec["contract_seconds"] > 0 and {"build", "train", "timm", "contract"} <= set(rec["stage_seconds"])
     assert "onnx_ratio" not in rec
 
