@@ -505,6 +505,15 @@ def zoo_summary(recs: list[dict]) -> str:
             f"{worst['max_rel']:.1e} ({_short(worst['model'])}); inexact (above {TOLERANCE:g}): {by['inexact']}. "
             f"Contract time: median {secs[len(secs) // 2]:.1f} s, longest {secs[-1]:.1f} s.",
         ]
+        blind = [r for r in ran if r.get("input_sensitivity") is not None and r["input_sensitivity"] < zoo.BLIND]
+        if blind:
+            lines.append(
+                f"{len(blind)} of them have an output that moves by less than {zoo.BLIND:g} (relative) between two "
+                "random inputs (random BatchNorm statistics drown the signal), so their check is weak: "
+                + ", ".join(_short(r["model"]) for r in blind[:8])
+                + (", ..." if len(blind) > 8 else "")
+                + "."
+            )
         patterns = collections.Counter()
         for r in ran:
             patterns.update(r.get("merged_patterns", {}))

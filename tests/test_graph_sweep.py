@@ -105,7 +105,7 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
         {"model": "tv:resnet18", "status": "merged", "max_rel": 3e-15, "regions_merged": 20, "regions_found": 20,
          "params_before": 100, "params_after": 90, "contract_seconds": 4.0, "left_alone": {}, "opaque": {}},
         {"model": "timm:odd", "status": "nothing", "max_rel": 0.0, "regions_merged": 0, "regions_found": 1,
-         "params_before": 50, "params_after": 50, "contract_seconds": 2.0,
+         "params_before": 50, "params_after": 50, "contract_seconds": 2.0, "input_sensitivity": 1e-9,
          "left_alone": {"the float64 check failed": 1}, "opaque": {"blocks.0": "TraceError: symbolically traced"}},
         {"model": "tv:huge", "status": "skipped", "reason": "too big"},
     ]
@@ -133,6 +133,7 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "Regions merged: 20 of 21 found; parameters + buffers 150 -> 140 (6.7% fewer)" in text
     assert "inexact (above 1e-09): 0" in text and "(resnet18)" in text
     assert "- 1 x the float64 check failed" in text
+    assert "1 of them have an output that moves by less than 1e-06" in text and "weak: odd." in text
     assert "1 x `TraceError: symbolically traced`: odd:blocks.0" in text
 
     doc = tmp_path / "graph.md"
