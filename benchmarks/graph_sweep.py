@@ -357,6 +357,9 @@ def run_zoo(model_id: str, max_params: int) -> dict:
         rec["max_rel"] = _rel_error(ours, refs, xs)
         if rec["max_rel"] > TOLERANCE:
             rec["status"] = "inexact"
+            mark("noise floor")  # what float64 rounding alone does to this model's output (zoo_sweep's measure)
+            rec["noise_floor"] = zoo._noise_floor(model, rec["input"])
+            rec["noise_floor_all"] = zoo._noise_floor(model, rec["input"], 1e-16, every_tensor=True)
         elif rec["untraceable"]:
             rec["status"] = "untraceable"
         else:
@@ -538,11 +541,22 @@ def zoo_summary(recs: list[dict]) -> str:
             for reason, where in sorted(opaque.items(), key=lambda kv: -len(kv[1]))[:10]:
                 shown = ", ".join(where[:4]) + (", ..." if len(where) > 4 else "")
                 lines.append(f"- {len(where)} x `{reason}`: {shown}")
-    for status in ("inexact", "failed"):
-        bad = [r for r in recs if r["status"] == status]
-        if bad:
-            lines += ["", f"{status.capitalize()}:", ""]
-            lines += [f"- {_short(r['model'])}: {r.get('stage', '')} {r.get('reason', '')[:200]}" for r in bad]
+    inexact = [r for r in recs if r["status"] == "inexact"]
+    if inexact:
+        lines += ["", "Inexact (the whole model above the tolerance; each merged region is checked on its own):", ""]
+        for r in inexact:
+            line = f"- {_short(r['model'])}: off by {r['max_rel']:.2g}, its merged regions each by at most "
+            line += f"{r['worst_region_error']:.2g}" if r.get("worst_region_error") is not None else "-"
+            if r.get("noise_floor") is not None:
+                line += (
+                    f"; the original model's output moves by {r['noise_floor']:.2g} under 1e-15 relative noise on "
+                    f"its weights, by {r['noise_floor_all']:.2g} under 1e-16 on every tensor (rounding amplified)"
+                )
+            lines.append(line)
+    failed = [r for r in recs if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed:", ""]
+        lines += [f"- {_short(r['model'])}: {r.get('stage', '')} {r.get('reason', '')[:200]}" for r in failed]
     return "\n".join(lines)
 
 

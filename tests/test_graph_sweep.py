@@ -108,6 +108,9 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
          "params_before": 50, "params_after": 50, "contract_seconds": 2.0, "input_sensitivity": 1e-9,
          "left_alone": {"the float64 check failed": 1}, "opaque": {"blocks.0": "TraceError: symbolically traced"}},
         {"model": "tv:huge", "status": "skipped", "reason": "too big"},
+        {"model": "timm:amplifier", "status": "inexact", "max_rel": 7e-8, "regions_merged": 1, "regions_found": 1,
+         "params_before": 10, "params_after": 8, "contract_seconds": 1.0, "worst_region_error": 4e-15,
+         "noise_floor": 1.2e-8, "noise_floor_all": 1.4e-7},
     ]
     (tmp_path / "graph_sweep_oracle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in oracle))
     (tmp_path / "graph_sweep_zoo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in zoo))
@@ -128,10 +131,15 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "- broken (x): failed at train: RuntimeError: no" in table
 
     text = texts["zoo"]
-    assert "Models: 3 (2 tv, 1 timm)." in text
+    assert "Models: 4 (2 tv, 2 timm)." in text
     assert "| merged | 1 |" in text and "| nothing | 1 |" in text and "| skipped | 1 |" in text
-    assert "Regions merged: 20 of 21 found; parameters + buffers 150 -> 140 (6.7% fewer)" in text
-    assert "inexact (above 1e-09): 0" in text and "(resnet18)" in text
+    assert "| inexact | 1 |" in text
+    assert "Regions merged: 21 of 22 found; parameters + buffers 160 -> 148 (7.5% fewer)" in text
+    assert "inexact (above 1e-09): 1" in text and "7.0e-08 (amplifier)" in text
+    assert (
+        "- amplifier: off by 7e-08, its merged regions each by at most 4e-15; the original model's output moves "
+        "by 1.2e-08 under 1e-15 relative noise on its weights, by 1.4e-07 under 1e-16 on every tensor" in text
+    )
     assert "- 1 x the float64 check failed" in text
     assert "1 of them have an output that moves by less than 1e-06" in text and "weak: odd." in text
     assert "1 x `TraceError: symbolically traced`: odd:blocks.0" in text
