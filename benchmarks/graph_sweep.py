@@ -445,6 +445,17 @@ def oracle_table(recs: list[dict]) -> str:
                 else ""
             ),
         ]
+        same = sorted(
+            r["onnx_ratio"]
+            for r in ran
+            if r.get("onnx_ratio") and r.get("onnx_ops_ours") is not None and r["onnx_ops_ours"] == r["onnx_ops_timm"]
+        )
+        if same:
+            lines[-1] += (
+                f" Where both ONNX graphs hold the same ops ({len(same)} models) the ratio is "
+                f"{min(same):.2f} to {max(same):.2f}, median {same[len(same) // 2]:.2f}: the spread of one "
+                "measurement on this machine."
+            )
         unused = [r for r in ran if r.get("params_ours_unused")]
         if unused:
             lines.append(
@@ -467,10 +478,15 @@ def oracle_table(recs: list[dict]) -> str:
                 a, b = r["onnx_ops_timm"], r["onnx_ops_ours"]
                 ops = ", ".join(f"{k} {a.get(k, 0)} vs {b.get(k, 0)}" for k in sorted({*a, *b}) if a.get(k) != b.get(k))
                 lines.append(f"- {_short(r['model'])}: {ops}")
-        opaque = collections.Counter(v for r in ran for v in r.get("opaque", {}).values())
+        opaque = collections.defaultdict(list)
+        for r in ran:
+            for module, reason in r.get("opaque", {}).items():
+                opaque[_reason_key(reason)[:160]].append(f"{_short(r['model'])}: {module}")
         if opaque:
             lines += ["", "Opaque modules (not traced, kept whole):", ""]
-            lines += [f"- {n} x {reason[:160]}" for reason, n in opaque.most_common(8)]
+            for reason, where in sorted(opaque.items(), key=lambda kv: -len(kv[1])):
+                models = sorted({w.split(":")[0] for w in where})
+                lines.append(f"- {len(where)} x `{reason}` in {', '.join(models)} (e.g. {where[0]})")
         onnx_failed = [r for r in ran if r.get("onnx_error")]
         if onnx_failed:
             lines += ["", "ONNX export failed:", ""]

@@ -124,6 +124,7 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "3 models from 3 families: 3 within 1e-09" in table
     assert "equal to or below timm's in 2 of 3" in table
     assert "onnxruntime latency ours / timm: 0.90 to 1.02 (median 0.98)" in table
+    assert "Where both ONNX graphs hold the same ops (1 models) the ratio is 0.98 to 0.98" in table
     assert "- efficientvim_m1: Add 0 vs 1, Mul 4 vs 3" in table
     assert "The merged GraphModule of 1 models also holds tensors" in table and "efficientvim_m1 1,234." in table
     assert "- levit_128s: 50 more (12 x a linear layer)" in table
