@@ -557,6 +557,11 @@ def zoo_summary(recs: list[dict]) -> str:
             for reason, where in sorted(opaque.items(), key=lambda kv: -len(kv[1]))[:10]:
                 shown = ", ".join(where[:4]) + (", ..." if len(where) > 4 else "")
                 lines.append(f"- {len(where)} x `{reason}`: {shown}")
+    whole = [r for r in recs if r["status"] == "untraceable"]
+    if whole:
+        lines += ["", "Untraceable as a whole (returned unchanged): " + ", ".join(
+            f"{_short(r['model'])} ({next(iter(r['opaque'].values()), '')[:120]})" for r in whole
+        )]
     inexact = [r for r in recs if r["status"] == "inexact"]
     if inexact:
         lines += ["", "Inexact (the whole model above the tolerance; each merged region is checked on its own):", ""]

@@ -108,6 +108,8 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
          "params_before": 50, "params_after": 50, "contract_seconds": 2.0, "input_sensitivity": 1e-9,
          "left_alone": {"the float64 check failed": 1}, "opaque": {"blocks.0": "TraceError: symbolically traced"}},
         {"model": "tv:huge", "status": "skipped", "reason": "too big"},
+        {"model": "timm:whole", "status": "untraceable", "max_rel": 0.0, "regions_merged": 0, "regions_found": 0,
+         "params_before": 5, "params_after": 5, "contract_seconds": 0.5, "opaque": {"Whole": "TraceError: flow"}},
         {"model": "timm:amplifier", "status": "inexact", "max_rel": 7e-8, "regions_merged": 1, "regions_found": 1,
          "params_before": 10, "params_after": 8, "contract_seconds": 1.0, "worst_region_error": 4e-15,
          "noise_floor": 1.2e-8, "noise_floor_all": 1.4e-7},
@@ -132,10 +134,11 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "- broken (x): failed at train: RuntimeError: no" in table
 
     text = texts["zoo"]
-    assert "Models: 4 (2 tv, 2 timm)." in text
+    assert "Models: 5 (2 tv, 3 timm)." in text
+    assert "Untraceable as a whole (returned unchanged): whole (TraceError: flow)" in text
     assert "| merged | 1 |" in text and "| nothing | 1 |" in text and "| skipped | 1 |" in text
     assert "| inexact | 1 |" in text
-    assert "Regions merged: 21 of 22 found; parameters + buffers 160 -> 148 (7.5% fewer)" in text
+    assert "Regions merged: 21 of 22 found; parameters + buffers 165 -> 153 (7.3% fewer)" in text
     assert "inexact (above 1e-09): 1" in text and "7.0e-08 (amplifier)" in text
     assert (
         "- amplifier: off by 7e-08, its merged regions each by at most 4e-15; the original model's output moves "
