@@ -543,9 +543,10 @@ class _Slot:
     """One worker process and the model it is running. A worker is replaced after ``per_worker``
     models (memory a model leaves behind stays bounded) and whenever it dies or times out."""
 
-    def __init__(self, ctx, max_params, preserve_every):
+    def __init__(self, ctx, max_params, preserve_every, worker=None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(max_params, preserve_every, child), daemon=True)
+        target = worker or _worker
+        self.proc = ctx.Process(target=target, args=(max_params, preserve_every, child), daemon=True)
         self.proc.start()
         child.close()
         self.model, self.pending, self.t0, self.done = None, [], 0.0, 0
@@ -579,10 +580,13 @@ def sweep(
     log,
     per_worker: int = 25,
     strategies: tuple[str, ...] = (STRATEGY,),
+    worker=None,
 ):
     """Run every model in ``models`` that some strategy's results file lacks, with the strategies
     that lack it; each record is appended to its strategy's file as it comes. ``timeout`` bounds
-    the seconds of one strategy on one model (building it included for the first)."""
+    the seconds of one strategy on one model (building it included for the first). ``worker``
+    replaces :func:`_worker` (another benchmark's per-model work, called with ``(max_params,
+    preserve_every, conn)`` and the same messages; it must be importable by a spawned process)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     files = {s: results_file(out, s) for s in strategies}
     done = {s: done_models(files[s]) for s in strategies}
@@ -610,11 +614,11 @@ def sweep(
         while todo or any(s.model for s in slots):
             for i in range(workers):
                 if i >= len(slots):
-                    slots.append(_Slot(ctx, max_params, preserve_every))
+                    slots.append(_Slot(ctx, max_params, preserve_every, worker))
                 if slots[i].model is None and todo:
                     if not slots[i].proc.is_alive():
                         slots[i].stop(kill=True)
-                        slots[i] = _Slot(ctx, max_params, preserve_every)
+                        slots[i] = _Slot(ctx, max_params, preserve_every, worker)
                     slots[i].send(*todo.pop(0))
             time.sleep(0.2)
             for i, slot in enumerate(slots):
@@ -650,7 +654,7 @@ def sweep(
                 slot.model, slot.pending, slot.done = None, [], slot.done + 1
                 if failure or slot.done >= per_worker:
                     slot.stop(kill=failure is not None)
-                    slots[i] = _Slot(ctx, max_params, preserve_every)
+                    slots[i] = _Slot(ctx, max_params, preserve_every, worker)
     finally:
         for slot in slots:
             slot.stop()
