@@ -178,12 +178,12 @@ def test_contract_require_expanded_fails_on_a_compact_checkpoint(models, tmp_pat
 # 6. Smaller points
 # --------------------------------------------------------------------------------------------------
 def test_click_usage_errors_under_json_have_command_and_error_type(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["expandctl", "contract", "x.pt", "--json"])
+    monkeypatch.setattr(sys, "argv", ["expandctl", "quantize", "x.onnx", "--json"])  # no --data, no -o
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
     data = json.loads(capsys.readouterr().out.strip())
-    assert data["command"] == "contract" and data["error_type"] == "MissingParameter" and data["exit_code"] == 2
+    assert data["command"] == "quantize" and data["error_type"] == "MissingParameter" and data["exit_code"] == 2
 
 
 @pytest.mark.parametrize(
