@@ -372,3 +372,39 @@ def test_fold_bn_folds_timm_batchnormact_and_the_checkpoint_loads(tmp_path):
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
         assert torch.allclose(loaded.bn.running_mean, torch.zeros(8))
+
+
+def test_reshape_that_keeps_the_last_dim_inside_a_linear_region():
+    """LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` on tokens is one linear layer."""
+
+    class LinearNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6, bias=False)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(self.linear(x).flatten(0, 1)).reshape_as(x)
+
+    m = B.settle(LinearNorm(), shape=(5, 6)).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    gm = contract_graph(m, x)
+    assert len(gm.graph_plan.merged) == 1 and not any(isinstance(t, nn.BatchNorm1d) for t in gm.modules())
+    assert _error(m, gm, x) <= 1e-12
+    assert plan_graph(m, x).params_after == gm.graph_plan.params_after  # a bare tensor is an input too
+
+
+def test_reshape_of_a_channel_first_map_stops_the_region():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4 * 9, 5)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+    m = Flat().double().eval()
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    gm = contract_graph(m, x)
+    assert not gm.graph_plan.merged and _error(m, gm, x) <= 1e-12

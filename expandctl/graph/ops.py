@@ -83,6 +83,11 @@ def _resolve(rep, values, node, layout: str, nd: int | None = None) -> Affine:
     return _identity_like(values, node, layout, nd) if rep is ROOT else rep
 
 
+def _same(rep):
+    """A pass-through (identity, dropout in eval mode, contiguous): the region input stays undecided."""
+    return rep
+
+
 def _default_layout(values, node) -> str:
     shape = _shape(values, node)
     return "linear" if shape is not None and len(shape) == 2 else "conv"
@@ -136,9 +141,15 @@ class _Lookup:
         return a
 
     def tensor_inputs(self, args) -> tuple[fx.Node, ...]:
+        """The argument nodes that carry activations (not constants, not sizes read off a tensor)."""
         found = []
         for a in args:
-            if isinstance(a, fx.Node) and not self.is_const[a] and a not in found:
+            if (
+                isinstance(a, fx.Node)
+                and not self.is_const[a]
+                and isinstance(self.values.get(a), torch.Tensor)
+                and a not in found
+            ):
                 found.append(a)
         return tuple(found)
 
@@ -185,7 +196,7 @@ def _module_step(node: fx.Node, gm: fx.GraphModule, values, look: _Lookup) -> St
             return Step(inputs, None, "BatchNorm", False, "BatchNorm with batch statistics (train mode)", here)
         return _bn_step(inputs, values, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, here)
     if isinstance(m, _PASS_MODULES):
-        return Step(inputs, lambda rep: _resolve(rep, values, x, _default_layout(values, x)), "identity", modules=here)
+        return Step(inputs, _same, "identity", modules=here)
     if type(m) in _AVG_MODULES:
         nd = _AVG_MODULES.index(type(m)) + 1
         return _avg_step(
@@ -318,6 +329,8 @@ def _arith_step(node: fx.Node, values, look: _Lookup, op) -> Step | None:
 
 def _function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
     t = node.target
+    if t in (torch.reshape, torch.flatten):
+        return _reshape_step(node, values, look)
     for op, names in (("add", _ADD), ("sub", _SUB), ("mul", _MUL), ("div", _DIV)):
         if t in names:
             return _arith_step(node, values, look, op)
@@ -403,13 +416,38 @@ def _function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
     if t is F.dropout and not _args(node, ["input", "p", "training"], {"training": True})["training"]:
         x = node.args[0] if node.args else node.kwargs["input"]
         return Step(
-            look.tensor_inputs([x]), lambda rep: _resolve(rep, values, x, _default_layout(values, x)), "identity"
+            look.tensor_inputs([x]), _same, "identity"
         )
     return None
 
 
+_RESHAPES = {"reshape", "view", "flatten", "reshape_as", "view_as", torch.reshape, torch.flatten}
+
+
+def _reshape_step(node: fx.Node, values, look: _Lookup) -> Step | None:
+    """A reshape that keeps the last dimension (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``): a map
+    acting on the last dimension alone (the linear layout) commutes with it; anything else stops."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node):
+        return None
+    before, after = _shape(values, x), _shape(values, node)
+    if before is None or after is None or len(before) < 2 or len(after) < 2 or before[-1] != after[-1]:
+        return None
+
+    def apply(rep):
+        if rep is ROOT:
+            raise NotOneLayer("a reshape of the region's input: the region starts after it")
+        if rep.layout != "linear":
+            raise NotOneLayer("a reshape of a channel-first map")
+        return rep
+
+    return Step(look.tensor_inputs([x]), apply, "identity")
+
+
 def _method_step(node: fx.Node, values, look: _Lookup) -> Step | None:
     t = node.target
+    if t in _RESHAPES:
+        return _reshape_step(node, values, look)
     for op, names in (("add", _ADD), ("sub", _SUB), ("mul", _MUL), ("div", _DIV)):
         if t in names:
             return _arith_step(node, values, look, op)
@@ -417,10 +455,11 @@ def _method_step(node: fx.Node, values, look: _Lookup) -> Step | None:
         if len(node.args) != 1 or node.kwargs:
             return None
         (x,) = node.args
-        scale = -1.0 if t == "neg" else None
+        if t in _PASS_METHODS:
+            return Step(look.tensor_inputs([x]), _same, t)
         return Step(
             look.tensor_inputs([x]),
-            lambda rep: _resolve(rep, values, x, _default_layout(values, x)).scale_shift(scale, None),
+            lambda rep: _resolve(rep, values, x, _default_layout(values, x)).scale_shift(-1.0, None),
             t,
         )
     return None

@@ -117,9 +117,18 @@ _RANK_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
 _SHAPE_ATTRS = {"shape"}
 
 
-def meta_read(user: fx.Node) -> str | None:
+def meta_read(user: fx.Node, node: fx.Node | None = None) -> str | None:
     """``"rank"`` when ``user`` reads only a tensor's rank / dtype / device (the same for every value
-    of a region), ``"shape"`` for its shape, ``None`` when it reads the values."""
+    of a region), ``"shape"`` for its shape, ``None`` when it reads the values (of ``node``, when
+    given: ``y.reshape_as(node)`` reads only its shape)."""
+    if (
+        node is not None
+        and user.op == "call_method"
+        and user.target in ("reshape_as", "view_as", "expand_as", "type_as")
+        and user.args[1:2] == (node,)
+        and user.args[0] is not node
+    ):
+        return "rank" if user.target == "type_as" else "shape"
     if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
         attr = user.args[1]
         return "rank" if attr in _RANK_ATTRS else ("shape" if attr in _SHAPE_ATTRS else None)
@@ -129,7 +138,7 @@ def meta_read(user: fx.Node) -> str | None:
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if meta_read(u) is None]
+    return [u for u in node.users if meta_read(u, node) is None]
 
 
 def _label(node: fx.Node) -> str:
@@ -302,9 +311,11 @@ def _analyse(model: nn.Module, example_inputs: tuple):
     return gm, gm64, opaque, values
 
 
-def plan_graph(model: nn.Module, example_inputs: tuple) -> GraphPlan:
+def plan_graph(model: nn.Module, example_inputs) -> GraphPlan:
     """The plan of :func:`contract_graph` without building anything."""
-    return _contract(model, example_inputs, apply=False)[1]
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    return _contract(model, tuple(example_inputs), apply=False)[1]
 
 
 def contract_graph(model: nn.Module, example_inputs) -> fx.GraphModule:
@@ -374,6 +385,9 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
         with torch.no_grad():
             got = layer64(values[root])
         want = values[out]
+        if got.shape != want.shape:
+            region.reason = f"the region reshapes its input ({tuple(values[root].shape)} to {tuple(want.shape)})"
+            continue
         scale = float(want.abs().max()) or 1.0
         region.error = float((got - want).abs().max()) / scale
         if not region.error <= REGION_RTOL:
@@ -410,7 +424,7 @@ def _replace(gm: fx.GraphModule, replacements, names: list[str]) -> None:
         mapping[out] = new
         for n in interior:  # rank / shape reads of inner values read the region's input instead
             for u in list(n.users):
-                kind = meta_read(u)
+                kind = meta_read(u, n)
                 if kind == "rank" or (kind == "shape" and n.meta.get("shape") == src.meta.get("shape")):
                     u.replace_input_with(n, src)
     gm.graph.eliminate_dead_code()
