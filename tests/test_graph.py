@@ -408,3 +408,38 @@ def test_reshape_of_a_channel_first_map_stops_the_region():
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     gm = contract_graph(m, x)
     assert not gm.graph_plan.merged and _error(m, gm, x) <= 1e-12
+
+
+def test_children_of_an_untraceable_module_are_contracted_on_the_inputs_they_see():
+    """A block with shape-dependent control flow stays whole, but the conv -> BN pair inside it merges
+    (timm's EfficientViT-MSRA attention and TinyViT blocks)."""
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.resolution = 8
+
+        def forward(self, x):
+            if x.shape[-1] > self.resolution:  # data-dependent for fx: the module is opaque
+                x = x[..., : self.resolution, : self.resolution]
+            return torch.relu(self.inner(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.block = Windowed()
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+    net = B.settle(Net(), shape=(3, 10, 10)).double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    gm = contract_graph(net, x)
+    plan = gm.graph_plan
+    assert "block" in plan.opaque
+    assert [r.modules for r in plan.merged] == [["block.inner.0", "block.inner.1"]]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    assert gm.get_submodule("block").resolution == 8
+    assert _error(net, gm, x) <= 1e-12 and _error(net, gm, torch.randn(1, 3, 6, 6, dtype=torch.float64)) <= 1e-12

@@ -273,7 +273,9 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def _fresh_name(gm: fx.GraphModule, base: str, taken: set[str]) -> str:
-    stem = f"{base}.merged" if base else "merged"
+    """A new top-level name (``stages_0_1_merged``): a layer added inside the user's own modules would
+    change them (appended to an ``nn.Sequential``, it would run when the Sequential runs)."""
+    stem = f"{base.replace('.', '_')}_merged" if base else "merged"
     name, k = stem, 1
     while name in taken or _exists(gm, name):
         k += 1
@@ -297,11 +299,18 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy (not ``.eval()``'s return value: some modules' ``train()`` returns None)."""
+    copied = copy.deepcopy(model)
+    copied.eval()
+    return copied
+
+
 def _analyse(model: nn.Module, example_inputs: tuple):
-    gm, opaque = trace(copy.deepcopy(model).eval())
+    gm, opaque = trace(_eval_copy(model))
     # Traced again in float64: arithmetic on buffers alone (a BNAndPad shift) is folded into constants
     # while tracing, in the dtype of the traced model; the analysis needs it in float64.
-    gm64, _ = trace(copy.deepcopy(model).eval().double())
+    gm64, _ = trace(_eval_copy(model).double())
     if [n.name for n in gm.graph.nodes] != [n.name for n in gm64.graph.nodes]:
         gm64 = copy.deepcopy(gm).double()
     inputs64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs)
@@ -336,14 +345,17 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
         gm, gm64, opaque, values = _analyse(model, example_inputs)
     except Untraceable as e:
         plan.opaque[type(model).__name__] = str(e)
-        plan.params_after = plan.params_before
+        whole = _eval_copy(model)
+        _contract_children(whole, example_inputs, apply, "", plan)
+        plan.params_after = _count(whole) if apply else plan.params_before - _saved(plan)
         if apply:
             holder = nn.Module()
-            holder.model = copy.deepcopy(model).eval()
+            holder.model = whole
             gm = fx.GraphModule(holder, _opaque_graph(len(example_inputs)))
             return gm, plan
         return None, plan
     plan.opaque = dict(opaque)
+    _contract_opaque(gm if apply else gm64, gm64, values, opaque, apply, plan)
     p = _Pass(gm64, values)
     dtype = _model_dtype(model)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
@@ -395,7 +407,7 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
             continue
         region.merged = True
         interior = [by_name[n.name] for n in nodes if n is not out]
-        replacements.append((by_name[root.name], by_name[out.name], rep.module(dtype, device), interior))
+        replacements.append((by_name[root.name], by_name[out.name], rep.module(dtype, device), interior, region))
         base = _common_prefix(modules)
         if base and not _exists(gm, base):
             base = ""
@@ -405,17 +417,96 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
             continue
         plan.left_alone.append({"at": _label(n), "kind": p.steps[n].kind if p.steps[n] else n.op, "reason": reason})
     if not apply:
-        plan.params_after = plan.params_before - sum(r.params_before - r.params_after for r in plan.merged)
+        plan.params_after = plan.params_before - _saved(plan)
         return None, plan
-    _replace(gm, replacements, [r.name for r in plan.merged])
+    _replace(gm, replacements)
     plan.params_after = _count(gm)
     return gm, plan
 
 
-def _replace(gm: fx.GraphModule, replacements, names: list[str]) -> None:
+def _saved(plan: GraphPlan) -> int:
+    return sum(r.params_before - r.params_after for r in plan.merged)
+
+
+def _contract_opaque(gm, gm64, values, opaque: dict[str, str], apply: bool, plan: GraphPlan) -> None:
+    """The modules fx could not trace stay whole, but their children are contracted each on the input it
+    sees (a block with shape-dependent control flow still has conv -> BN pairs inside)."""
+    outer = [p for p in opaque if not any(p.startswith(q + ".") for q in opaque if q != p)]
+    for path in outer:
+        calls = [n for n in gm64.graph.nodes if n.op == "call_module" and n.target == path]
+        if len(calls) != 1 or calls[0].kwargs:
+            continue
+        args = tuple(values.get(a) for a in calls[0].args)
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            continue
+        module = gm.get_submodule(path)
+        dtype = _model_dtype(module)
+        _contract_children(module, tuple(a.to(dtype) if a.is_floating_point() else a for a in args), apply, path, plan)
+
+
+def _contract_children(module: nn.Module, inputs: tuple, apply: bool, prefix: str, plan: GraphPlan) -> None:
+    """Run ``module`` once, record each child's inputs, and contract each child called once on them
+    (in place on ``module`` when ``apply``); their regions join ``plan`` under ``prefix``."""
+    seen: dict[str, list] = {}
+    hooks = [
+        child.register_forward_pre_hook(lambda m, a, k=name: seen.setdefault(k, []).append(a))
+        for name, child in module.named_children()
+        if any(True for _ in child.parameters())
+    ]
+    try:
+        reference = _run(module, inputs)
+    except Exception:  # the module does not run on these inputs alone: leave it whole
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, calls in seen.items():
+        if len(calls) != 1 or not calls[0] or not all(isinstance(a, torch.Tensor) for a in calls[0]):
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        new, sub = _contract(getattr(module, name), tuple(calls[0]), apply)
+        for r in sub.regions:
+            r.name = f"{path}.{r.name}" if r.name else ""
+            r.modules = [f"{path}.{m}" for m in r.modules]
+            r.root, r.output = f"{path}: {r.root}", f"{path}: {r.output}"
+        plan.regions += sub.regions
+        plan.left_alone += [{**i, "at": f"{path}: {i['at']}"} for i in sub.left_alone]
+        plan.opaque.update({f"{path}.{k}" if k != type(getattr(module, name)).__name__ else path: v
+                            for k, v in sub.opaque.items()})  # fmt: skip
+        if apply and new is not None and sub.merged:
+            old = getattr(module, name)
+            for key, value in vars(old).items():  # plain settings the parent may read (timm's resolution)
+                if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple)):
+                    setattr(new, key, value) if not hasattr(new, key) else None
+            setattr(module, name, new)
+            if not _same_output(reference, module, inputs):  # the parent needs more of the child than its forward
+                setattr(module, name, old)
+                for r in sub.regions:
+                    r.merged, r.reason = False, "its module is used by its parent beyond its forward"
+
+
+def _run(module: nn.Module, inputs: tuple):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return module(*inputs)
+
+
+def _same_output(reference, module: nn.Module, inputs: tuple) -> bool:
+    try:
+        out = _run(module, inputs)
+    except Exception:
+        return False
+    if not isinstance(out, torch.Tensor) or not isinstance(reference, torch.Tensor) or out.shape != reference.shape:
+        return False
+    tol = 1e-9 if out.dtype == torch.float64 else 1e-4
+    return float((out - reference).abs().max()) <= tol * max(float(reference.abs().max()), 1e-30)
+
+
+def _replace(gm: fx.GraphModule, replacements) -> None:
     mapping: dict[fx.Node, fx.Node] = {}
     attrs_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for (root, out, layer, interior), name in zip(replacements, names):
+    for root, out, layer, interior, region in replacements:
+        name = region.name
         gm.add_submodule(name, layer)
         src = mapping.get(root, root)
         with gm.graph.inserting_before(out):
