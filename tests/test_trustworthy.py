@@ -124,3 +124,22 @@ def test_contract_precise_bn_repairs_stale_statistics(trained_dbb, tmp_path):
 
     code, err = cli("contract", str(stale), "-o", str(tmp_path / "x.pt"), "--precise-bn", "20")
     assert code == 2 and "--data" in err["error"] and not (tmp_path / "x.pt").exists()
+
+
+def test_compare_precise_bn_applies_to_every_run_and_old_folders_keep_their_recipe(tmp_path):
+    tiny = {"in_channels": 1, "image_size": 8, "kernel_size": 3, "channels": [4, 8, 8], "hidden": 16}
+    src = tmp_path / "tiny.pt"
+    save(SmallNet(**tiny), src, arch="smallnet", arch_kwargs=tiny, input_shape=(1, 8, 8))
+    recipe = ["--data", "synthetic:1x8x8", "--strategies", "compact,rep", "--seeds", "1", "--epochs", "1",
+              "--batch-size", "32"]  # fmt: skip
+    code, out = cli("compare", str(src), *recipe, "--out", str(tmp_path / "p"), "--precise-bn", "2")
+    assert code == 0, out
+    for name in ("compact-s0", "rep-s0"):
+        run = json.loads((tmp_path / "p" / "runs" / f"{name}.json").read_text())
+        assert run["history"][-1]["precise_bn_batches"] == 2
+    assert json.loads((tmp_path / "p" / "settings.json").read_text())["train"]["precise_bn"] == 2
+    # without the option the recipe has no such key: a folder written before the option still matches
+    code, out = cli("compare", str(src), *recipe, "--out", str(tmp_path / "q"), "--report-only")
+    assert code == 2  # no study there yet
+    code, out = cli("compare", str(src), *recipe, "--out", str(tmp_path / "p"))
+    assert code == 2 and "precise_bn" in out["error"]  # another recipe than the folder's

@@ -23,6 +23,7 @@ from ..cli_common import (
     DownloadOpt,
     ImageSizeOpt,
     JsonOpt,
+    PreciseBnOpt,
     QuietOpt,
     ShapeOpt,
     TrainSubsetOpt,
@@ -140,6 +141,7 @@ def compare(
     kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
     kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
     nonlinear_warmup: Annotated[int, typer.Option(metavar="EPOCHS", help="Epochs with ReLUs between factors.")] = 0,
+    precise_bn: PreciseBnOpt = 0,
     forward: Annotated[str, typer.Option(help="fused or explicit (see expandctl train).")] = "fused",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes per run.")] = 0,
@@ -165,7 +167,8 @@ def compare(
         part = study_lib.parse_shard(shard)
         for ok, message in ((seeds >= 1, "--seeds must be at least 1"), (jobs >= 1, "--jobs must be at least 1"),
                             (nproc_per_run >= 1, "--nproc-per-run must be at least 1"),
-                            (threads >= 1, "--threads must be at least 1")):  # fmt: skip
+                            (threads >= 1, "--threads must be at least 1"),
+                            (precise_bn >= 0, "--precise-bn must be >= 0 (0: off)")):  # fmt: skip
             if not ok:
                 raise UsageError(message)
         if report_only and not (out / "study.json").is_file():
@@ -186,6 +189,8 @@ def compare(
                 "trust_pickle": trust_pickle,
             }  # fmt: skip
             TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
+            if precise_bn:  # only then: a folder made before the option existed keeps its recipe
+                recipe["precise_bn"] = precise_bn
             study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,
                            rate=rate, include=list(include or ()), exclude=list(exclude or ()),
                            pointwise=pointwise)  # fmt: skip

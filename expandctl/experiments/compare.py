@@ -75,7 +75,7 @@ POWER = 0.8
 RECIPE_FIELDS = (
     "epochs", "batch_size", "accumulate", "lr", "optimizer", "momentum", "nesterov", "schedule", "weight_decay",
     "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "forward", "device", "workers",
-    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle",
+    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle", "precise_bn",
 )  # fmt: skip
 #: Fields that change the timing but not the result: a later invocation may change them.
 NOT_COMPARED = ("workers", "download", "trust_pickle")
