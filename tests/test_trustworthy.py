@@ -143,3 +143,87 @@ def test_compare_precise_bn_applies_to_every_run_and_old_folders_keep_their_reci
     assert code == 2  # no study there yet
     code, out = cli("compare", str(src), *recipe, "--out", str(tmp_path / "p"))
     assert code == 2 and "precise_bn" in out["error"]  # another recipe than the folder's
+
+
+# --------------------------------------------------------------------------------------------------
+# A contraction check that knows the model's own rounding floor
+# --------------------------------------------------------------------------------------------------
+def dbb_fc(path, ill: bool = True) -> torch.nn.Module:
+    """A float64 SmallNet with DBB branches and FC chains, non-zero biases and random BatchNorm
+    statistics. ``ill``: its first block cancels: its branch BatchNorms add 1e8 that the next
+    BatchNorm's running mean takes away, so an O(1) activation is the difference of two numbers near
+    1e8 and float64 rounding alone moves the output ~1e-8 (relative), 10,000x the fixed rtol. Its
+    contraction is exact algebra, rounded differently."""
+    from helpers import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = SmallNet(**KW)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.normal_()  # non-zero biases: dropping one must show
+    big = randomize_batchnorm(expandctl.expand(model, strategy="dbb+fc", seed=0), seed=1).double().eval()
+    if ill:
+        with torch.no_grad():
+            for p, m in big.named_modules():
+                if p.startswith("features.0.branches") and p.endswith(".norm"):
+                    m.bias.fill_(2.5e7)
+            big.features[1].running_mean.fill_(1e8)
+    save(big, path, arch="smallnet", arch_kwargs=KW, input_shape=(1, 8, 8))
+    return big
+
+
+def test_an_exact_contraction_of_an_ill_conditioned_model_passes_within_its_floor(tmp_path):
+    from expandctl.verify import DEFAULT_TOLERANCES, FLOOR_MULTIPLE
+
+    dbb_fc(tmp_path / "ill.pt")
+    code, out = cli("contract", str(tmp_path / "ill.pt"), "-o", str(tmp_path / "small.pt"))
+    assert code == 0, out
+    f64 = next(c for c in out["checks"] if c["dtype"] == "float64")
+    _, rtol = DEFAULT_TOLERANCES[torch.float64]
+    assert f64["passed"] and f64["error"] > 100 * rtol  # the fixed tolerance alone refused it
+    assert f64["floor"] > 1e-10 and f64["floor_ratio"] == pytest.approx(f64["error"] / f64["floor"])
+    assert f64["floor_ratio"] <= FLOOR_MULTIPLE and f64["floor_multiple"] == FLOOR_MULTIPLE
+    assert f64["outputs"][0]["within_floor"] and any("rounding floor" in n for n in f64["notes"])
+    assert (tmp_path / "small.pt").is_file()
+
+
+def _drop_bias(small):
+    small.classifier[1].bias = None  # an FC chain's merged bias (the convs' move into the next BatchNorm)
+
+
+def _wrong_padding(small):
+    small.features[4].padding = (2, 2)  # the same output shape downstream (8 -> 4 -> 6 -> 3 -> 3 -> 1)
+
+
+def _kernel_off(small):
+    with torch.no_grad():
+        small.features[4].weight.mul_(1 + 1e-3)
+
+
+@pytest.mark.parametrize("corrupt", [_kernel_off, _wrong_padding, _drop_bias], ids=["kernel", "padding", "bias"])
+def test_an_algebra_error_is_refused_however_ill_conditioned_the_model(corrupt, tmp_path, monkeypatch):
+    """The floor does not swallow real algebra errors: each injected one is thousands of floors away
+    (exit 1, nothing written), on the ill-conditioned model above and on a plain one."""
+    import expandctl.rewrite as rewrite
+    from expandctl.verify import FLOOR_MULTIPLE
+
+    real = rewrite.contract
+
+    def wrong(model, *args, **kwargs):
+        small = real(model, *args, **kwargs)
+        corrupt(small)
+        return small
+
+    import expandctl.commands.contract as command
+
+    dbb_fc(tmp_path / "ill.pt")
+    dbb_fc(tmp_path / "plain.pt", ill=False)
+    loaded = {src: load_checkpoint(tmp_path / f"{src}.pt") for src in ("ill", "plain")}  # loading contracts too
+    monkeypatch.setattr(rewrite, "contract", wrong)
+    for src in ("ill", "plain"):
+        monkeypatch.setattr(command, "load_for_cli", lambda *a, src=src: loaded[src])
+        code, out = cli("contract", str(tmp_path / f"{src}.pt"), "-o", str(tmp_path / "small.pt"))
+        assert code == 1 and out["error_type"] == "CheckFailed" and not (tmp_path / "small.pt").exists(), out
+        f64 = next(c for c in out["checks"] if c["dtype"] == "float64")
+        assert not f64["passed"] and f64["floor_ratio"] > 100 * FLOOR_MULTIPLE
