@@ -186,6 +186,11 @@ def test_an_exact_contraction_of_an_ill_conditioned_model_passes_within_its_floo
     assert f64["floor_ratio"] <= FLOOR_MULTIPLE and f64["floor_multiple"] == FLOOR_MULTIPLE
     assert f64["outputs"][0]["within_floor"] and any("rounding floor" in n for n in f64["notes"])
     assert (tmp_path / "small.pt").is_file()
+    # explicit tolerances are the user's: kept as given (the floor is still reported)
+    code, out = cli("contract", str(tmp_path / "ill.pt"), "-o", str(tmp_path / "strict.pt"), "--atol", "1e-14",
+                    "--rtol", "1e-12")  # fmt: skip
+    assert code == 1 and not (tmp_path / "strict.pt").exists()
+    assert next(c for c in out["checks"] if c["dtype"] == "float64")["floor"] == f64["floor"]
 
 
 def _drop_bias(small):
