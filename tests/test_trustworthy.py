@@ -145,6 +145,25 @@ def test_compare_precise_bn_applies_to_every_run_and_old_folders_keep_their_reci
     assert code == 2 and "precise_bn" in out["error"]  # another recipe than the folder's
 
 
+    # a damaged run file (truncated JSON) is named, set aside and redone; nothing of the other runs is touched
+    study = tmp_path / "p"
+    damaged = study / "runs" / "rep-s0.json"
+    text = damaged.read_text()
+    damaged.write_text(text[: len(text) // 2])
+    others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in study.rglob("*")
+              if p.is_file() and "rep-s0" not in str(p) and "report" not in p.name and p.suffix != ".png"
+              and "locks" not in p.parts and p.name != "study.json"}  # fmt: skip
+    assert study / "runs" / "compact-s0.json" in others
+    result = runner.invoke(app, ["compare", str(src), *recipe, "--out", str(study), "--precise-bn", "2"])
+    assert result.exit_code == 0, result.stderr
+    assert "runs/rep-s0.json is damaged (it is not valid JSON" in " ".join(result.stderr.split())
+    code, out = cli("compare", str(src), *recipe, "--out", str(study), "--precise-bn", "2")
+    assert code == 0 and out["damaged"] == [] and out["reused"] == ["compact-s0", "rep-s0"]
+    assert (study / "runs" / "rep-s0.json.damaged").read_text() == text[: len(text) // 2]
+    assert json.loads(damaged.read_text())["seed"] == 0  # redone
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in others} == others
+
+
 # --------------------------------------------------------------------------------------------------
 # A contraction check that knows the model's own rounding floor
 # --------------------------------------------------------------------------------------------------

@@ -198,6 +198,9 @@ def compare(
                 check_settings(out / "settings.json", study.settings())
         runnable, skipped, _ = study_lib.plan_strategies(study, names)
         seed_list = list(range(seeds))
+        damaged = study_lib.set_aside_damaged(out, runnable, seed_list)
+        for name, why in damaged:
+            ui.warn(f"{out}/runs/{name}.json is damaged ({why}): set aside as {name}.json.damaged; the run is redone")
         result = {"ran": [], "reused": [], "waited": []}
         if not report_only:
             study.save(out)  # refuses a folder whose runs used another recipe
@@ -239,4 +242,4 @@ def compare(
                     ui.print(escape(f"{r['strategy']}: {r['status']}, {r['reason']}"))
         ui.print(escape(f"verdict: {summary['verdict']}"))
         ui.print(escape(f"wrote {', '.join(files.values())}"))
-        ui.emit({"out": str(out), **result, "report": summary, "files": files})
+        ui.emit({"out": str(out), **result, "damaged": [n for n, _ in damaged], "report": summary, "files": files})

@@ -57,6 +57,7 @@ __all__ = [
     "run_name",
     "run_path",
     "work_dir",
+    "set_aside_damaged",
     "plan_strategies",
     "schedule",
     "execute",
@@ -176,6 +177,30 @@ def run_path(out: Path, strategy: str, seed: int) -> Path:
 
 def work_dir(out: Path, strategy: str, seed: int) -> Path:
     return Path(out) / "work" / run_name(strategy, seed)
+
+
+def set_aside_damaged(out: Path, strategies: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str]]:
+    """Run files of ``strategies`` x ``seeds`` that do not read as a finished run (truncated or corrupt
+    JSON, a record without its fields: a copy cut short, a disk that filled) are renamed to
+    ``<name>.json.damaged``, so that the run is trained again; nothing else in ``out`` is touched.
+    Returns ``(run name, why)`` for each. (Run files are written atomically, so expandctl itself
+    never leaves one half-written.)"""
+    damaged = []
+    for strategy in strategies:
+        for seed in seeds:
+            path = run_path(out, strategy, seed)
+            if not path.is_file():
+                continue
+            try:
+                record = read_run(path)
+                missing = [k for k in ("final_acc", "seed", "history") if k not in record]
+                why = f"its record lacks {', '.join(missing)}" if missing else None
+            except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+                why = f"it is not valid JSON ({e})"
+            if why is not None:
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                damaged.append((run_name(strategy, seed), why))
+    return damaged
 
 
 def lock_path(out: Path, strategy: str, seed: int) -> Path:
