@@ -251,3 +251,47 @@ def test_an_algebra_error_is_refused_however_ill_conditioned_the_model(corrupt, 
         assert code == 1 and out["error_type"] == "CheckFailed" and not (tmp_path / "small.pt").exists(), out
         f64 = next(c for c in out["checks"] if c["dtype"] == "float64")
         assert not f64["passed"] and f64["floor_ratio"] > 100 * FLOOR_MULTIPLE
+
+
+# --------------------------------------------------------------------------------------------------
+# What was left open
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, message",
+    [(("--shard", "3/2"), "--shard '3/2' must be I/N with 1 <= I <= N"),
+     (("--seeds", "0"), "--seeds must be at least 1"), (("--jobs", "0"), "--jobs must be at least 1")],
+)  # fmt: skip
+def test_compare_refuses_impossible_counts_as_usage_errors(option, message, tmp_path):
+    result = runner.invoke(app, ["compare", "--arch", "smallnet", "--data", "digits", *option, "--out",
+                                 str(tmp_path / "s")])  # fmt: skip
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def _digit_folder(root, classes=3, per_class=10, size=16):
+    """Real digits (scikit-learn's 8x8 set) upscaled to ``size`` x ``size`` PNGs in ``root/CLASS/``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for j in np.nonzero(d.target == c)[0][:per_class]:
+            image = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
+            image.save(root / str(c) / f"{j}.png")
+    return root
+
+
+def test_evaluate_on_a_run_reads_the_val_fraction_it_was_trained_with(tmp_path):
+    root = _digit_folder(tmp_path / "digits")
+    kw = {"kernel_size": 3, "in_channels": 3, "image_size": 16, "num_classes": 3}
+    save(SmallNet(**kw), tmp_path / "src.pt", arch="smallnet", arch_kwargs=kw, input_shape=(3, 16, 16))
+    code, out = cli("train", str(tmp_path / "src.pt"), "--data", f"imagefolder:{root}", "--val-fraction", "0.5",
+                    "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 0, out
+    code, scored = cli("evaluate", str(tmp_path / "run" / "last.pt"), "--data", f"imagefolder:{root}")
+    assert code == 0 and scored["samples"] == 15  # the run's half, not the default fifth (6 images)
+    code, scored = cli("evaluate", str(tmp_path / "run" / "last.pt"), "--data", f"imagefolder:{root}",
+                       "--val-fraction", "0.2")  # fmt: skip
+    assert code == 0 and scored["samples"] == 6  # an explicit option still wins
