@@ -443,7 +443,20 @@ def train(
         return summary
     finally:
         if d.active and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is fully alive. The DDP wrapper's reducer
+    holds the group (and gloo's worker threads and pending work); if a reference cycle keeps the
+    wrapper alive past ``destroy_process_group``, the group is freed only at interpreter shutdown,
+    where gloo's threads releasing tensors abort the process ("terminate called without an active
+    exception", pytorch/pytorch#179291). Collecting the cycles first frees it here."""
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _train(
