@@ -77,7 +77,7 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 #: rounding floor (:func:`rounding_floor`), even above ``rtol``. Contraction rounds each merged tensor a
 #: few times (branch sums, BatchNorm folding, a square root and a division), where the floor perturbs
 #: each once by ``eps``-sized noise, hence a margin. On the branch sweep's ill-conditioned models the
-#: exact contractions measured at most about 1.2x their float64 floor (docs/exactness.md); the algebra
+#: exact contractions measured at most about 1.2x their float64 floor (docs/zoo.md); the algebra
 #: errors injected in the tests (a kernel off by 1e-3 relative in one layer, a wrong padding, a dropped
 #: bias; tests/test_trustworthy.py) land 4e4x (a 1e-3 kernel error on the test's cancelling model,
 #: whose floor comes from elsewhere) to 4e14x above it.
