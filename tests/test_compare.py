@@ -353,7 +353,7 @@ def test_a_run_another_process_holds_is_waited_for_and_taken_over_when_it_dies(t
         "epochs": 1, "batch_size": 64, "accumulate": 1, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
         "nesterov": False, "schedule": "paper", "weight_decay": 0.0, "decay_on": "factors", "kd_alpha": 0.9,
         "kd_temperature": 4.0, "nonlinear_warmup": 0, "forward": "fused", "device": "cpu", "workers": 0,
-        "download": False, "trust_pickle": False,
+        "download": False, "trust_pickle": False, "precise_bn": 0,
     }  # fmt: skip
     compare.Study("smallnet", TINY, [1, 8, 8], "synthetic:1x8x8", train).save(out)
     lock = claim(compare.lock_path(out, "compact", 0))
