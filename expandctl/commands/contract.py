@@ -95,7 +95,7 @@ def contract(
             summary += f"; folded {len(result.folded_bn)} BatchNorm layers into their convs"
         if result.precise_bn:
             p = result.precise_bn
-            ui.print(f"recomputed the running statistics of {p['layers']} BatchNorm layers over {p['batches']} "
+            ui.detail(f"recomputed the running statistics of {p['layers']} BatchNorm layers over {p['batches']} "
                      f"batches ({p['images']} images of {p['data']})")  # fmt: skip
         ui.detail(summary)
         ui.print(f"wrote {out}")
