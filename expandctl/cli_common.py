@@ -148,6 +148,15 @@ ValFractionOpt = Annotated[
         "validation (default 0.2; the same seeded split in train and evaluate).",
     ),
 ]
+PreciseBnOpt = Annotated[
+    int,
+    typer.Option(
+        "--precise-bn",
+        metavar="N",
+        help="Recompute every BatchNorm's running statistics over N training batches with the final weights "
+        "(branch BatchNorms included; 0: off). See docs/train.md.",
+    ),
+]
 AtolOpt = Annotated[
     float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
 ]

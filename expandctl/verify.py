@@ -9,7 +9,11 @@ Every check follows the traps listed in PAPER.md:
 * the metric is the largest absolute difference, judged against ``atol + rtol * max|reference|``;
   never a signed sum of differences, which lets errors cancel;
 * float64 separates algebra from rounding: a wrong padding or a dropped ``groups`` shows up as an
-  error of order 1 there, rounding as one of order 1e-15.
+  error of order 1 there, rounding as one of order 1e-15;
+* a contraction also passes when its error is within :data:`FLOOR_MULTIPLE` times the contracted
+  model's own rounding floor (:func:`rounding_floor`): an ill-conditioned network (random BatchNorm
+  statistics, deep stacks) can amplify float64 rounding a millionfold, so that an exact contraction
+  misses a fixed ``rtol``; an algebra error stays many orders of magnitude above the floor.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ __all__ = [
     "Report",
     "compare_models",
     "check_contraction",
+    "rounding_floor",
+    "FLOOR_MULTIPLE",
+    "FLOOR_DRAWS",
     "compare_onnx",
     "check_finite",
 ]
@@ -66,6 +73,18 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-6, 1e-4),
 }
 
+#: A contraction passes when its relative error is at most this multiple of the contracted model's
+#: rounding floor (:func:`rounding_floor`), even above ``rtol``. Contraction rounds each merged tensor a
+#: few times (branch sums, BatchNorm folding, a square root and a division), where the floor perturbs
+#: each once by ``eps``-sized noise, hence a margin. On the branch sweep's ill-conditioned models the
+#: exact contractions measured at most about 1.2x their float64 floor (docs/zoo.md); the algebra
+#: errors injected in the tests (a kernel off by 1e-3 relative in one layer, a wrong padding, a dropped
+#: bias; tests/test_trustworthy.py) land 4e4x (a 1e-3 kernel error on the test's cancelling model,
+#: whose floor comes from elsewhere) to 4e14x above it.
+FLOOR_MULTIPLE = 10.0
+#: Noise draws of :func:`rounding_floor`: the floor is the largest movement over these.
+FLOOR_DRAWS = 3
+
 
 @dataclass
 class OutputCheck:
@@ -78,6 +97,10 @@ class OutputCheck:
     max_rel: float
     passed: bool
     reason: str | None = None
+    #: The rounding floor of this output (``max_rel`` under rounding-sized noise); None: not measured.
+    floor: float | None = None
+    #: Passed only because ``max_rel <= FLOOR_MULTIPLE * floor`` (above ``atol + rtol * max|a|``).
+    within_floor: bool = False
 
 
 @dataclass
@@ -107,6 +130,18 @@ class Report:
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=math.nan, key=_nan_last)
 
+    @property
+    def floor(self) -> float | None:
+        """The largest rounding floor over the outputs (``None`` if not measured)."""
+        floors = [o.floor for o in self.outputs if o.floor is not None]
+        return max(floors) if floors else None
+
+    @property
+    def floor_ratio(self) -> float | None:
+        """The worst ``max_rel / floor`` over the outputs (``None`` if no floor was measured)."""
+        ratios = [_ratio(o.max_rel, o.floor) for o in self.outputs if o.floor is not None]
+        return max(ratios, key=_nan_last) if ratios else None
+
     def summary(self) -> str:
         """One line: ``expanded-vs-contracted float64: passed (max_abs 1.2e-15, max_rel 3e-16; ...)``."""
         failed = [o for o in self.outputs if not o.passed]
@@ -121,14 +156,28 @@ class Report:
         """JSON-ready: NaN/inf metrics (not measurable, e.g. a shape mismatch) become ``None``."""
         d = asdict(self)
         d["passed"] = self.passed
-        for o in d["outputs"]:
+        d["error"] = _finite(self.max_rel)
+        d["floor"], d["floor_ratio"] = self.floor, _finite(self.floor_ratio)
+        d["floor_multiple"] = FLOOR_MULTIPLE if self.floor is not None else None
+        for o, check in zip(d["outputs"], self.outputs, strict=True):
             for k in ("max_abs", "max_rel"):
-                o[k] = o[k] if math.isfinite(o[k]) else None
+                o[k] = _finite(o[k])
+            o["floor_ratio"] = _finite(_ratio(check.max_rel, check.floor)) if check.floor is not None else None
         return d
 
 
 def _nan_last(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _ratio(error: float, floor: float) -> float:
+    if floor > 0:
+        return error / floor
+    return 0.0 if error == 0 else math.inf
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +344,11 @@ def check_contraction(
     checkpoint checked in float64), that check contracts a copy of the factors in its own dtype:
     otherwise the float32 rounding of the stored product would hide an algebra error behind
     float32 tolerances. The check in the storage dtype covers the weights that are written.
+
+    Each report also carries the contracted model's rounding floor in its dtype (:func:`rounding_floor`,
+    per output); with the default tolerances an output whose error exceeds them but stays within
+    :data:`FLOOR_MULTIPLE` times its floor passes (``within_floor``, and a note says so). Explicit
+    ``atol``/``rtol`` are kept as given.
     """
     left = [path for path, _ in expanded_layers(contracted)]
     if left:
@@ -315,6 +369,7 @@ def check_contraction(
             report = compare_models(
                 expanded, contracted, input_shape, dtype=d, kind="expanded-vs-contracted", **settings
             )
+        _apply_floor(report, contract(widened) if coarser else contracted, d, accept=atol is None and rtol is None)
         linear = _check_linear_parts(source, report)
         if linear is not None:
             report.outputs.append(linear)
@@ -324,6 +379,62 @@ def check_contraction(
             )
         reports.append(report)
     return reports
+
+
+@torch.no_grad()
+def rounding_floor(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float64,
+    samples: int = 2,
+    batch: int = 2,
+    seed: int = 0,
+    draws: int = FLOOR_DRAWS,
+) -> dict[str, float]:
+    """The model's own rounding floor in ``dtype``, per output: the largest ``max|y' - y| / max|y|``
+    over ``draws`` copies whose every floating parameter and buffer is multiplied by
+    ``1 + eps * N(0, 1)`` (``eps`` of ``dtype``: one rounding of every stored number), on the inputs
+    :func:`compare_models` draws with ``seed``. A contraction cannot be asked to be closer than this:
+    the merged tensors are rounded at least once."""
+    shape = _check_args(input_shape, samples, batch)
+    eps = torch.finfo(dtype).eps
+    clean = _prepare(model, dtype)
+    device = _device(clean)
+    inputs = [x.to(dtype).to(device) for x in _inputs(shape, samples, batch, seed)]
+    refs = [_leaves(clean(x)) for x in inputs]
+    floor: dict[str, float] = {}
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(draws):
+        noisy = copy.deepcopy(clean)
+        for t in [*noisy.parameters(), *noisy.buffers()]:
+            if t.is_floating_point():
+                t.mul_(1 + eps * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t))
+        acc = _Accumulator()
+        for x, ref in zip(inputs, refs, strict=True):
+            acc.add_all(ref, _leaves(noisy(x)))
+        for check in acc.checks(0.0, 0.0):
+            if math.isfinite(check.max_rel):
+                floor[check.name] = max(floor.get(check.name, 0.0), check.max_rel)
+    return floor
+
+
+def _apply_floor(report: Report, contracted: nn.Module, dtype: torch.dtype, accept: bool = True) -> None:
+    """Measure the contracted model's rounding floor on the report's inputs; with ``accept`` (the default
+    tolerances: explicit ones are the caller's to keep), an output above ``atol + rtol * max|a|`` passes
+    when its error is within :data:`FLOOR_MULTIPLE` times its floor."""
+    floor = rounding_floor(contracted, report.input_shape, dtype=dtype, samples=report.samples, batch=report.batch,
+                           seed=report.seed)  # fmt: skip
+    for o in report.outputs:
+        o.floor = floor.get(o.name)
+        within = o.floor is not None and o.max_rel <= FLOOR_MULTIPLE * o.floor
+        if accept and within and not o.passed and o.reason is None:
+            o.passed = o.within_floor = True
+            report.notes.append(
+                f"{o.name} ({_name(dtype)}): error {o.max_rel:.3g} is above rtol but {_ratio(o.max_rel, o.floor):.3g}x "
+                f"the contracted model's rounding floor {o.floor:.3g} (its output's movement under {_name(dtype)} "
+                f"rounding-sized noise on every tensor), within the accepted {FLOOR_MULTIPLE:g}x"
+            )
 
 
 @torch.no_grad()

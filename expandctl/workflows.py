@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -355,6 +356,7 @@ class ContractResult:
     params_before: int
     params_after: int
     reports: list
+    precise_bn: dict | None = None  # what --precise-bn recomputed: layers, batches, images, data
 
     @property
     def format(self) -> str:
@@ -374,7 +376,27 @@ class ContractResult:
             "params_after": self.params_after,
             "passed": True,
             "checks": [r.to_dict() for r in self.reports],
+            "precise_bn": self.precise_bn,
         }
+
+
+def recompute_batchnorm(ckpt: ckpt_io.Checkpoint, data: str, batches: int) -> dict:
+    """Precise BatchNorm statistics for a trained checkpoint (in place on ``ckpt.model``): every
+    BatchNorm's running statistics recomputed over ``batches`` batches of ``data``'s training split
+    (:mod:`expandctl.train.precise_bn`). The data adapters, batch size and seed are those the run
+    recorded (``expandctl train`` checkpoints), else no adapter, batch 128, seed 0."""
+    from .datasets import DataOptions, load_data
+    from .train.precise_bn import precise_batchnorm, shuffled_batches
+
+    recorded = ((ckpt.extra or {}).get("train") or {}).get("config") or {}
+    options = DataOptions(
+        recorded.get("channels"), recorded.get("image_size"), recorded.get("augment"),
+        recorded.get("train_subset"), False, recorded.get("val_fraction"),
+    )  # fmt: skip
+    splits = load_data(data, input_shape=ckpt.input_shape, options=options.validate())
+    batch_size, seed = int(recorded.get("batch_size") or 128), int(recorded.get("seed") or 0)
+    done = precise_batchnorm(ckpt.model, shuffled_batches(splits.train, batch_size, seed), batches)
+    return {**done, "data": data, "batch_size": batch_size}
 
 
 def contract_checkpoint(
@@ -390,11 +412,14 @@ def contract_checkpoint(
     source: str | None = None,
     command: str | None = None,
     progress: Progress | None = None,
+    precise_bn: int = 0,
+    data: str | None = None,
 ) -> ContractResult:
     """Contract every expanded layer of ``ckpt``, check the compact model against the chains, fold
     BatchNorm (``fold_bn``, checked too) and write ``output``: a checkpoint, or an ONNX file checked
     against PyTorch with onnxruntime. A model without expanded layers is written as it is (with a
-    warning), unless ``require_expanded``."""
+    warning), unless ``require_expanded``. ``precise_bn`` > 0 first recomputes every BatchNorm's
+    running statistics over that many batches of ``data`` (:func:`recompute_batchnorm`)."""
     from .export import export_onnx
     from .fold import fold_batchnorm
     from .rewrite import expanded_layers
@@ -421,6 +446,15 @@ def contract_checkpoint(
         raise UsageError(
             f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
         )
+    if precise_bn < 0 or (precise_bn and not data) or (data and not precise_bn):
+        raise UsageError("--precise-bn N (N >= 1) and --data SPEC go together: the batches are SPEC's training images")
+    recomputed = None
+    if precise_bn:
+        with progress.step(f"recomputing BatchNorm statistics over {precise_bn} batches of {data}"):
+            ckpt = dataclasses.replace(ckpt, model=copy.deepcopy(ckpt.model))  # the caller's keeps its statistics
+            recomputed = recompute_batchnorm(ckpt, data, precise_bn)
+        if not recomputed["layers"]:
+            progress.warn(f"{source} has no BatchNorm: --precise-bn changed nothing")
     reports: list = []
     if layers:
         compact, reports = contract_checked(ckpt, shape, atol, rtol, progress)
@@ -474,5 +508,5 @@ def contract_checkpoint(
             )
     return ContractResult(
         source, out, compact, layers, folded, shape, dynamic_size, count_params(ckpt.model), count_params(compact),
-        reports,
+        reports, recomputed,
     )  # fmt: skip

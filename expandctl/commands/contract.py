@@ -16,6 +16,7 @@ from ..cli_common import (
     AtolOpt,
     DebugOpt,
     JsonOpt,
+    PreciseBnOpt,
     QuietOpt,
     RtolOpt,
     ShapeOpt,
@@ -64,6 +65,11 @@ def contract(
             help="Fail (exit 4) if SRC has no expanded layer, instead of writing it unchanged (for CI).",
         ),
     ] = False,
+    precise_bn: PreciseBnOpt = 0,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", metavar="SPEC", help="Training data of --precise-bn (as for train: digits, ...)."),
+    ] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwOpt = None,
     trust_pickle: TrustOpt = False,
@@ -99,6 +105,8 @@ def contract(
                 source=src,
                 command=command_line(ctx),
                 progress=ui,
+                precise_bn=precise_bn,
+                data=data,
             )
         show_reports(ui, result.reports, "checks")
         summary = (
@@ -107,6 +115,10 @@ def contract(
         )
         if fold_bn:
             summary += f"; folded {len(result.folded_bn)} BatchNorm layers into their convs"
+        if result.precise_bn:
+            p = result.precise_bn
+            ui.detail(f"recomputed the running statistics of {p['layers']} BatchNorm layers over {p['batches']} "
+                     f"batches ({p['images']} images of {p['data']})")  # fmt: skip
         ui.detail(summary)
         ui.print(f"wrote {out}")
         ui.emit(result.to_dict())

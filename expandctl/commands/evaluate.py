@@ -74,6 +74,12 @@ def evaluate(
                 result = evaluate_onnx(src, getattr(sets, split), batch_size, num_classes=sets.num_classes)
         else:
             ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+            recorded = ((ckpt.extra or {}).get("train") or {}).get("config") or {}
+            if val_fraction is None and recorded.get("val_fraction") is not None:
+                # a run's checkpoint: score the split the run held out, not the default one
+                val_fraction = recorded["val_fraction"]
+                opts = data_options(channels, image_size, None, train_subset, download, val_fraction)
+                ui.detail(f"--val-fraction {val_fraction:g}, as recorded by the run that wrote {src}")
             sets = load_data(data, ckpt.input_shape, augment=False, options=opts)
             channels_in = first_layer_channels(ckpt.model)
             with ui.step(f"scoring {src} on {data} ({split})"):

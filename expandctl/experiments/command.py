@@ -23,6 +23,7 @@ from ..cli_common import (
     DownloadOpt,
     ImageSizeOpt,
     JsonOpt,
+    PreciseBnOpt,
     QuietOpt,
     ShapeOpt,
     TrainSubsetOpt,
@@ -177,6 +178,7 @@ def compare(
     kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
     kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
     nonlinear_warmup: Annotated[int, typer.Option(metavar="EPOCHS", help="Epochs with ReLUs between factors.")] = 0,
+    precise_bn: PreciseBnOpt = 0,
     forward: Annotated[str, typer.Option(help="fused or explicit (see expandctl train).")] = "fused",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes per run.")] = 0,
@@ -203,7 +205,8 @@ def compare(
         part = study_lib.parse_shard(shard)
         for ok, message in ((seeds >= 1, "--seeds must be at least 1"), (jobs >= 1, "--jobs must be at least 1"),
                             (nproc_per_run >= 1, "--nproc-per-run must be at least 1"),
-                            (threads >= 1, "--threads must be at least 1")):  # fmt: skip
+                            (threads >= 1, "--threads must be at least 1"),
+                            (precise_bn >= 0, "--precise-bn must be >= 0 (0: off)")):  # fmt: skip
             if not ok:
                 raise UsageError(message)
         if report_only and not (out / "study.json").is_file():
@@ -226,6 +229,8 @@ def compare(
             if val_fraction is not None:  # only when given: folders made before the option keep their settings
                 recipe["val_fraction"] = val_fraction
             TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
+            if precise_bn:  # only then: a folder made before the option existed keeps its recipe
+                recipe["precise_bn"] = precise_bn
             study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,
                            rate=rate, include=list(include or ()), exclude=list(exclude or ()),
                            pointwise=pointwise)  # fmt: skip
@@ -239,6 +244,9 @@ def compare(
         if dry_run:
             _dry_run(ui, study_lib.schedule(runnable, seed_list, part), runnable, skipped, details, out, seeds)
             return
+        damaged = study_lib.set_aside_damaged(out, runnable, seed_list)
+        for name, why in damaged:
+            ui.warn(f"{out}/runs/{name}.json is damaged ({why}): set aside as {name}.json.damaged; the run is redone")
         result = {"ran": [], "reused": [], "waited": []}
         if not report_only:
             study.save(out)  # refuses a folder whose runs used another recipe
@@ -282,4 +290,4 @@ def compare(
         for note in summary.get("cost_notes") or ():
             ui.warn(f"cost: {note}")
         ui.print(escape(f"wrote {', '.join(files.values())}"))
-        ui.emit({"out": str(out), **result, "report": summary, "files": files})
+        ui.emit({"out": str(out), **result, "damaged": [n for n, _ in damaged], "report": summary, "files": files})

@@ -35,7 +35,17 @@ from pathlib import Path
 from ..checkpoint import atomic_write
 from ..errors import ExpandctlError, NothingToExpandError, UsageError
 from .runs import check_settings, claim, read_run
-from .stats import mean_std, std_error_of_difference, welch_p
+from .stats import (
+    detectable_difference,
+    holm,
+    mean_std,
+    paired_p,
+    paired_t,
+    seeds_to_detect,
+    std_error_of_difference,
+    welch_p,
+    welch_t,
+)
 
 __all__ = [
     "COMPACT",
@@ -47,6 +57,7 @@ __all__ = [
     "run_name",
     "run_path",
     "work_dir",
+    "set_aside_damaged",
     "plan_strategies",
     "strategy_rate",
     "schedule",
@@ -60,11 +71,13 @@ __all__ = [
 COMPACT = "compact"
 #: Significance level of the verdict.
 ALPHA = 0.05
+#: Power of the smallest detectable difference (``vs_compact.detectable``).
+POWER = 0.8
 #: The TrainConfig fields that make the recipe (every run of a study shares them).
 RECIPE_FIELDS = (
     "epochs", "batch_size", "accumulate", "lr", "optimizer", "momentum", "nesterov", "schedule", "weight_decay",
     "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "forward", "device", "workers",
-    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle", "val_fraction",
+    "channels", "image_size", "augment", "train_subset", "download", "trust_pickle", "val_fraction", "precise_bn",
 )  # fmt: skip
 #: Fields that change the timing but not the result: a later invocation may change them.
 NOT_COMPARED = ("workers", "download", "trust_pickle")
@@ -165,6 +178,30 @@ def run_path(out: Path, strategy: str, seed: int) -> Path:
 
 def work_dir(out: Path, strategy: str, seed: int) -> Path:
     return Path(out) / "work" / run_name(strategy, seed)
+
+
+def set_aside_damaged(out: Path, strategies: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str]]:
+    """Run files of ``strategies`` x ``seeds`` that do not read as a finished run (truncated or corrupt
+    JSON, a record without its fields: a copy cut short, a disk that filled) are renamed to
+    ``<name>.json.damaged``, so that the run is trained again; nothing else in ``out`` is touched.
+    Returns ``(run name, why)`` for each. (Run files are written atomically, so expandctl itself
+    never leaves one half-written.)"""
+    damaged = []
+    for strategy in strategies:
+        for seed in seeds:
+            path = run_path(out, strategy, seed)
+            if not path.is_file():
+                continue
+            try:
+                record = read_run(path)
+                missing = [k for k in ("final_acc", "seed", "history") if k not in record]
+                why = f"its record lacks {', '.join(missing)}" if missing else None
+            except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+                why = f"it is not valid JSON ({e})"
+            if why is not None:
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                damaged.append((run_name(strategy, seed), why))
+    return damaged
 
 
 def lock_path(out: Path, strategy: str, seed: int) -> Path:
@@ -429,12 +466,11 @@ def summarize(
             else None,
         }  # fmt: skip
         if s != COMPACT and base_acc:
-            row["vs_compact"] = {
-                "difference": m - statistics.fmean(base_acc),
-                "std_error": std_error_of_difference(acc, base_acc),
-                "p": welch_p(acc, base_acc),
-            }
+            row["vs_compact"] = _versus(rs, base, alpha)
         rows.append(row)
+    tested = [r for r in rows if r.get("vs_compact")]
+    for r, p in zip(tested, holm([r["vs_compact"]["p_paired"] for r in tested])):
+        r["vs_compact"]["p_adjusted"] = p
     better, worse, verdict = _verdict(rows, alpha, len(planned) - len(missing), len(planned))
     cost_notes = _cost_notes(rows)
     return {
@@ -450,45 +486,103 @@ def summarize(
     }
 
 
+def _versus(runs: list[dict], base: list[dict], alpha: float) -> dict:
+    """A strategy's runs against compact's: the difference of the means, Welch's p, the paired test
+    over the seeds both have (every run of a seed shares the unexpanded layers' initialisation and
+    the data order), and the smallest difference this many seeds could detect (two-sided, ``alpha``,
+    power :data:`POWER`), from the paired differences' spread (Welch's where fewer than two seeds pair)."""
+    acc = [100 * r["final_acc"] for r in runs]
+    base_acc = [100 * r["final_acc"] for r in base]
+    by_seed = {r["seed"]: 100 * r["final_acc"] for r in base}
+    pairs = [(100 * r["final_acc"], by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    mine, theirs = [a for a, _ in pairs], [b for _, b in pairs]
+    paired, welch = paired_t(mine, theirs) if pairs else None, welch_t(acc, base_acc)
+    if paired is not None:
+        detectable = detectable_difference(paired[2], paired[1], alpha, POWER)
+    elif welch is not None:
+        detectable = detectable_difference(std_error_of_difference(acc, base_acc), welch[1], alpha, POWER)
+    else:
+        detectable = 0.0 if (len(pairs) >= 2 or (len(acc) >= 2 and len(base_acc) >= 2)) else None
+    return {
+        "difference": statistics.fmean(acc) - statistics.fmean(base_acc),
+        "std_error": std_error_of_difference(acc, base_acc),
+        "p": welch_p(acc, base_acc),
+        "paired_seeds": len(pairs),
+        "p_paired": paired_p(mine, theirs) if pairs else None,
+        "p_adjusted": None,  # Holm over the strategies (summarize)
+        "detectable": detectable,
+        "paired_std": statistics.stdev([a - b for a, b in pairs]) if len(pairs) >= 2 else None,
+    }
+
+
 def _fmt_p(p: float | None) -> str:
     return "-" if p is None else f"{p:.2g}"
 
 
 def _verdict(rows: list[dict], alpha: float, finished: int, planned: int) -> tuple[list[str], list[str], str]:
-    """Which strategies beat (or lose to) compact at ``p < alpha``, as a sentence."""
+    """Which strategies beat (or lose to) compact at a Holm-adjusted paired ``p < alpha``, as a
+    sentence that names the correction, what the seeds could detect and how many would resolve the
+    largest difference seen."""
     ok = {r["strategy"]: r for r in rows if r["status"] == "ok"}
     prefix = "" if finished == planned else f"Partial ({finished} of {planned} runs finished): "
     if COMPACT not in ok:
         return [], [], prefix + "no compact run has finished, so there is nothing to compare against yet."
-    tested = [r for r in ok.values() if r["vs_compact"] and r["vs_compact"]["p"] is not None]
+    compared = [r for r in ok.values() if r["vs_compact"]]
+    tested = [r for r in compared if r["vs_compact"]["p_adjusted"] is not None]
+    test = (f"p < {alpha:g}, paired t-test over seeds, Holm-Bonferroni adjusted over {len(tested)} "
+            f"strateg{'y' if len(tested) == 1 else 'ies'}")  # fmt: skip
 
     def says(r):
         v = r["vs_compact"]
-        return f"{r['strategy']} ({v['difference']:+.2f} points, p={_fmt_p(v['p'])})"
+        return f"{r['strategy']} ({v['difference']:+.2f} points, adjusted p={_fmt_p(v['p_adjusted'])})"
 
-    better = [r for r in tested if r["vs_compact"]["difference"] > 0 and r["vs_compact"]["p"] < alpha]
-    worse = [r for r in tested if r["vs_compact"]["difference"] < 0 and r["vs_compact"]["p"] < alpha]
+    def significant(r):
+        return r["vs_compact"]["p_adjusted"] < alpha
+
+    better = [r for r in tested if r["vs_compact"]["difference"] > 0 and significant(r)]
+    worse = [r for r in tested if r["vs_compact"]["difference"] < 0 and significant(r)]
     if not tested and min(r["n"] for r in ok.values()) < 2:
-        text = "too few seeds for Welch's test (it needs 2 runs per strategy); rerun with --seeds 3 or more."
+        text = "too few seeds for a test (it needs 2 seeds of compact and a strategy); rerun with --seeds 3 or more."
     elif not tested:
-        text = "Welch's test is undefined: every run of each strategy scored the same; try more data or epochs."
+        text = ("the paired test is undefined: every strategy differs from compact by the same amount on every seed "
+                "(or fewer than 2 seeds pair); try more data, epochs or seeds.")  # fmt: skip
     elif better:
-        text = f"{', '.join(says(r) for r in better)} beat{'s' if len(better) == 1 else ''} compact at p < {alpha:g}."
+        text = f"{', '.join(says(r) for r in better)} beat{'s' if len(better) == 1 else ''} compact at {test}."
     else:
-        n = sorted({r["n"] for r in tested} | {ok[COMPACT]["n"]})
+        n = sorted({r["vs_compact"]["paired_seeds"] for r in tested})
         seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
         top = max(tested, key=lambda r: r["vs_compact"]["difference"])
-        text = (f"no strategy beat compact at p < {alpha:g} with {seeds} seeds per strategy "
-                f"(largest difference: {says(top)}).")  # fmt: skip
+        text = f"no strategy beat compact at {test}, with {seeds} seeds (largest difference: {says(top)})."
     if worse:
-        text += f" Worse than compact at p < {alpha:g}: {', '.join(says(r) for r in worse)}."
+        text += f" Worse than compact at {test}: {', '.join(says(r) for r in worse)}."
+    if tested:
+        text += _resolution(tested, alpha)
     text = prefix + text
     return [r["strategy"] for r in better], [r["strategy"] for r in worse], text[0].upper() + text[1:]
 
 
+def _resolution(tested: list[dict], alpha: float) -> str:
+    """What the seeds could detect, and how many seeds the largest unresolved difference needs."""
+    v_top = max(tested, key=lambda r: abs(r["vs_compact"]["difference"]))
+    v = v_top["vs_compact"]
+    detectable = [r["vs_compact"]["detectable"] for r in tested if r["vs_compact"]["detectable"] is not None]
+    text = ""
+    if detectable:
+        low, high = min(detectable), max(detectable)
+        span = f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}"
+        text += (f" These seeds detect a difference of {span} points (alpha {alpha:g} two-sided, power {POWER:g}, "
+                 "before the correction).")  # fmt: skip
+    if v["p_adjusted"] >= alpha and v["paired_std"] is not None and v["difference"] != 0:
+        n = seeds_to_detect(v["paired_std"], v["difference"], alpha, POWER)
+        if n is not None:
+            text += (f" About {n} seeds would resolve {v_top['strategy']}'s {v['difference']:+.2f} points at this "
+                     "spread.")  # fmt: skip
+    return text
+
+
 def table_row(r: dict) -> list[str]:
     if r["status"] != "ok":
-        return [r["strategy"], "0", f"{r['status']} (below)", "", "", "", "", ""]
+        return [r["strategy"], "0", f"{r['status']} (below)", *[""] * (len(TABLE_HEADER) - 3)]
     a, v = r["accuracy"], r["vs_compact"]
 
     def ratio(x):
@@ -497,12 +591,14 @@ def table_row(r: dict) -> list[str]:
     return [
         r["strategy"], str(r["n"]), f"{a['mean']:.2f} +- {a['std']:.2f}",
         "-" if v is None else f"{v['difference']:+.2f}", "-" if v is None else _fmt_p(v["p"]),
+        "-" if v is None else _fmt_p(v["p_paired"]), "-" if v is None else _fmt_p(v["p_adjusted"]),
+        "-" if v is None or v["detectable"] is None else f"{v['detectable']:.2f}",
         ratio(r["seconds_ratio"]), ratio(r["memory_ratio"]), f"{r['params_trained']:,}",
     ]  # fmt: skip
 
 
-TABLE_HEADER = ("strategy", "runs", "accuracy (%)", "vs compact (points)", "Welch p", "s/epoch (x compact)",
-                "peak memory (x compact)", "params trained")  # fmt: skip
+TABLE_HEADER = ("strategy", "runs", "accuracy (%)", "vs compact (points)", "Welch p", "paired p", "Holm p",
+                "detectable (points)", "s/epoch (x compact)", "peak memory (x compact)", "params trained")  # fmt: skip
 
 
 def render_markdown(summary: dict) -> str:
@@ -514,7 +610,9 @@ def render_markdown(summary: dict) -> str:
         "",
         "Generated by `expandctl compare` from the run files in `runs/`; do not edit by hand.",
         "Accuracy: top-1 of the *contracted* model on the validation split, mean +- std over seeds; "
-        "differences to compact in points, with Welch's t-test p.",
+        "differences to compact in points, with Welch's t-test p, the paired t-test's p over seeds, "
+        f"that p Holm-Bonferroni adjusted over the strategies (the verdict's), and the smallest difference "
+        f"the seeds could detect (alpha {summary['alpha']:g} two-sided, power {POWER:g}).",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|---|" + "---:|" * (len(TABLE_HEADER) - 1),

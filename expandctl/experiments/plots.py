@@ -77,7 +77,10 @@ def gain_figure(summary: dict, title: str):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios": [1, 1]})
     for i, r in enumerate(rows):
         v = r["vs_compact"]
-        label = f"{r['strategy']}: {v['difference']:+.2f} points" + (f", p={v['p']:.2g}" if v["p"] is not None else "")
+        adjusted = v.get("p_adjusted")  # reports written before the paired test have none
+        label = f"{r['strategy']}: {v['difference']:+.2f} points"
+        if adjusted is not None or v["p"] is not None:
+            label += f", Holm p={adjusted:.2g}" if adjusted is not None else f", Welch p={v['p']:.2g}"
         ax.bar(i, v["difference"], yerr=v["std_error"] or 0, color=colors[r["strategy"]], alpha=0.8, capsize=5,
                label=label)  # fmt: skip
         dots = [a - base["accuracy"]["mean"] for a in r["accuracy"]["values"]]

@@ -74,7 +74,8 @@ def run(out: Path, strategy: str, seed: int) -> dict:
     memory, kind = _peak_memory(device)
     save(t.compact, work_dir(out, strategy, seed) / "contracted.pt", arch=study.arch, arch_kwargs=study.arch_kwargs,
          input_shape=study.input_shape)  # fmt: skip
-    history = [{k: m[k] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
+    history = [{k: m[k] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
+                                  "precise_bn_batches") if k in m}
                for m in t.history]  # fmt: skip
     result = {
         "name": name, "strategy": strategy, "seed": seed,

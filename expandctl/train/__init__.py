@@ -10,6 +10,7 @@ does not pull in the console code).
 from ..datasets import DATA_SPECS, DataSplits, TensorImages, load_data, parse_spec
 from .loop import Callbacks, EpochContext, TrainConfig, TrainingDiverged, learning_rate, train
 from .losses import kd_loss, product_l2, split_decay_parameters
+from .precise_bn import batchnorm_layers, precise_batchnorm
 
 __all__ = [
     "TrainConfig",
@@ -26,4 +27,6 @@ __all__ = [
     "kd_loss",
     "product_l2",
     "split_decay_parameters",
+    "precise_batchnorm",
+    "batchnorm_layers",
 ]

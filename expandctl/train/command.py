@@ -33,6 +33,7 @@ from ..cli_common import (
     DebugOpt,
     DownloadOpt,
     ImageSizeOpt,
+    PreciseBnOpt,
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
@@ -198,6 +199,7 @@ def train(
     train_subset: TrainSubsetOpt = None,
     download: DownloadOpt = False,
     val_fraction: ValFractionOpt = None,
+    precise_bn: PreciseBnOpt = 0,
     out: Annotated[Path, typer.Option("--out", help="Run folder: last.pt, best.pt, metrics.jsonl, curves.png.")] = Path(
         "run"
     ),
@@ -318,6 +320,7 @@ def train(
                 train_subset=train_subset,
                 download=download,
                 val_fraction=val_fraction,
+                precise_bn=precise_bn,
                 command=shlex.join(["expandctl", *sys.argv[1:]]),
             )
             summary = run_training(config, reporter)

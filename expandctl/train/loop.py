@@ -41,6 +41,7 @@ from ..layers import FORWARD_MODES, ChainLayer, ComposeOnce
 from ..probe import DEVICES, check_fits, device_kind
 from ..rewrite import contract, expanded_layers, set_forward
 from .losses import kd_loss, product_l2, split_decay_parameters
+from .precise_bn import precise_batchnorm, shuffled_batches
 
 __all__ = [
     "TrainConfig",
@@ -63,7 +64,7 @@ DECAY_MODES = ("factors", "product")
 TRAJECTORY_FIELDS = (
     "data", "epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "schedule",
     "weight_decay", "decay_on", "teacher", "kd_alpha", "kd_temperature", "nonlinear_warmup", "seed",
-    "channels", "image_size", "augment", "train_subset", "accumulate", "val_fraction",
+    "channels", "image_size", "augment", "train_subset", "accumulate", "val_fraction", "precise_bn",
 )  # fmt: skip
 
 
@@ -122,6 +123,9 @@ class TrainConfig:
     download: bool = False
     #: --val-fraction: the held-out share of an image folder with class folders directly under it.
     val_fraction: float | None = None
+    #: --precise-bn N: after the last epoch, recompute every BatchNorm's running statistics over N
+    #: training batches with the final weights (:mod:`expandctl.train.precise_bn`); 0: off.
+    precise_bn: int = 0
     #: The command line, recorded in the checkpoints' provenance.
     command: str | None = None
 
@@ -152,6 +156,7 @@ class TrainConfig:
                 f"({self.epochs}): the ReLUs must come out before training ends",
             ),
             (self.workers >= 0, "--workers must be >= 0"),
+            (self.precise_bn >= 0, "--precise-bn must be >= 0 (0: off)"),
             (self.grad_confusion_pairs >= 1, "--grad-confusion-pairs must be at least 1"),
         ]
         for ok, message in checks:
@@ -438,7 +443,20 @@ def train(
         return summary
     finally:
         if d.active and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is fully alive. The DDP wrapper's reducer
+    holds the group (and gloo's worker threads and pending work); if a reference cycle keeps the
+    wrapper alive past ``destroy_process_group``, the group is freed only at interpreter shutdown,
+    where gloo's threads releasing tensors abort the process ("terminate called without an active
+    exception", pytorch/pytorch#179291). Collecting the cycles first frees it here."""
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _train(
@@ -641,6 +659,7 @@ class _EpochLoop:
                 kept = f"{last_path} still holds epoch {start_epoch + self.epochs_run}"
             raise TrainingDiverged(f"{e}; stopped, {kept}; try a lower --lr") from None
         train_seconds = time.perf_counter() - t0
+        precise = _precise_bn(run, self.data.train) if config.precise_bn and epoch + 1 == config.epochs else None
         val_loss, val_acc = _evaluate(run, val_loader)
         metrics = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
@@ -649,6 +668,8 @@ class _EpochLoop:
         }  # fmt: skip
         if self.warmup.attached:
             metrics["nonlinear"] = True
+        if precise is not None:
+            metrics["precise_bn_batches"], metrics["precise_bn_layers"] = precise["batches"], precise["layers"]
         self._hooks(epoch, metrics)
 
         # Best by validation accuracy, among linear epochs only: during the nonlinear warmup the
@@ -832,6 +853,15 @@ def _all_reduce_grads(model: nn.Module, world_size: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world_size)
+
+
+def _precise_bn(run: _Run, train_set: Dataset) -> dict:
+    """Precise BatchNorm statistics after the last epoch, before it is validated and saved: the
+    first ``--precise-bn`` batches of the training set in an order of their own (seeded with
+    ``--seed``; the training RNG that ``last.pt`` saves is untouched). Every rank runs the same
+    batches on the unwrapped model (no collective), so all ranks end with the same statistics."""
+    batches = shuffled_batches(train_set, run.config.batch_size, run.config.seed)
+    return precise_batchnorm(run.model, batches, run.config.precise_bn, run.device)
 
 
 @torch.no_grad()
