@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check expandctl tests examples benchmarks
+	$(BIN)/ruff format --check expandctl tests examples benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" --hypothesis-profile=ci

@@ -413,8 +413,10 @@ def oracle_table(recs: list[dict]) -> str:
     failed = []
     for r in recs:
         if r.get("status") not in ("exact", "inexact"):
-            failed.append(f"- {_short(r['model'])} ({r.get('family', '')}): failed at {r.get('stage')}: "
-                          f"{r.get('reason', '')[:200]}")
+            failed.append(
+                f"- {_short(r['model'])} ({r.get('family', '')}): failed at {r.get('stage')}: "
+                f"{r.get('reason', '')[:200]}"
+            )
             continue
         ratio = f"{r['onnx_ratio']:.2f}" if r.get("onnx_ratio") is not None else "export failed"
         same = "-" if "onnx_ops_ours" not in r else ("yes" if r["onnx_ops_ours"] == r["onnx_ops_timm"] else "no")
@@ -552,16 +554,22 @@ def zoo_summary(recs: list[dict]) -> str:
                 opaque[_reason_key(reason)[:140]].append(f"{_short(r['model'])}:{module}")
         if opaque:
             n = sum(len(v) for v in opaque.values())
-            lines += ["", f"Opaque modules (not traced, kept whole): {n} in "
-                          f"{len({m.split(':')[0] for v in opaque.values() for m in v})} models", ""]
+            lines += [
+                "",
+                f"Opaque modules (not traced, kept whole): {n} in "
+                f"{len({m.split(':')[0] for v in opaque.values() for m in v})} models",
+                "",
+            ]
             for reason, where in sorted(opaque.items(), key=lambda kv: -len(kv[1]))[:10]:
                 shown = ", ".join(where[:4]) + (", ..." if len(where) > 4 else "")
                 lines.append(f"- {len(where)} x `{reason}`: {shown}")
     whole = [r for r in recs if r["status"] == "untraceable"]
     if whole:
-        lines += ["", "Untraceable as a whole (returned unchanged): " + ", ".join(
-            f"{_short(r['model'])} ({next(iter(r['opaque'].values()), '')[:120]})" for r in whole
-        )]
+        lines += [
+            "",
+            "Untraceable as a whole (returned unchanged): "
+            + ", ".join(f"{_short(r['model'])} ({next(iter(r['opaque'].values()), '')[:120]})" for r in whole),
+        ]
     inexact = [r for r in recs if r["status"] == "inexact"]
     if inexact:
         lines += ["", "Inexact (the whole model above the tolerance; each merged region is checked on its own):", ""]
@@ -638,8 +646,18 @@ def main(argv=None):
             if wanted:
                 models = [m for m in models if m in wanted or m.split(":", 1)[1] in wanted]
         log(f"{part}: {len(models)} models")
-        zoo.sweep(models, args.out, 1, int(args.max_params), 0, args.timeout, log, per_worker=10,
-                  strategies=(part,), worker=_worker)
+        zoo.sweep(
+            models,
+            args.out,
+            1,
+            int(args.max_params),
+            0,
+            args.timeout,
+            log,
+            per_worker=10,
+            strategies=(part,),
+            worker=_worker,
+        )
 
 
 if __name__ == "__main__":

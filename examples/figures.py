@@ -663,8 +663,12 @@ def report(out: Path) -> dict:
             lines.append(f"| {name} | {pct(rs)} | {versus(rs, groups['compact']) if name != 'compact' else '-'} | "
                          f"{versus(rs, groups['compact+kd']) if name != 'compact+kd' else '-'} |")  # fmt: skip
         lines.append("")
-        plot_bars(out / "distillation.png", groups, "Distillation, SmallNet 7x7: top-1 (%) of the contracted student",
-                  hline=(100 * statistics.fmean(r["final_acc"] for r in teacher), "teacher") if teacher else None)
+        plot_bars(
+            out / "distillation.png",
+            groups,
+            "Distillation, SmallNet 7x7: top-1 (%) of the contracted student",
+            hline=(100 * statistics.fmean(r["final_acc"] for r in teacher), "teacher") if teacher else None,
+        )
     i = runs["init"]
     if i:
         groups = {"ck": select(b, kernel=7, variant="ck"), "ck+init": i}
@@ -683,8 +687,11 @@ def report(out: Path) -> dict:
                 lines.append(f"| {v} | {err[0]:.2f} +- {err[1]:.2f} | {pct(rs)} | "
                              f"{versus(rs, base) if v != 'compact' else '-'} |")  # fmt: skip
         lines.append("")
-        plot_curves(out / "corrupted.png", {v: select(c, variant=v) for v in ("compact", "ck")},
-                    f"SmallNet 5x5, {int(100 * CORRUPT_FRACTION)}% corrupted labels: test error per epoch")
+        plot_curves(
+            out / "corrupted.png",
+            {v: select(c, variant=v) for v in ("compact", "ck")},
+            f"SmallNet 5x5, {int(100 * CORRUPT_FRACTION)}% corrupted labels: test error per epoch",
+        )
     rm = runs["real"]
     if rm:
         lines += ["## torchvision models (CL, rate 4, first conv + depthwise 3x3s; 3x32x32 input)", "",
@@ -850,7 +857,7 @@ def report_evidence(out: Path, runs: dict[str, list[dict]]) -> tuple[list[str], 
                                        base_cost, rerun)  # fmt: skip
                 lines.append(f"| SmallNet {k}x{k} | {v} | {evidence_cells(rows[v], len(SEEDS))} |")
             summary[f"smallnet_{k}x{k}"] = groups[f"SmallNet {k}x{k}"] = rows
-        blocks["smallnet"] = "\n".join(lines[lines.index(EVIDENCE_HEADER[0]):])
+        blocks["smallnet"] = "\n".join(lines[lines.index(EVIDENCE_HEADER[0]) :])
         lines.append("")
     m = runs["models"]
     if m:
@@ -1168,8 +1175,10 @@ def plot_evidence(path: Path, groups: dict[str, dict[str, dict]], n_runs: int) -
                      else gname)  # fmt: skip
         x += 0.8
     axes[0].axhline(0, color="black", lw=0.8)
-    axes[0].set(ylabel="test accuracy minus compact's (points)",
-                title="Gain over compact (mean over seeds; bar: std. error of the difference; * Welch p < 0.05)")
+    axes[0].set(
+        ylabel="test accuracy minus compact's (points)",
+        title="Gain over compact (mean over seeds; bar: std. error of the difference; * Welch p < 0.05)",
+    )
     axes[1].axhline(1, color="black", lw=0.8, ls="--")
     axes[1].set_ylim(bottom=0)
     axes[1].set(ylabel="training seconds per epoch / compact's (x)", title="Training cost (one CPU thread)")
@@ -1214,8 +1223,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="results/figures")
     ap.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--model-strategies", default=",".join(MODEL_STRATEGIES),
-                    help=f"branch kinds the models experiment trains after CL (default {','.join(MODEL_STRATEGIES)})")
+    ap.add_argument(
+        "--model-strategies",
+        default=",".join(MODEL_STRATEGIES),
+        help=f"branch kinds the models experiment trains after CL (default {','.join(MODEL_STRATEGIES)})",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the tables and figures")
     ap.add_argument("--no-report", action="store_true", help="train only (parallel workers; one reports last)")

@@ -146,6 +146,4 @@ def expanded(
     ``pointwise``, ``seed``). The check runs on inputs of ``(batch, *input_shape)``; without
     ``input_shape`` the shape of the first forward inside the block is used. ``atol`` / ``rtol``
     override the check's tolerances (:data:`expandctl.verify.DEFAULT_TOLERANCES`)."""
-    return ExpandedTraining(
-        model, strategy, rate, input_shape=input_shape, atol=atol, rtol=rtol, **expand_options
-    )
+    return ExpandedTraining(model, strategy, rate, input_shape=input_shape, atol=atol, rtol=rtol, **expand_options)

@@ -653,9 +653,7 @@ def split_per_class(
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < 2:
             name = f"folder {classes[c]!r}" if classes is not None and c < len(classes) else f"class {c}"
-            raise UsageError(
-                f"imagefolder: {name} has {len(idx)} image; a validation split needs at least 2 per class"
-            )
+            raise UsageError(f"imagefolder: {name} has {len(idx)} image; a validation split needs at least 2 per class")
         k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
         idx = idx[torch.randperm(len(idx), generator=g)]
         val += idx[:k].tolist()

@@ -85,8 +85,15 @@ def test_round_trip_pt(tmp_path):
     plan = expandctl.plan(small_net(), "ck+fc", rate=2)
     extra = {"epoch": 3, "optimizer": {"state": {0: {"momentum": torch.ones(3)}}}, "rng": torch.get_rng_state()}
     path = C.save(
-        model, tmp_path / "e.pt", arch="smallnet", arch_kwargs=SMALL, input_shape=SHAPE, plan=plan,
-        parent_sha256="ab" * 32, command=["expandctl", "expand"], extra=extra,
+        model,
+        tmp_path / "e.pt",
+        arch="smallnet",
+        arch_kwargs=SMALL,
+        input_shape=SHAPE,
+        plan=plan,
+        parent_sha256="ab" * 32,
+        command=["expandctl", "expand"],
+        extra=extra,
     )
     raw = torch.load(path, weights_only=True)  # the format promise: no pickle globals needed
     assert raw["format"] == "expandctl" and raw["format_version"] == 1
@@ -122,14 +129,26 @@ def test_round_trip_safetensors_with_tied_weights(tmp_path):
 
 def test_safetensors_refuses_tensor_extra(tmp_path):
     with pytest.raises(UsageError, match=r"\.pt"):
-        C.save(small_net(), tmp_path / "x.safetensors", arch="smallnet", arch_kwargs=SMALL, input_shape=SHAPE,
-               extra={"t": torch.ones(1)})
+        C.save(
+            small_net(),
+            tmp_path / "x.safetensors",
+            arch="smallnet",
+            arch_kwargs=SMALL,
+            input_shape=SHAPE,
+            extra={"t": torch.ones(1)},
+        )
 
 
 def test_save_refuses_non_weights_only_extra_and_wrong_arch(tmp_path):
     with pytest.raises(UsageError, match=r"extra\['opt'\]"):
-        C.save(small_net(), tmp_path / "x.pt", arch="smallnet", arch_kwargs=SMALL, input_shape=SHAPE,
-               extra={"opt": object()})
+        C.save(
+            small_net(),
+            tmp_path / "x.pt",
+            arch="smallnet",
+            arch_kwargs=SMALL,
+            input_shape=SHAPE,
+            extra={"opt": object()},
+        )
     with pytest.raises(UsageError, match="does not rebuild"):
         C.save(small_net(), tmp_path / "x.pt", arch="smallnet", input_shape=SHAPE)  # default image_size 32
     with pytest.raises(UsageError, match=r"\.pt"):
@@ -280,8 +299,14 @@ def test_fold_batchnorm_resnet_and_reload(tmp_path):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the input is untouched
     assert compare_models(model, folded, (3, 16, 16), samples=1).passed
-    path = C.save(folded, tmp_path / "f.pt", arch="resnet18", arch_kwargs={"num_classes": 4},
-                  input_shape=(3, 16, 16), folded_bn=pairs)
+    path = C.save(
+        folded,
+        tmp_path / "f.pt",
+        arch="resnet18",
+        arch_kwargs={"num_classes": 4},
+        input_shape=(3, 16, 16),
+        folded_bn=pairs,
+    )
     assert_same_state(folded, C.load(path))
 
 

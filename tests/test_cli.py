@@ -49,8 +49,22 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     torch.save(randomize_batchnorm(SmallNet(**SMALL)).state_dict(), d / "sn.pt")
-    result = cli("expand", d / "sn.pt", "--arch", "smallnet", "--arch-kwargs", SMALL_JSON, "--strategy", "ck+fc",
-                 "--rate", "2", "--seed", "0", "-o", d / "x.pt")
+    result = cli(
+        "expand",
+        d / "sn.pt",
+        "--arch",
+        "smallnet",
+        "--arch-kwargs",
+        SMALL_JSON,
+        "--strategy",
+        "ck+fc",
+        "--rate",
+        "2",
+        "--seed",
+        "0",
+        "-o",
+        d / "x.pt",
+    )
     assert result.exit_code == 0, result.output
     return d
 
@@ -65,8 +79,22 @@ def test_version():
 
 def test_smallnet_pipeline_json(files, tmp_path):
     x = files / "x.pt"
-    data = cli_json("expand", files / "sn.pt", "--arch", "smallnet", "--arch-kwargs", SMALL_JSON,
-                    "--strategy", "ck+fc", "--rate", "2", "--seed", "0", "-o", tmp_path / "again.pt")
+    data = cli_json(
+        "expand",
+        files / "sn.pt",
+        "--arch",
+        "smallnet",
+        "--arch-kwargs",
+        SMALL_JSON,
+        "--strategy",
+        "ck+fc",
+        "--rate",
+        "2",
+        "--seed",
+        "0",
+        "-o",
+        tmp_path / "again.pt",
+    )
     assert data["command"] == "expand" and data["output"] == str(tmp_path / "again.pt")
     assert data["arch"] == {"spec": "expandctl.models:SmallNet", "kwargs": SMALL}
     assert data["input_shape"] == [3, 8, 8] and data["strategy"] == "ck+fc" and data["rate"] == 2
@@ -80,8 +108,11 @@ def test_smallnet_pipeline_json(files, tmp_path):
     data = cli_json("contract", x, "-o", onnx_path)
     assert data["format"] == "onnx" and not data["already_compact"] and len(data["contracted_layers"]) == 5
     kinds = [(c["kind"], c["dtype"]) for c in data["checks"]]
-    assert kinds == [("expanded-vs-contracted", "float64"), ("expanded-vs-contracted", "float32"),
-                     ("torch-vs-onnxruntime", "float32")]
+    assert kinds == [
+        ("expanded-vs-contracted", "float64"),
+        ("expanded-vs-contracted", "float32"),
+        ("torch-vs-onnxruntime", "float32"),
+    ]
     assert all(c["passed"] for c in data["checks"]) and data["params_after"] < data["params_before"]
 
     data = cli_json("verify", x, onnx_path)
@@ -174,8 +205,26 @@ def test_console_script_torchvision_pipeline(tmp_path):
     def run(*args):
         return subprocess.run([str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
-    r = run("expand", "r18.pt", "--arch", "resnet18", "--arch-kwargs", '{"num_classes":10}', "--strategy", "cl+fc",
-            "--rate", "2", "--include", "layer1.*", "--include", "fc", "--input-shape", "3,32,32", "-o", "x.pt")
+    r = run(
+        "expand",
+        "r18.pt",
+        "--arch",
+        "resnet18",
+        "--arch-kwargs",
+        '{"num_classes":10}',
+        "--strategy",
+        "cl+fc",
+        "--rate",
+        "2",
+        "--include",
+        "layer1.*",
+        "--include",
+        "fc",
+        "--input-shape",
+        "3,32,32",
+        "-o",
+        "x.pt",
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote x.pt" in r.stdout and "\x1b[" not in r.stdout  # no terminal codes into a pipe
     r = run("contract", "x.pt", "-o", "compact.onnx", "--json")
@@ -275,8 +324,9 @@ def test_custom_class_needs_trust(tmp_path):
     assert data["format"] == "pickled_module" and data["arch"]["spec"] == "helpers:CustomNet"
     assert cli_json("inspect", tmp_path / "custom.pt", "--trust-pickle")["params"] == 8
     # no input shape can be inferred for it: contract says what to pass
-    expandctl.save(expandctl.expand(CustomNet(), "fc", 2), tmp_path / "e.pt", arch="helpers:CustomNet",
-                   input_shape=None)
+    expandctl.save(
+        expandctl.expand(CustomNet(), "fc", 2), tmp_path / "e.pt", arch="helpers:CustomNet", input_shape=None
+    )
     data = cli_json("contract", tmp_path / "e.pt", "-o", tmp_path / "c.pt", code=2)
     assert "--input-shape" in data["error"]
     data = cli_json("contract", tmp_path / "e.pt", "-o", tmp_path / "c.pt", "--input-shape", "3")
@@ -285,8 +335,13 @@ def test_custom_class_needs_trust(tmp_path):
 
 def test_contract_of_compact_checkpoint(files, tmp_path):
     compact = tmp_path / "compact.pt"
-    expandctl.save(expandctl.load(files / "sn.pt", arch="smallnet", arch_kwargs=SMALL), compact,
-                   arch="smallnet", arch_kwargs=SMALL, input_shape=(3, 8, 8))
+    expandctl.save(
+        expandctl.load(files / "sn.pt", arch="smallnet", arch_kwargs=SMALL),
+        compact,
+        arch="smallnet",
+        arch_kwargs=SMALL,
+        input_shape=(3, 8, 8),
+    )
     result = cli("contract", compact, "-o", tmp_path / "out.pt")
     assert result.exit_code == 0 and "already compact" in result.stderr
     assert (tmp_path / "out.pt").exists()
@@ -309,8 +364,20 @@ def test_failed_check_exits_1_and_keeps_existing_output(files, tmp_path):
 
 def test_verify_mismatch_exits_1(files, tmp_path):
     other = tmp_path / "other.pt"
-    assert cli("expand", files / "sn.pt", *["--arch", "smallnet", "--arch-kwargs", SMALL_JSON],
-               "--rate", "2", "--seed", "1", "-o", other).exit_code == 0
+    assert (
+        cli(
+            "expand",
+            files / "sn.pt",
+            *["--arch", "smallnet", "--arch-kwargs", SMALL_JSON],
+            "--rate",
+            "2",
+            "--seed",
+            "1",
+            "-o",
+            other,
+        ).exit_code
+        == 0
+    )
     data = cli_json("verify", files / "x.pt", other, "--samples", "1", code=1)
     assert data["passed"] is False and data["checks"][0]["kind"] == "torch-vs-torch"
     result = cli("verify", files / "x.pt", other, "--samples", "1")

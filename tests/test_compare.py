@@ -24,8 +24,14 @@ from expandctl.models import SmallNet
 TINY = {"in_channels": 1, "image_size": 8, "kernel_size": 3, "channels": [4, 8, 8], "hidden": 16}
 RECIPE = ["--data", "synthetic:1x8x8", "--strategies", "compact,cl,ck", "--seeds", "2", "--epochs", "3",
           "--batch-size", "32", "--lr", "0.002"]  # fmt: skip
-TIMING = ("seconds_per_epoch", "seconds_ratio", "peak_memory_mib", "memory_ratio", "seconds_ratio_range",
-          "memory_ratio_range")
+TIMING = (
+    "seconds_per_epoch",
+    "seconds_ratio",
+    "peak_memory_mib",
+    "memory_ratio",
+    "seconds_ratio_range",
+    "memory_ratio_range",
+)
 runner = CliRunner()
 
 

@@ -141,9 +141,10 @@ def test_strategy_and_model_runs_record_cost_and_the_report_compares_them(figure
     assert readme.read_text() == text  # rewriting is idempotent
     _, _, blocks = figures.report_evidence(tmp_path, figures.collect(tmp_path))  # docs/evidence.md's tables
     assert blocks["smallnet"].startswith(figures.EVIDENCE_HEADER[0]) and "| SmallNet 3x3 | dbb |" in blocks["smallnet"]
-    assert "| ShuffleNetV2 x0.5 | acb |" in blocks["models"] and "| models | ShuffleNetV2 x0.5 | acb | 1 |" in blocks[
-        "compute"
-    ]
+    assert (
+        "| ShuffleNetV2 x0.5 | acb |" in blocks["models"]
+        and "| models | ShuffleNetV2 x0.5 | acb | 1 |" in blocks["compute"]
+    )
     assert f"In all: {len(specs) - 4} runs" in blocks["compute"]  # strategies and models runs, not behaviour
     line = figures.evidence_compute_line(figures.collect(tmp_path))
     assert line.startswith(f"Compute: {len(specs) - 4} runs,") and "ShuffleNetV2 x0.5" in line and "(2 runs)" in line

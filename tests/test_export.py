@@ -91,8 +91,9 @@ def test_missing_directory_is_a_usage_error(tmp_path):
 
 
 def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
-    failing = Report("torch-vs-onnxruntime", "float32", 1e-6, 1e-4, 0, 4, 2, SHAPE,
-                     [OutputCheck("output", 0.5, 0.5, False)])
+    failing = Report(
+        "torch-vs-onnxruntime", "float32", 1e-6, 1e-4, 0, 4, 2, SHAPE, [OutputCheck("output", 0.5, 0.5, False)]
+    )
     monkeypatch.setattr(export_mod, "compare_onnx", lambda *a, **k: failing)
     path = tmp_path / "net.onnx"
     path.write_bytes(b"previous good file")

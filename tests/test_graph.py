@@ -141,8 +141,9 @@ def test_untraceable_model_is_returned_whole():
 
 def test_expanded_model_contracts_then_merges_its_batchnorms():
     """An expandctl model contracted by contract(), then the graph folds the BatchNorms after its convs."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.BatchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+    )
     big = B.settle(expandctl.expand(model, strategy="ck+cl", rate=2, seed=0), shape=(3, 8, 8))
     small = expandctl.contract(big).double()
     gm = contract_graph(small, torch.randn(1, 3, 8, 8, dtype=torch.float64))
@@ -189,8 +190,9 @@ def test_linear_region_with_layer_scale_and_difference():
     serial=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_any_pair_of_convs_merges_exactly_or_is_left_alone(k1, k2, pad1, pad2, stride, dilation, groups, bias, serial,
-                                                            seed):
+def test_any_pair_of_convs_merges_exactly_or_is_left_alone(
+    k1, k2, pad1, pad2, stride, dilation, groups, bias, serial, seed
+):
     """Two convs in series or in parallel, with every setting: the merged model always computes what the
     original does in float64 (a merge that is not exactly one conv must be refused, never approximated)."""
     torch.manual_seed(seed)

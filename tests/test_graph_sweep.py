@@ -84,35 +84,97 @@ def test_unused_tensors_counts_what_the_graph_never_reads(gs):
 
 def _oracle_rec(name, family, params, timm_params, ours, err, ratio=1.0, **extra):
     return {
-        "model": f"timm:{name}", "family": family, "classes": ["RepVggBlock"], "input": [3, 64, 64],
-        "status": "exact" if err <= 1e-9 else "inexact", "regions_merged": 3, "regions_found": 4,
-        "params": params, "params_timm": timm_params, "params_ours": ours, "timm_max_rel": 1e-16,
-        "max_rel": err, "contract_seconds": 1.25, "onnx_ratio": ratio, "opaque": {}, **extra,
+        "model": f"timm:{name}",
+        "family": family,
+        "classes": ["RepVggBlock"],
+        "input": [3, 64, 64],
+        "status": "exact" if err <= 1e-9 else "inexact",
+        "regions_merged": 3,
+        "regions_found": 4,
+        "params": params,
+        "params_timm": timm_params,
+        "params_ours": ours,
+        "timm_max_rel": 1e-16,
+        "max_rel": err,
+        "contract_seconds": 1.25,
+        "onnx_ratio": ratio,
+        "opaque": {},
+        **extra,
     }
 
 
 def test_summary_tables_and_docs_markers(gs, tmp_path):
     out = tmp_path / "graph_sweep.jsonl"
     oracle = [
-        _oracle_rec("repvgg_a0", "byobnet", 1000, 800, 800, 2e-16, 0.98, onnx_ops_ours={"Conv": 2},
-                    onnx_ops_timm={"Conv": 2}),
+        _oracle_rec(
+            "repvgg_a0", "byobnet", 1000, 800, 800, 2e-16, 0.98, onnx_ops_ours={"Conv": 2}, onnx_ops_timm={"Conv": 2}
+        ),
         _oracle_rec("levit_128s", "levit", 500, 400, 450, 7e-16, 1.02, left_alone={"a linear layer": 12}),
-        _oracle_rec("efficientvim_m1", "efficientvim", 600, 500, 500, 8e-16, 0.9, onnx_ops_timm={"Conv": 2, "Mul": 4},
-                    onnx_ops_ours={"Conv": 2, "Mul": 3, "Add": 1}, params_ours_unused=1234),
+        _oracle_rec(
+            "efficientvim_m1",
+            "efficientvim",
+            600,
+            500,
+            500,
+            8e-16,
+            0.9,
+            onnx_ops_timm={"Conv": 2, "Mul": 4},
+            onnx_ops_ours={"Conv": 2, "Mul": 3, "Add": 1},
+            params_ours_unused=1234,
+        ),
         {"model": "timm:broken", "family": "x", "status": "failed", "stage": "train", "reason": "RuntimeError: no"},
     ]
     zoo = [
-        {"model": "tv:resnet18", "status": "merged", "max_rel": 3e-15, "regions_merged": 20, "regions_found": 20,
-         "params_before": 100, "params_after": 90, "contract_seconds": 4.0, "left_alone": {}, "opaque": {}},
-        {"model": "timm:odd", "status": "nothing", "max_rel": 0.0, "regions_merged": 0, "regions_found": 1,
-         "params_before": 50, "params_after": 50, "contract_seconds": 2.0, "input_sensitivity": 1e-9,
-         "left_alone": {"the float64 check failed": 1}, "opaque": {"blocks.0": "TraceError: symbolically traced"}},
+        {
+            "model": "tv:resnet18",
+            "status": "merged",
+            "max_rel": 3e-15,
+            "regions_merged": 20,
+            "regions_found": 20,
+            "params_before": 100,
+            "params_after": 90,
+            "contract_seconds": 4.0,
+            "left_alone": {},
+            "opaque": {},
+        },
+        {
+            "model": "timm:odd",
+            "status": "nothing",
+            "max_rel": 0.0,
+            "regions_merged": 0,
+            "regions_found": 1,
+            "params_before": 50,
+            "params_after": 50,
+            "contract_seconds": 2.0,
+            "input_sensitivity": 1e-9,
+            "left_alone": {"the float64 check failed": 1},
+            "opaque": {"blocks.0": "TraceError: symbolically traced"},
+        },
         {"model": "tv:huge", "status": "skipped", "reason": "too big"},
-        {"model": "timm:whole", "status": "untraceable", "max_rel": 0.0, "regions_merged": 0, "regions_found": 0,
-         "params_before": 5, "params_after": 5, "contract_seconds": 0.5, "opaque": {"Whole": "TraceError: flow"}},
-        {"model": "timm:amplifier", "status": "inexact", "max_rel": 7e-8, "regions_merged": 1, "regions_found": 1,
-         "params_before": 10, "params_after": 8, "contract_seconds": 1.0, "worst_region_error": 4e-15,
-         "noise_floor": 1.2e-8, "noise_floor_all": 1.4e-7},
+        {
+            "model": "timm:whole",
+            "status": "untraceable",
+            "max_rel": 0.0,
+            "regions_merged": 0,
+            "regions_found": 0,
+            "params_before": 5,
+            "params_after": 5,
+            "contract_seconds": 0.5,
+            "opaque": {"Whole": "TraceError: flow"},
+        },
+        {
+            "model": "timm:amplifier",
+            "status": "inexact",
+            "max_rel": 7e-8,
+            "regions_merged": 1,
+            "regions_found": 1,
+            "params_before": 10,
+            "params_after": 8,
+            "contract_seconds": 1.0,
+            "worst_region_error": 4e-15,
+            "noise_floor": 1.2e-8,
+            "noise_floor_all": 1.4e-7,
+        },
     ]
     (tmp_path / "graph_sweep_oracle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in oracle))
     (tmp_path / "graph_sweep_zoo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in zoo))
@@ -149,8 +211,10 @@ def test_summary_tables_and_docs_markers(gs, tmp_path):
     assert "1 x `TraceError: symbolically traced`: odd:blocks.0" in text
 
     doc = tmp_path / "graph.md"
-    doc.write_text("# head\n<!-- graph:oracle -->\nSTALE\n<!-- /graph:oracle -->\nmiddle\n<!-- graph:zoo -->\n"
-                   "<!-- /graph:zoo -->\ntail\n")
+    doc.write_text(
+        "# head\n<!-- graph:oracle -->\nSTALE\n<!-- /graph:oracle -->\nmiddle\n<!-- graph:zoo -->\n"
+        "<!-- /graph:zoo -->\ntail\n"
+    )
     assert gs.write_docs(texts, doc) == ["oracle", "zoo"]
     new = doc.read_text()
     assert "STALE" not in new and table in new and text in new

@@ -144,7 +144,6 @@ def test_compare_precise_bn_applies_to_every_run_and_old_folders_keep_their_reci
     code, out = cli("compare", str(src), *recipe, "--out", str(tmp_path / "p"))
     assert code == 2 and "precise_bn" in out["error"]  # another recipe than the folder's
 
-
     # a damaged run file (truncated JSON) is named, set aside and redone; nothing of the other runs is touched
     study = tmp_path / "p"
     damaged = study / "runs" / "rep-s0.json"

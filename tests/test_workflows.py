@@ -27,8 +27,13 @@ def cli_json(*args):
 @pytest.fixture
 def src(tmp_path):
     torch.manual_seed(0)
-    return expandctl.save(randomize_batchnorm(SmallNet(**SMALL)), tmp_path / "sn.pt", arch="smallnet",
-                          arch_kwargs=SMALL, input_shape=(3, 8, 8))
+    return expandctl.save(
+        randomize_batchnorm(SmallNet(**SMALL)),
+        tmp_path / "sn.pt",
+        arch="smallnet",
+        arch_kwargs=SMALL,
+        input_shape=(3, 8, 8),
+    )
 
 
 def test_expand_then_contract_from_python_matches_the_cli(src, tmp_path, capsys):

@@ -143,8 +143,11 @@ def compare(
     report_only: Annotated[bool, typer.Option("--report-only", help="Train nothing; write the report.")] = False,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Print the runs it would do (rate and parameters of each strategy, the "
-                     "strategies skipped and why); train and write nothing."),
+        typer.Option(
+            "--dry-run",
+            help="Print the runs it would do (rate and parameters of each strategy, the "
+            "strategies skipped and why); train and write nothing.",
+        ),
     ] = False,
     threads: Annotated[
         int, typer.Option(metavar="N", help="Torch CPU threads per run (train's --threads, for each run).")
@@ -159,8 +162,10 @@ def compare(
     ] = 1,
     rate: Annotated[
         float | None,
-        typer.Option(metavar="R", help="Expansion rate of every strategy; default: each kind's own, as in expand "
-                     "(ck/cl/fc 4, dbb/orepa 1)."),
+        typer.Option(
+            metavar="R",
+            help="Expansion rate of every strategy; default: each kind's own, as in expand (ck/cl/fc 4, dbb/orepa 1).",
+        ),
     ] = None,
     include: Annotated[list[str] | None, typer.Option("--include", metavar="GLOB", help="Expand only these.")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Never expand these.")] = None,

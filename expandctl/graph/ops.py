@@ -415,9 +415,7 @@ def _function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
         return _pad_step(look.tensor_inputs([x]), values, x, tuple(a["pad"]), [])
     if t is F.dropout and not _args(node, ["input", "p", "training"], {"training": True})["training"]:
         x = node.args[0] if node.args else node.kwargs["input"]
-        return Step(
-            look.tensor_inputs([x]), _same, "identity"
-        )
+        return Step(look.tensor_inputs([x]), _same, "identity")
     return None
 
 

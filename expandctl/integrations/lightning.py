@@ -36,9 +36,7 @@ import torch.nn as nn
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - the extra is not installed
-    raise ImportError(
-        "expandctl.integrations.lightning needs Lightning: pip install 'expandctl[lightning]'"
-    ) from e
+    raise ImportError("expandctl.integrations.lightning needs Lightning: pip install 'expandctl[lightning]'") from e
 
 from ..context import contract_and_check, copy_weights_into
 from ..errors import UsageError

@@ -243,8 +243,11 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     threads: Annotated[
         int | None,
-        typer.Option(metavar="N", help="Torch CPU threads (default: torch's, about one per core); what compare's "
-                     "--threads sets for each of its runs."),
+        typer.Option(
+            metavar="N",
+            help="Torch CPU threads (default: torch's, about one per core); what compare's "
+            "--threads sets for each of its runs.",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random draw (shuffling, augmentation).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,

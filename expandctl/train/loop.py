@@ -551,8 +551,11 @@ def _size_warnings(config: TrainConfig, recorded, trained) -> list[str]:
 
     if not recorded or not trained or tuple(recorded) == tuple(trained):
         return []
-    fix = f" (pass --image-size {recorded[1]} to train at the recorded size)" if (
-        len(recorded) == 3 and recorded[1] == recorded[2] and tuple(recorded[1:]) != tuple(trained[1:])) else ""
+    fix = (
+        f" (pass --image-size {recorded[1]} to train at the recorded size)"
+        if (len(recorded) == 3 and recorded[1] == recorded[2] and tuple(recorded[1:]) != tuple(trained[1:]))
+        else ""
+    )
     return [
         f"{config.src} records input shape {fmt_shape(recorded)} but --data {config.data} gives "
         f"{fmt_shape(trained)} images: training at {fmt_shape(trained)}, and the run's checkpoints record "
