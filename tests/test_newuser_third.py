@@ -153,7 +153,9 @@ def _gain_summary(spread=(0.9, 1.6)):
 
     def row(s, d, accs, sec, sec_range):
         return {"strategy": s, "status": "ok", "n": len(accs), "accuracy": {"mean": sum(accs) / 3, "values": accs},
-                "vs_compact": None if s == "compact" else {"difference": d, "std_error": 0.3, "p": 0.03},
+                "vs_compact": None if s == "compact" else {"difference": d, "std_error": 0.3, "p": 0.03,
+                                                            "p_paired": 0.02, "p_adjusted": 0.06, "detectable": 1.5,
+                                                            "paired_seeds": 3, "paired_std": 0.4},
                 "seconds_ratio": sec, "seconds_ratio_range": list(sec_range), "memory_ratio": 1.01,
                 "memory_ratio_range": [1.0, 1.02], "seconds_per_epoch": 1.0, "peak_memory_mib": 300,
                 "memory_kind": "rss"}  # fmt: skip
@@ -162,7 +164,7 @@ def _gain_summary(spread=(0.9, 1.6)):
                            row("ck", 1.2, [98.0, 98.5, 99.2], 1.3, spread),
                            row("cl", 1.4, [98.0, 98.9, 99.5], 1.2, (1.15, 1.25)),
                            row("orepa", -0.4, [97.0, 96.9, 97.5], 1.1, (1.05, 1.12))],
-            "runs": {"finished": 12}}  # fmt: skip
+            "runs": {"finished": 12}, "alpha": 0.05}  # fmt: skip
 
 
 def test_gain_legends_cover_no_bar_or_seed_dot_and_cost_shows_its_spread():
@@ -195,7 +197,7 @@ def test_a_wide_cost_spread_gets_a_note_in_the_report():
     wide = compare._cost_notes(_gain_summary()["strategies"])
     assert len(wide) == 1 and wide[0].startswith("ck: seconds per epoch ranges 0.90-1.60x compact's mean")
     assert compare._cost_notes(_gain_summary(spread=(1.25, 1.35))["strategies"]) == []
-    summary = {"strategies": [], "study": None, "verdict": "x.", "seeds": [0, 1, 2], "cost_notes": wide}
+    summary = {"strategies": [], "study": None, "verdict": "x.", "seeds": [0, 1, 2], "cost_notes": wide, "alpha": 0.05}
     assert f"Cost: {wide[0]}." in compare.render_markdown(summary)
 
 
