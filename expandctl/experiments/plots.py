@@ -118,7 +118,7 @@ def gain_figure(summary: dict, title: str):
     lo, hi = base.get("seconds_ratio_range") or (1.0, 1.0)
     own = f" ({lo:.2f}-{hi:.2f}x over its runs)" if hi - lo > 0.005 else ""  # compact's own spread
     bx.set(xlabel="strategy", ylabel="multiple of compact's (x)",
-           title=f"training cost relative to compact\n(compact: {base['seconds_per_epoch']:.2f} s/epoch{own}, "
+           title=f"training cost relative to compact\n(compact: {base['seconds_per_epoch']:.2f} s/epoch{own},\n"
                  f"{base['peak_memory_mib']:.0f} MiB {memory})")  # fmt: skip
     top = max([*sec, *mem, *(hi for _, hi in sec_range), *(hi for _, hi in mem_range), 1.0])
     bx.set_ylim(0, top * 1.25)  # room for the value labels above the bars
