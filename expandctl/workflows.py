@@ -150,6 +150,22 @@ def onnx_metadata(ckpt: ckpt_io.Checkpoint, shape, folded: Sequence, command: st
     }
 
 
+def export_checked(model: nn.Module, out: Path, shape, reports: list, **export_kw) -> None:
+    """Export ``model`` to ONNX and append onnxruntime's report to ``reports``; a mismatch raises the
+    :class:`CheckFailed` of :func:`check_failed` carrying every report so far (nothing is written)."""
+    from .export import export_onnx
+
+    try:
+        _, report = export_onnx(model, out, shape, **export_kw)
+    except CheckFailed as e:
+        if getattr(e, "report", None) is not None:
+            reports.append(e.report)
+            raise check_failed(str(e) + "; nothing was written", reports) from None
+        raise
+    if report is not None:
+        reports.append(report)
+
+
 def contract_checked(
     ckpt: ckpt_io.Checkpoint, shape, atol=None, rtol=None, progress: Progress | None = None, **check_kw
 ) -> tuple[nn.Module, list]:
@@ -420,7 +436,6 @@ def contract_checkpoint(
     against PyTorch with onnxruntime. A model without expanded layers is written as it is (with a
     warning), unless ``require_expanded``. ``precise_bn`` > 0 first recomputes every BatchNorm's
     running statistics over that many batches of ``data`` (:func:`recompute_batchnorm`)."""
-    from .export import export_onnx
     from .fold import fold_batchnorm
     from .rewrite import expanded_layers
     from .verify import compare_models
@@ -476,23 +491,16 @@ def contract_checkpoint(
             raise check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
     if to_onnx:
         with progress.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
-            try:
-                _, export_report = export_onnx(
-                    compact,
-                    out,
-                    shape,
-                    dynamic_size=dynamic_size,
-                    metadata=onnx_metadata(ckpt, shape, ckpt.folded_bn + folded, command),
-                    atol=atol,
-                    rtol=rtol,
-                )
-            except CheckFailed as e:
-                if getattr(e, "report", None) is not None:
-                    reports.append(e.report)
-                    raise check_failed(str(e) + "; nothing was written", reports) from None
-                raise
-        if export_report is not None:
-            reports.append(export_report)
+            export_checked(
+                compact,
+                out,
+                shape,
+                reports,
+                dynamic_size=dynamic_size,
+                metadata=onnx_metadata(ckpt, shape, ckpt.folded_bn + folded, command),
+                atol=atol,
+                rtol=rtol,
+            )
     else:
         with progress.step(f"writing {out}"):
             ckpt_io.save(

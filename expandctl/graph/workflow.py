@@ -24,11 +24,19 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
-from ..errors import CheckFailed, UnsupportedError, UsageError
+from ..errors import UnsupportedError, UsageError
 from ..rewrite import expanded_layers
 from ..shapes import running_model
 from ..verify import compare_models
-from ..workflows import Progress, _Silent, check_failed, contract_checked, failed_reports, onnx_metadata
+from ..workflows import (
+    Progress,
+    _Silent,
+    check_failed,
+    contract_checked,
+    export_checked,
+    failed_reports,
+    onnx_metadata,
+)
 from .regions import GraphPlan, contract_graph, plan_graph
 
 __all__ = ["GRAPH_SUFFIXES", "GraphContractResult", "contract_graph_checkpoint"]
@@ -138,20 +146,10 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 
 def _write_onnx(merged, out, shape, ckpt, plan, command, atol, rtol, reports, progress) -> None:
-    from ..export import export_onnx
-
     meta = onnx_metadata(ckpt, shape, ckpt.folded_bn, command)
     meta["expandctl.graph_regions"] = str(len(plan.merged))
     with progress.step(f"exporting {out} and checking it with onnxruntime"):
-        try:
-            _, report = export_onnx(merged, out, shape, metadata=meta, atol=atol, rtol=rtol)
-        except CheckFailed as e:
-            if getattr(e, "report", None) is not None:
-                reports.append(e.report)
-                raise check_failed(str(e) + "; nothing was written", reports) from None
-            raise
-    if report is not None:
-        reports.append(report)
+        export_checked(merged, out, shape, reports, metadata=meta, atol=atol, rtol=rtol)
 
 
 def _write_pt2(merged: nn.Module, out: Path, shape, atol, rtol):
