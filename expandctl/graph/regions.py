@@ -475,14 +475,26 @@ def _contract_children(module: nn.Module, inputs: tuple, apply: bool, prefix: st
                             for k, v in sub.opaque.items()})  # fmt: skip
         if apply and new is not None and sub.merged:
             old = getattr(module, name)
-            for key, value in vars(old).items():  # plain settings the parent may read (timm's resolution)
-                if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple)):
-                    setattr(new, key, value) if not hasattr(new, key) else None
-            setattr(module, name, new)
+            setattr(module, name, ContractedChild(new, old))
             if not _same_output(reference, module, inputs):  # the parent needs more of the child than its forward
                 setattr(module, name, old)
                 for r in sub.regions:
                     r.merged, r.reason = False, "its module is used by its parent beyond its forward"
+
+
+class ContractedChild(nn.Module):
+    """A child of an untraceable module, contracted: runs ``merged`` and keeps the plain settings of the
+    module it replaces (``self.resolution``...), which its parent may read."""
+
+    def __init__(self, merged: nn.Module, original: nn.Module) -> None:
+        super().__init__()
+        self.merged = merged
+        for key, value in vars(original).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, (int, float, str, bool, tuple)):
+                setattr(self, key, value)
+
+    def forward(self, *args, **kwargs):
+        return self.merged(*args, **kwargs)
 
 
 def _run(module: nn.Module, inputs: tuple):
