@@ -445,3 +445,24 @@ def test_children_of_an_untraceable_module_are_contracted_on_the_inputs_they_see
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
     assert gm.get_submodule("block").resolution == 8
     assert _error(net, gm, x) <= 1e-12 and _error(net, gm, torch.randn(1, 3, 6, 6, dtype=torch.float64)) <= 1e-12
+
+
+def test_optional_forward_arguments_keep_their_defaults():
+    """``forward(x, mask=None)`` with ``if mask is not None`` (timm's Hiera): traced as called, without a mask."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x, mask=None):
+            y = self.bn(self.conv(x))
+            if mask is not None:
+                y = y * mask.view(-1, 1, 1, 1)
+            return y
+
+    m = B.settle(Masked(), shape=(3, 8, 8)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = contract_graph(m, x)
+    assert len(gm.graph_plan.merged) == 1 and _error(m, gm, x) <= 1e-12

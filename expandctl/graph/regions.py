@@ -307,10 +307,10 @@ def _eval_copy(model: nn.Module) -> nn.Module:
 
 
 def _analyse(model: nn.Module, example_inputs: tuple):
-    gm, opaque = trace(_eval_copy(model))
+    gm, opaque = trace(_eval_copy(model), len(example_inputs))
     # Traced again in float64: arithmetic on buffers alone (a BNAndPad shift) is folded into constants
     # while tracing, in the dtype of the traced model; the analysis needs it in float64.
-    gm64, _ = trace(_eval_copy(model).double())
+    gm64, _ = trace(_eval_copy(model).double(), len(example_inputs))
     if [n.name for n in gm.graph.nodes] != [n.name for n in gm64.graph.nodes]:
         gm64 = copy.deepcopy(gm).double()
     inputs64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs)

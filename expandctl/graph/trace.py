@@ -8,6 +8,7 @@ fails is untraceable as a whole (:class:`Untraceable`).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -52,13 +53,28 @@ class Tracer(fx.Tracer):
             return self.create_proxy("call_module", path, args, kwargs)
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
-    """``(graph module, {opaque module path: reason})``; raises :class:`Untraceable`."""
+def _defaults(model: nn.Module, n_inputs: int | None) -> dict | None:
+    """The forward's parameters past the ``n_inputs`` given, at their defaults (``mask=None``): traced as
+    constants, so ``if mask is not None`` takes the branch the model takes when called with the inputs."""
+    if n_inputs is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    rest = [p for p in params[n_inputs:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    concrete = {p.name: p.default for p in rest if p.default is not inspect.Parameter.empty}
+    return concrete or None
+
+
+def trace(model: nn.Module, n_inputs: int | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``(graph module, {opaque module path: reason})``; raises :class:`Untraceable`. With ``n_inputs``,
+    the forward's later parameters keep their defaults."""
     tracer = Tracer()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model, n_inputs))
     except Exception as e:
         raise Untraceable(_first_line(e)) from e
     if "" in tracer.opaque:
