@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import os
 import re
 import sys
 import tempfile
@@ -368,25 +367,13 @@ def run_zoo(model_id: str, max_params: int) -> dict:
 
 
 def _worker(max_params, _unused, conn):
-    """``zoo_sweep``'s worker protocol: a job is ``(model id, parts)``; one record per part."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    warnings.filterwarnings("ignore")
-    import gc
+    """``zoo_sweep``'s worker protocol (:func:`zoo_sweep.serve`): a job is ``(model id, parts)``."""
 
-    while True:
-        job = conn.recv()
-        if job is None:
-            break
-        model_id, parts = job
+    def records(model_id, parts):
         for part in parts:
-            if part == "oracle":
-                rec = run_oracle(model_id.split(":", 1)[1])
-            else:
-                rec = run_zoo(model_id, max_params)
-            conn.send((part, rec))
-            gc.collect()
-        conn.send(None)
-    conn.close()
+            yield part, run_oracle(model_id.split(":", 1)[1]) if part == "oracle" else run_zoo(model_id, max_params)
+
+    zoo.serve(conn, records)
 
 
 def part_file(out: Path, part: str) -> Path:

@@ -487,10 +487,11 @@ def run_one(model_id: str, strategies: list[str], max_params: int, preserve_ever
             yield strategy, run_strategy(model, base, strategy, preserve_every)
 
 
-def _worker(max_params, preserve_every, conn):
-    """A worker process: imports once, then runs the models the parent sends, one at a time, until
-    it is sent ``None`` (or killed: a crash, a memory blow-up or a timeout costs one model). It
-    sends each strategy's record as it is done, then ``None``."""
+def serve(conn, records) -> None:
+    """The worker protocol: imports once, then runs the models the parent sends, one at a time, until
+    it is sent ``None`` (or killed: a crash, a memory blow-up or a timeout costs one model). A job is
+    ``(model id, names)``; ``records(model_id, names)`` yields ``(name, record)``, each sent as it is
+    done, then ``None``."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")
     import gc
@@ -499,12 +500,16 @@ def _worker(max_params, preserve_every, conn):
         job = conn.recv()
         if job is None:
             break
-        model_id, strategies = job
-        for strategy, rec in run_one(model_id, strategies, max_params, preserve_every):
-            conn.send((strategy, rec))
+        for name, rec in records(*job):
+            conn.send((name, rec))
             gc.collect()
         conn.send(None)
     conn.close()
+
+
+def _worker(max_params, preserve_every, conn):
+    """A worker process for the expansion sweep: each strategy's record of each model (:func:`serve`)."""
+    serve(conn, lambda model_id, strategies: run_one(model_id, strategies, max_params, preserve_every))
 
 
 # --------------------------------------------------------------------------------------------------
