@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsupportedError, UsageError
-from .rewrite import contract, expand, expanded_layers
-from .shapes import fmt_shape, running_model
+from .rewrite import expand, expanded_layers
+from .shapes import fmt_shape
 
 __all__ = ["expanded", "ExpandedTraining", "contract_and_check", "copy_weights_into"]
 
@@ -32,22 +32,11 @@ __all__ = ["expanded", "ExpandedTraining", "contract_and_check", "copy_weights_i
 def contract_and_check(big: nn.Module, input_shape: Sequence[int], atol=None, rtol=None) -> tuple[nn.Module, list]:
     """``(a contracted copy of big, the expanded-vs-contracted reports)``; raises
     :class:`~expandctl.errors.CheckFailed` (carrying the reports) when the check fails."""
-    from .verify import check_contraction
-    from .workflows import check_failed, failed_reports
+    from .workflows import contract_model_checked
 
-    compact = contract(big)
-    with running_model(input_shape, what="the expanded model"):
-        reports = check_contraction(big, compact, input_shape, atol=atol, rtol=rtol)
-    bad = failed_reports(reports)
-    if bad:
-        raise check_failed(
-            "the contracted model does not match the expanded one "
-            f"({'; '.join(r.summary() for r in bad)}); the compact weights were not written back. "
-            "Loosen atol/rtol only if the errors are rounding",
-            reports,
-            "expanded (explicit) vs contracted",
-        )
-    return compact, reports
+    return contract_model_checked(
+        big, input_shape, atol, rtol, what="the expanded model", written="the compact weights were not written back"
+    )
 
 
 def copy_weights_into(model: nn.Module, compact: nn.Module) -> None:

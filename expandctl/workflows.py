@@ -170,22 +170,44 @@ def contract_checked(
     ckpt: ckpt_io.Checkpoint, shape, atol=None, rtol=None, progress: Progress | None = None, **check_kw
 ) -> tuple[nn.Module, list]:
     """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
+    return contract_model_checked(
+        ckpt.model, shape, atol, rtol, progress, recorded=ckpt.input_shape, written="nothing was written",
+        tolerances="--atol/--rtol", **check_kw,
+    )  # fmt: skip
+
+
+def contract_model_checked(
+    model: nn.Module,
+    shape,
+    atol=None,
+    rtol=None,
+    progress: Progress | None = None,
+    *,
+    recorded=None,
+    what: str = "the model",
+    written: str = "nothing was written",
+    tolerances: str = "atol/rtol",
+    **check_kw,
+) -> tuple[nn.Module, list]:
+    """A contracted copy of ``model`` and its expanded-vs-contracted reports (float64, float32); a
+    mismatch raises :class:`CheckFailed` carrying them, its message ending with ``written`` (what the
+    caller did not write) and the ``tolerances`` to loosen."""
     from .rewrite import contract as contract_model
     from .verify import check_contraction
 
     progress = progress or _Silent()
     with progress.step("contracting expanded layers"):
-        compact = contract_model(ckpt.model)
+        compact = contract_model(model)
     with (
         progress.step("checking the contracted model against the expanded one (float64, float32)"),
-        running_model(shape, ckpt.input_shape),
+        running_model(shape, recorded, what),
     ):
-        reports = check_contraction(ckpt.model, compact, shape, atol=atol, rtol=rtol, **check_kw)
+        reports = check_contraction(model, compact, shape, atol=atol, rtol=rtol, **check_kw)
     if failed_reports(reports):
         raise check_failed(
             "the contracted model does not match the expanded one "
             f"({'; '.join(r.summary() for r in failed_reports(reports))}); "
-            "nothing was written. Loosen --atol/--rtol only if the errors are rounding",
+            f"{written}. Loosen {tolerances} only if the errors are rounding",
             reports,
             "expanded (explicit) vs contracted",
         )

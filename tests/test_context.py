@@ -110,7 +110,7 @@ def test_an_exception_inside_the_block_leaves_the_model_untouched(exc):
 
 
 def test_a_failed_check_raises_and_leaves_the_model_untouched(monkeypatch):
-    import expandctl.context as context
+    import expandctl.rewrite as rewrite
 
     def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
         small = expandctl.contract(model, inplace)
@@ -118,7 +118,7 @@ def test_a_failed_check_raises_and_leaves_the_model_untouched(monkeypatch):
             small.c2.weight.add_(1e-2)
         return small
 
-    monkeypatch.setattr(context, "contract", wrong_contract)
+    monkeypatch.setattr(rewrite, "contract", wrong_contract)  # the contraction the check compares against
     model = Net()
     snap = _snapshot(model)
     with pytest.raises(CheckFailed) as info:

@@ -114,7 +114,7 @@ def test_resume_with_another_layout_is_refused(tmp_path, digits):
 
 
 def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_path, digits, monkeypatch):
-    import expandctl.context as context
+    import expandctl.rewrite as rewrite
 
     def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
         small = expandctl.contract(model, inplace)
@@ -122,7 +122,7 @@ def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_pat
             small.net.classifier.weight.add_(1e-2)
         return small
 
-    monkeypatch.setattr(context, "contract", wrong_contract)
+    monkeypatch.setattr(rewrite, "contract", wrong_contract)  # the contraction the check compares against
     module = example.LitDigits()
     with pytest.raises(CheckFailed, match="not written back"):
         _trainer(tmp_path, [ExpandNetsCallback(strategy="ck+cl+fc")], epochs=1, batches=2).fit(module, digits[0])
