@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ExpandctlError(Exception):
-    """Base class; ``exit_code`` is what the CLI exits with (see README, "Exit codes")."""
+    """Base class; ``exit_code`` is what the CLI exits with (see README, "Exit codes").
+
+    Messages are worded in library terms. ``option`` names the parameter a message is about (a field of
+    the verb's options, e.g. ``"epochs"``) and the message names it by that word: ``"epochs must be at
+    least 1 (got 0)"``. The CLI words it with the command's flag instead (``--epochs``) in one place,
+    :func:`expandctl.commands.runtime.cli_message`; nothing else rewrites error text.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, option: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        self.option = option
+        if details is not None:
+            self.details = details
+
+    def worded(self, name: str) -> str:
+        """The message with the parameter called ``name`` (a flag such as ``--epochs``) in place of ``option``."""
+        text = str(self)
+        if not self.option:
+            return text
+        pattern = r"(?<![\w-])" + re.escape(self.option) + r"(?![\w-])"
+        return re.sub(pattern, lambda _: name, text, count=1)
 
 
 class UsageError(ExpandctlError, ValueError):
