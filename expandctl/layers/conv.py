@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import algebra
 from ..errors import UsageError
+from ..kinds import KINDS
 from .base import ChainLayer, check_modes, register_expansion, template_of
 from .hosts import plain_forward_reason
 from .preserve import fit_ck, preserve_exact, set_biases
@@ -209,7 +210,7 @@ class ExpandedConvCL(ExpandedConv):
     """
 
     kind = "cl"
-    summary = "conv -> 1x1, kxk, 1x1 chain (ExpandNets CL)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
     priority = 1
 
     @classmethod
@@ -240,7 +241,7 @@ class ExpandedConvCK(ExpandedConv):
     """
 
     kind = "ck"
-    summary = "conv k>3 -> chain of 3x3 convs (ExpandNets CK)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
     priority = 2
 
     @classmethod

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
+from ..kinds import KINDS
 from .base import ChainLayer, check_modes, register_expansion, template_of
 from .conv import ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, describe_specs, factors_repr
 from .hosts import qualname
@@ -152,6 +153,7 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
     upsampling and the crop, so the chain is exact; the first has no bias (see the class above)."""
 
     kind = "cl"
+    default_rate = KINDS[kind].default_rate
     priority = 1
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     _upsampling = 1
@@ -196,6 +198,7 @@ class ExpandedConvTransposeCK(ExpandedConvTranspose):
     factor upsamples (stride, output_padding), the last crops (padding) and alone has a bias."""
 
     kind = "ck"
+    default_rate = KINDS[kind].default_rate
     priority = 2
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
