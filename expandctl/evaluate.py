@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,8 +108,6 @@ def evaluate_torch(
 def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256, num_classes: int | None = None) -> dict:
     """Accuracy/loss of an ONNX classifier under onnxruntime's CPU provider. A file exported
     with a static batch dimension is fed one image at a time."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()

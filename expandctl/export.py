@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
+from .checkpoint import atomic_write
 from .errors import CheckFailed, UnsupportedError, UsageError
 from .shapes import backend_message, fmt_shape, second_size, spatial_names
 from .verify import Report, _check_args, _leaves, compare_onnx
@@ -68,8 +69,6 @@ def export_onnx(
     refused with :class:`UnsupportedError` before anything is exported, and the check then runs
     onnxruntime at both sizes.
     """
-    from .checkpoint import atomic_write  # the file-format module owns atomic writes
-
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"output directory {str(path.parent)!r} does not exist")

@@ -35,7 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import Dataset
 
 from ._version import __version__
@@ -166,8 +171,6 @@ def _silenced() -> Iterator[None]:
 
 
 def _session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -188,9 +191,6 @@ def quantize_onnx(
     ``dataset[indices]`` with ``method``). Returns notes for the report. The float graph is first
     prepared with onnxruntime's ``quant_pre_process`` (shape inference, constant folding), as its
     documentation advises; a graph it cannot prepare is quantized as it is, and a note says so."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in METHODS:
         raise UsageError(f"--calibration must be one of {', '.join(METHODS)}, not {method!r}")
     notes: list[str] = []
@@ -236,9 +236,6 @@ ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
 def _entropy_ranges(source: Path, reader, cache: Path, tmp: Path) -> None:
     """KL-divergence activation ranges (onnxruntime's calibrator, 2048 bins) saved as the tensor-range
     cache that ``quantize_static`` then reads instead of calibrating again."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
     calibrator = create_calibrator(
         source,
         sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),  # the op types quantize_static calibrates
@@ -364,8 +361,6 @@ def quantize(
         x, _ = read_batch(sets.val, range(min(fixed or latency_batch, len(sets.val))))
         latency = measure_latency(float_path, int8, x.float().numpy(), latency_rounds)
         counts = torch.bincount(dataset_labels(sets.train)[indices], minlength=sets.num_classes)
-        import onnxruntime
-
         result = QuantizeResult(
             float_eval=float_eval,
             int8_eval=int8_eval,
@@ -384,7 +379,7 @@ def quantize(
                 "format": "QDQ",
                 "weights": f"int8, symmetric, {'per channel' if per_channel else 'per tensor'}",
                 "activations": "uint8, asymmetric, per tensor",
-                "onnxruntime": onnxruntime.__version__,
+                "onnxruntime": ort.__version__,
             },
             float_bytes=Path(float_path).stat().st_size,
             int8_bytes=0,  # with the metadata, below

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 
@@ -498,8 +499,6 @@ def compare_onnx(
     ``output``, ``output.0``, ...), else by position. A runtime error on an input (a static batch
     dimension given another batch size, say) is a failed check, not an exception.
     """
-    import onnxruntime as ort
-
     shape = _check_args(input_shape, samples, batch)
     path = Path(onnx_path)
     if not path.is_file():
