@@ -389,22 +389,19 @@ def quantize(
         )
         _set_metadata(int8, result, data)
         result.int8_bytes = int8.stat().st_size
+        refused = None
         if not result.accurate_enough:
-            err = CheckFailed(
+            refused = (
                 f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is below --min-accuracy {min_accuracy:g} "
-                f"(float model: {100 * float_eval['accuracy']:.2f}%, chance: {100 / sets.num_classes:.2f}%); "
-                "nothing was written"
+                f"(float model: {100 * float_eval['accuracy']:.2f}%, chance: {100 / sets.num_classes:.2f}%)"
             )
-            err.details = result.to_dict()
-            raise err
-        if not result.passed:
-            err = CheckFailed(
+        elif not result.passed:
+            refused = (
                 f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is {result.drop_points:.2f} points below the "
-                f"float model's {100 * float_eval['accuracy']:.2f}%, more than --max-drop {max_drop:g}; "
-                "nothing was written"
+                f"float model's {100 * float_eval['accuracy']:.2f}%, more than --max-drop {max_drop:g}"
             )
-            err.details = result.to_dict()
-            raise err
+        if refused is not None:
+            raise CheckFailed(f"{refused}; nothing was written", details=result.to_dict())
         with atomic_write(out) as temp:
             shutil.copyfile(int8, temp)
     result.output = str(out)

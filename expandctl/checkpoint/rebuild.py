@@ -41,7 +41,6 @@ def apply_folds(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
             set_module(model, pair["bn"], nn.Identity())
 
 
-
 def add_biases(model: nn.Module, paths: Sequence[str]) -> None:
     """Give the layers at ``paths`` a (zero) bias: the structure of a contracted checkpoint whose
     branch shifts stayed on convs that had none (recorded as ``added_bias``)."""

@@ -30,6 +30,7 @@ __all__ = ["GraphPlan", "Region", "contract_graph", "plan_graph"]
 #: region's by at most this much relative to the largest output value.
 REGION_RTOL = 1e-9
 
+
 @dataclass
 class Region:
     """One linear region: what it covers and the layer it became (or why it stayed)."""

@@ -119,7 +119,42 @@ def cl_hidden(module: nn.Module, rate: float) -> list[int]:
     return [algebra.hidden_width(module.in_channels, rate, g), algebra.hidden_width(module.out_channels, rate, g)]
 
 
-class ExpandedConv(ChainLayer):
+class ConvChain(ChainLayer):
+    """A chain of convolution factors, one per spec of :meth:`_factor_specs` (out channels, kernel size,
+    stride...), each built by :meth:`_factor`: what the conv and the transposed-conv chains share."""
+
+    @classmethod
+    def _factor_specs(cls, module, hidden) -> list[dict]:
+        """Per factor: out channels, kernel size, stride (and what else :meth:`_factor` reads)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _factor(cls, module, c_in: int, spec: dict, **kw) -> nn.Module:
+        """The factor for ``spec`` taking ``c_in`` channels (``kw``: device and dtype)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, module, hidden):
+        return describe_specs(module, cls._factor_specs(module, hidden))
+
+    @classmethod
+    def from_module(cls, module, hidden, init="scratch", forward="fused"):
+        check_modes(init, forward)
+        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+        factors, c_in = [], module.in_channels
+        for spec in cls._factor_specs(module, hidden):
+            factors.append(cls._factor(module, c_in, spec, **kw))
+            c_in = spec["out"]
+        layer = cls(template_of(module), factors, module.groups, forward)
+        if init == "preserve":
+            layer._preserve(module)
+        return layer.train(module.training)
+
+    def _preserve(self, module):
+        raise NotImplementedError
+
+
+class ExpandedConv(ConvChain):
     """Shared machinery of CL and CK: a chain of ``ConvNd`` factors, padding applied once to the input."""
 
     source_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -138,42 +173,12 @@ class ExpandedConv(ChainLayer):
         return conv_reason(module, cls.source_types)
 
     @classmethod
-    def _factor_specs(cls, module, hidden) -> list[dict]:
-        """Per factor: out channels, kernel size, stride."""
-        raise NotImplementedError
-
-    @classmethod
-    def describe(cls, module, hidden):
-        return describe_specs(module, cls._factor_specs(module, hidden))
-
-    @classmethod
-    def from_module(cls, module, hidden, init="scratch", forward="fused"):
-        check_modes(init, forward)
-        dims = len(module.kernel_size)
-        conv_t = CONV_TYPES[dims]
-        has_bias = module.bias is not None
-        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-        factors, c_in = [], module.in_channels
-        for spec in cls._factor_specs(module, hidden):
-            dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
-            factors.append(
-                conv_t(
-                    c_in,
-                    spec["out"],
-                    spec["kernel_size"],
-                    stride=spec["stride"],
-                    padding=0,
-                    dilation=dilation,
-                    groups=module.groups,
-                    bias=has_bias,
-                    **kw,
-                )
-            )
-            c_in = spec["out"]
-        layer = cls(template_of(module), factors, module.groups, forward)
-        if init == "preserve":
-            layer._preserve(module)
-        return layer.train(module.training)
+    def _factor(cls, module, c_in, spec, **kw):
+        # Unpadded (the padding is applied once, to the chain's input); a 1x1 factor needs no dilation.
+        dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
+        conv_t = CONV_TYPES[len(module.kernel_size)]
+        return conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=0, dilation=dilation,
+                      groups=module.groups, bias=module.bias is not None, **kw)  # fmt: skip
 
     def _preserve(self, module):
         preserve_exact(self.factors, self.groups, module.weight, module.bias)

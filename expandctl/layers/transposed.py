@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .. import algebra
 from ..kinds import KINDS
-from .base import ChainLayer, check_modes, register_expansion, template_of
-from .conv import ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, describe_specs, factors_repr
+from .base import register_expansion
+from .conv import ConvChain, ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, factors_repr
 from .hosts import qualname
 from .preserve import fit_ck, preserve_exact
 
@@ -29,7 +29,7 @@ def _conv_layout_shape(weight_shape: Sequence[int], groups: int) -> tuple[int, .
     return (c_out_g * groups, c_in // groups, *weight_shape[2:])
 
 
-class ExpandedConvTranspose(ChainLayer):
+class ExpandedConvTranspose(ConvChain):
     """Shared machinery of transposed CL and CK: a chain of ``ConvTransposeNd`` factors.
 
     A transposed conv upsamples its input by the stride, fully convolves it with the kernel, then
@@ -64,35 +64,11 @@ class ExpandedConvTranspose(ChainLayer):
         return None
 
     @classmethod
-    def describe(cls, module, hidden):
-        return describe_specs(module, cls._factor_specs(module, hidden))
-
-    @classmethod
-    def from_module(cls, module, hidden, init="scratch", forward="fused"):
-        check_modes(init, forward)
+    def _factor(cls, module, c_in, spec, **kw):
         conv_t = TRANSPOSED_TYPES[len(module.kernel_size)]
-        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-        factors, c_in = [], module.in_channels
-        for spec in cls._factor_specs(module, hidden):
-            factors.append(
-                conv_t(
-                    c_in,
-                    spec["out"],
-                    spec["kernel_size"],
-                    stride=spec["stride"],
-                    padding=spec["padding"],
-                    output_padding=spec["output_padding"],
-                    groups=module.groups,
-                    bias=spec["bias"],
-                    dilation=module.dilation,
-                    **kw,
-                )
-            )
-            c_in = spec["out"]
-        layer = cls(template_of(module), factors, module.groups, forward)
-        if init == "preserve":
-            layer._preserve(module)
-        return layer.train(module.training)
+        return conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=spec["padding"],
+                      output_padding=spec["output_padding"], groups=module.groups, bias=spec["bias"],
+                      dilation=module.dilation, **kw)  # fmt: skip
 
     def _compose(self, fast: bool = False):
         weights = [f.weight for f in self.factors]
