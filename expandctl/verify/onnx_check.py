@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 import torch.nn as nn
 
 from ..errors import UsageError
+from ..evaluate import onnx_session
 from ..shapes import backend_message, fmt_shape
 from .core import Report, _Accumulator, _device, _inputs, _prepare, _tolerances, check_args, output_leaves
 
@@ -39,13 +39,7 @@ def compare_onnx(
     if not path.is_file():
         raise UsageError(f"ONNX file {str(path)!r} does not exist")
     atol, rtol, notes = _tolerances(torch.float32, (), atol, rtol)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors on bad files
-        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {backend_message(e)}") from None
+    session = onnx_session(path)
     if len(session.get_inputs()) != 1:
         raise UsageError(f"{path.name} has {len(session.get_inputs())} inputs; only one input is supported")
     input_name = session.get_inputs()[0].name
