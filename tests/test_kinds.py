@@ -19,10 +19,8 @@ def test_every_builtin_kind_is_registered_with_the_metadata_of_kinds():
     assert list(kinds.KINDS) == [k for k in EXPANSIONS if k in kinds.KINDS]
     for name, kind in kinds.KINDS.items():
         assert kind.name == name
-        classes = EXPANSIONS[name]
-        assert classes[0].summary == kind.summary
-        for cls in classes:  # the transposed-conv classes of cl / ck share the kind's rate
-            assert cls.default_rate == kind.default_rate, cls
+        for cls in EXPANSIONS[name]:  # cl and ck: the conv and the transposed-conv class
+            assert (cls.summary, cls.default_rate) == (kind.summary, kind.default_rate), cls
 
 
 def test_the_help_texts_are_what_the_registry_says():

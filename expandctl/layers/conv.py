@@ -206,13 +206,9 @@ class ExpandedConv(ConvChain):
         return f"{self.kind} [{factors_repr(self.factors)}], groups={self.groups}, forward={self.forward_mode}"
 
 
-@register_expansion
-class ExpandedConvCL(ExpandedConv):
-    """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
-
-    The stride sits on the k-kernel factor (a 1x1 conv commutes with subsampling). Contraction
-    multiplies the channel matrices at every kernel tap (DiverseBranchBlock's 1x1-kxk merge).
-    """
+class CLKind:
+    """What CL is, for a conv and a transposed conv alike: its registry entry, which layers it takes
+    (:func:`cl_reason` on top of the chain's own checks) and its widths (:func:`cl_hidden`)."""
 
     kind = "cl"
     summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
@@ -226,24 +222,10 @@ class ExpandedConvCL(ExpandedConv):
     def hidden_for(cls, module, rate):
         return cl_hidden(module, rate)
 
-    @classmethod
-    def _factor_specs(cls, module, hidden):
-        ones = (1,) * len(module.kernel_size)
-        h1, h2 = hidden
-        return [
-            {"out": h1, "kernel_size": ones, "stride": 1},
-            {"out": h2, "kernel_size": module.kernel_size, "stride": module.stride},
-            {"out": module.out_channels, "kernel_size": ones, "stride": 1},
-        ]
 
-
-@register_expansion
-class ExpandedConvCK(ExpandedConv):
-    """CK expansion: a ``ConvNd`` with a kernel dimension > 3 -> a chain of small kernels
-    (3-tap steps, a 2-tap step for even sizes) whose sizes add up to the original, widths
-    ``m -> h1 -> ... -> n``. Kernels compose by full convolution; the stride sits on the last
-    factor; ``preserve`` initialisation is a least-squares fit that reports its residual.
-    """
+class CKKind:
+    """What CK is, for a conv and a transposed conv alike: its registry entry, which layers it takes
+    (:func:`ck_reason`) and its widths (:func:`ck_hidden`); it runs before CL on the layers both take."""
 
     kind = "ck"
     summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
@@ -256,6 +238,34 @@ class ExpandedConvCK(ExpandedConv):
     @classmethod
     def hidden_for(cls, module, rate):
         return ck_hidden(module, rate)
+
+
+@register_expansion
+class ExpandedConvCL(CLKind, ExpandedConv):
+    """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
+
+    The stride sits on the k-kernel factor (a 1x1 conv commutes with subsampling). Contraction
+    multiplies the channel matrices at every kernel tap (DiverseBranchBlock's 1x1-kxk merge).
+    """
+
+    @classmethod
+    def _factor_specs(cls, module, hidden):
+        ones = (1,) * len(module.kernel_size)
+        h1, h2 = hidden
+        return [
+            {"out": h1, "kernel_size": ones, "stride": 1},
+            {"out": h2, "kernel_size": module.kernel_size, "stride": module.stride},
+            {"out": module.out_channels, "kernel_size": ones, "stride": 1},
+        ]
+
+
+@register_expansion
+class ExpandedConvCK(CKKind, ExpandedConv):
+    """CK expansion: a ``ConvNd`` with a kernel dimension > 3 -> a chain of small kernels
+    (3-tap steps, a 2-tap step for even sizes) whose sizes add up to the original, widths
+    ``m -> h1 -> ... -> n``. Kernels compose by full convolution; the stride sits on the last
+    factor; ``preserve`` initialisation is a least-squares fit that reports its residual.
+    """
 
     @classmethod
     def _factor_specs(cls, module, hidden):

@@ -11,9 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
-from ..kinds import KINDS
 from .base import register_expansion
-from .conv import ConvChain, ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, factors_repr
+from .conv import CKKind, CLKind, ConvChain, ck_steps, factors_repr
 from .hosts import qualname
 from .preserve import fit_ck, preserve_exact
 
@@ -123,20 +122,13 @@ class ExpandedConvTranspose(ConvChain):
 
 
 @register_expansion
-class ExpandedConvTransposeCL(ExpandedConvTranspose):
+class ExpandedConvTransposeCL(CLKind, ExpandedConvTranspose):
     """CL for ``ConvTransposeNd k``: ``1x..x1 (m -> h1, no bias)``, ``k transposed (h1 -> h2)`` with
     the stride, padding and output_padding, ``1x..x1 (h2 -> n)``. The 1x1 factors commute with the
     upsampling and the crop, so the chain is exact; the first has no bias (see the class above)."""
 
-    kind = "cl"
-    default_rate = KINDS[kind].default_rate
-    priority = 1
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     _upsampling = 1
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return cl_reason(super().accepts(module, pointwise), module, pointwise)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
@@ -157,10 +149,6 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
             {"out": module.out_channels, "kernel_size": ones, "bias": bias, **plain},
         ]
 
-    @classmethod
-    def hidden_for(cls, module, rate):
-        return cl_hidden(module, rate)
-
     def _fit(self, module, target, weights):
         shims = [types.SimpleNamespace(weight=w, bias=None) for w in weights]
         preserve_exact(shims, self.groups, target, None)
@@ -168,19 +156,12 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
 
 
 @register_expansion
-class ExpandedConvTransposeCK(ExpandedConvTranspose):
+class ExpandedConvTransposeCK(CKKind, ExpandedConvTranspose):
     """CK for ``ConvTransposeNd`` with a kernel dimension > 3: small transposed kernels (3-tap
     steps, a 2-tap one for even sizes) whose full convolutions add up to the original; the first
     factor upsamples (stride, output_padding), the last crops (padding) and alone has a bias."""
 
-    kind = "ck"
-    default_rate = KINDS[kind].default_rate
-    priority = 2
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return ck_reason(super().accepts(module, pointwise), module)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
@@ -197,10 +178,6 @@ class ExpandedConvTransposeCK(ExpandedConvTranspose):
             }
             for j, (o, k) in enumerate(zip(outs, steps))
         ]
-
-    @classmethod
-    def hidden_for(cls, module, rate):
-        return ck_hidden(module, rate)
 
     def _fit(self, module, target, weights):
         what = f"transposed {'x'.join(map(str, module.kernel_size))} kernel"
