@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -123,6 +124,14 @@ class ConvChain(ChainLayer):
     """A chain of convolution factors, one per spec of :meth:`_factor_specs` (out channels, kernel size,
     stride...), each built by :meth:`_factor`: what the conv and the transposed-conv chains share."""
 
+    #: The replaced layer's settings the chain runs with, copied from it.
+    _settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, template, factors, groups, forward):
+        super().__init__(template, factors, groups, forward)
+        for name in self._settings:
+            setattr(self, name, getattr(template, name))
+
     @classmethod
     def _factor_specs(cls, module, hidden) -> list[dict]:
         """Per factor: out channels, kernel size, stride (and what else :meth:`_factor` reads)."""
@@ -158,15 +167,11 @@ class ExpandedConv(ConvChain):
     """Shared machinery of CL and CK: a chain of ``ConvNd`` factors, padding applied once to the input."""
 
     source_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    _settings = ("padding", "padding_mode", "stride", "dilation")
 
     def __init__(self, template, factors, groups, forward):
         super().__init__(template, factors, groups, forward)
-        t = template
-        self.padding = t.padding
-        self.padding_mode = t.padding_mode
-        self.stride = t.stride
-        self.dilation = t.dilation
-        self._pad = input_padding(t)
+        self._pad = input_padding(template)
 
     @classmethod
     def accepts(cls, module, pointwise=False):

@@ -43,13 +43,10 @@ class ExpandedConvTranspose(ConvChain):
     #: Index of the factor that upsamples (carries the stride and output_padding).
     _upsampling: ClassVar[int] = 0
 
+    _settings = ("stride", "padding", "output_padding", "dilation")
+
     def __init__(self, template, factors, groups, forward):
         super().__init__(template, factors, groups, forward)
-        t = template
-        self.stride = t.stride
-        self.padding = t.padding
-        self.output_padding = t.output_padding
-        self.dilation = t.dilation
         self._order = algebra.chain_order(tuple(_conv_layout_shape(f.weight.shape, groups) for f in self.factors))
 
     @classmethod
