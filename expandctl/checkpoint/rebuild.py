@@ -26,7 +26,7 @@ __all__ = ["apply_folds", "add_biases", "rebuild", "check_rebuild", "load_into"]
 
 
 def apply_folds(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
-    """Rebuild the structure :func:`fold_batchnorm` left (conv with bias, Identity for BN)."""
+    """Rebuild the structure :func:`expandctl.fold.fold_batchnorm` left (conv with bias, Identity for BN)."""
     for pair in folded:
         try:
             conv = model.get_submodule(pair["conv"])
