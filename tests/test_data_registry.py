@@ -61,7 +61,7 @@ def test_unknown_spec_lists_the_registered_sources(fake_source):
     "source, message",
     [
         (DataSource("Caps", "Caps", "", _checkers), "lower case"),
-        (DataSource("two", "two:", "", _checkers), None),  # NAME:ARG with an empty ARG name is still NAME:ARG
+        (DataSource("tiles", "tiles:N", "", _checkers), None),  # NAME:ARG
         (DataSource("odd", "odd(DIR)", "", _checkers), "must be NAME, NAME:ARG or NAME"),
         (DataSource("digits", "digits", "", _checkers), "already registered"),
     ],
