@@ -117,7 +117,7 @@ def test_torchrun_accumulate_fused_equals_explicit(tmp_path):
     for forward in ("fused", "explicit"):
         out = tmp_path / forward
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd += ["-m", "expandctl.train.command", str(src), "--data", "synthetic", "--epochs", "1", "--quiet"]
+        cmd += ["-m", "expandctl.commands.train", str(src), "--data", "synthetic", "--epochs", "1", "--quiet"]
         cmd += ["--batch-size", "32", "--accumulate", "3", "--lr", "0.1", "--forward", forward, "--out", str(out)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

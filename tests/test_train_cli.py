@@ -9,8 +9,8 @@ from rich.console import Console
 from test_train import make_src
 from typer.testing import CliRunner
 
+from expandctl.commands.train import ConsoleReporter, epoch_line, train
 from expandctl.console import UI
-from expandctl.train.command import ConsoleReporter, epoch_line, train
 
 app = typer.Typer()
 app.command("train")(train)

@@ -3,7 +3,7 @@
 >>> from expandctl.train import TrainConfig, train
 >>> summary = train(TrainConfig(src="run/expanded.pt", data="digits", epochs=5, out="run"))
 
-The Typer command lives in :mod:`expandctl.train.command` (imported by the CLI only, so the library
+The Typer command lives in :mod:`expandctl.commands.train` (imported by the CLI only, so the library
 does not pull in the console code).
 """
 

@@ -14,7 +14,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..cli_common import (
+from ..console import UI
+from ..errors import ExpandctlError, UsageError
+from ..experiments import compare as study_lib
+from ..experiments.runs import check_settings
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AugmentOpt,
@@ -29,15 +33,8 @@ from ..cli_common import (
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
-    guard,
-    load_for_cli,
-    parse_json_object,
-    parse_shape,
 )
-from ..console import UI
-from ..errors import ExpandctlError, UsageError
-from . import compare as study_lib
-from .runs import check_settings
+from .runtime import guard, load_for_cli, parse_json_object, parse_shape
 
 __all__ = ["compare", "CompareInterrupted"]
 

@@ -1,6 +1,6 @@
 """``expandctl train``: parse the options, run :func:`expandctl.train.loop.train`, print progress.
 
-The main app registers it with ``app.command("train")(train)``; ``python -m expandctl.train.command``
+The main app registers it with ``app.command("train")(train)``; ``python -m expandctl.commands.train``
 runs it standalone (e.g. under ``torchrun``). Output follows the other commands (:mod:`expandctl.console`):
 
 * at a terminal: a rich progress bar per epoch on stderr, one line per epoch and a summary table on stdout;
@@ -25,7 +25,11 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..cli_common import (
+from ..console import UI, fmt_count, kv_table
+from ..errors import ExpandctlError, UsageError
+from ..train.loop import Callbacks, TrainConfig
+from ..train.loop import train as run_training
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AugmentOpt,
@@ -37,13 +41,8 @@ from ..cli_common import (
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
-    guard,
-    parse_json_object,
 )
-from ..console import UI, fmt_count, kv_table
-from ..errors import ExpandctlError, UsageError
-from .loop import Callbacks, TrainConfig
-from .loop import train as run_training
+from .runtime import Command, guard, parse_json_object
 
 __all__ = ["train", "ConsoleReporter", "epoch_line"]
 
@@ -337,5 +336,7 @@ def train(
         ui.emit(summary)
 
 
-if __name__ == "__main__":
-    typer.run(train)
+if __name__ == "__main__":  # python -m expandctl.commands.train: what torchrun starts on each process
+    _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    _app.command(cls=Command)(train)
+    _app()
