@@ -86,8 +86,9 @@ def test_bad_options(options, message):
     """The library names the option (``option=``, its field); the CLI words it as the flag the user reads."""
     with pytest.raises(UsageError) as e:
         D.load_data("digits", options=options)
-    assert e.value.option and str(e.value).startswith(e.value.option)
-    assert re.match(message, e.value.worded("--" + e.value.option.replace("_", "-")))
+    option = e.value.option
+    assert option and str(e.value).startswith(option)
+    assert re.match(message, e.value.worded({option: "--" + option.replace("_", "-")}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_missing_set_names_where_it_looked_and_what_to_do(cache, name):
     with pytest.raises(UsageError) as e:
         D.load_data(name)
     assert e.value.option == "download"
-    msg = e.value.worded("--download")  # as the CLI words it
+    msg = e.value.worded({"download": "--download"})  # as the CLI words it
     assert "\n" not in msg and str(cache / name) in msg and "--download" in msg and "make data" in msg
     if name == "fashion-mnist":
         assert "no-debian-package" in msg and "dataset-fashion-mnist" in msg

@@ -186,7 +186,8 @@ def test_a_missing_data_folder_says_no_such_folder(spec, tmp_path):
     with pytest.raises(UsageError) as e:
         load_data(f"{spec}:{tmp_path / 'nowhere'}")
     assert e.value.option == "data"
-    assert re.match(rf"--data {spec}:\S*nowhere: no such folder", e.value.worded("--data"))  # as the CLI words it
+    cli = e.value.worded({"data": "--data"})  # as the CLI words it
+    assert re.match(rf"--data {spec}:\S*nowhere: no such folder", cli)
 
 
 def test_an_empty_cifar_folder_says_what_it_must_hold(tmp_path):
@@ -274,7 +275,8 @@ def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
                              (DataOptions(val_fraction=1.5), "--val-fraction must be between 0 and 1")]:  # fmt: skip
         with pytest.raises(UsageError) as e:
             load_data("digits", options=options)
-        assert e.value.option == "val_fraction" and re.match(message, e.value.worded("--val-fraction"))
+        assert e.value.option == "val_fraction"
+        assert re.match(message, e.value.worded({"val_fraction": "--val-fraction"}))
 
 
 def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
