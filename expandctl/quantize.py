@@ -5,7 +5,7 @@ The steps the ``quantize`` command calls, each usable on its own:
 1. :func:`check_float_onnx` refuses a file that is already quantized (its QDQ or integer operators
    would be quantized twice);
 2. :func:`calibration_indices` draws the calibration images: ``n`` training images stratified by
-   class with a seeded generator (:func:`expandctl.datasets.stratified_subset`), so a given data
+   class with a seeded generator (:func:`expandctl.data.stratified_subset`), so a given data
    spec, ``n`` and seed always calibrate on the same images;
 3. :func:`quantize_onnx` runs onnxruntime's static quantization: QDQ format, int8 weights
    (per-channel and symmetric by default), uint8 activations whose ranges come from the calibration
@@ -44,6 +44,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import Dataset
 
 from ._version import __version__
+from .data.pipeline import stratified_subset
 from .errors import CheckFailed, UsageError
 from .evaluate import evaluate_onnx, read_batch
 from .shapes import backend_message
@@ -109,8 +110,6 @@ def calibration_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Te
     proportion) and drawn with ``seed``; the whole split when ``n`` is not smaller than it.
     An empty split or ``n < 1`` is a :class:`UsageError`: onnxruntime would otherwise compute
     ranges from nothing and write a model that outputs garbage."""
-    from .datasets import stratified_subset
-
     if n < 1:
         raise UsageError(f"the calibration set is empty (--calib-size {n}); give at least 1 image (e.g. 512)")
     if len(labels) == 0:
@@ -336,7 +335,7 @@ def quantize(
     min_accuracy: float | None = None,
 ) -> QuantizeResult:
     """Quantize ``float_path`` (a float ONNX classifier) calibrated on ``sets.train`` (a
-    :class:`expandctl.datasets.DataSplits` loaded without augmentation; ``data`` is its spec, for
+    :class:`expandctl.data.DataSplits` loaded without augmentation; ``data`` is its spec, for
     the record), score both files on ``sets.val`` and write the INT8 file to ``out`` atomically.
 
     With ``max_drop`` (percentage points), a larger accuracy drop raises :class:`CheckFailed`
