@@ -7,7 +7,7 @@ The Typer command lives in :mod:`expandctl.commands.train` (imported by the CLI 
 does not pull in the console code).
 """
 
-from ..datasets import DATA_SPECS, DataSplits, TensorImages, load_data, parse_spec
+from ..data import DataSplits, TensorImages, load_data, parse_spec
 from .loop import Callbacks, EpochContext, TrainConfig, TrainingDiverged, learning_rate, train
 from .losses import kd_loss, product_l2, split_decay_parameters
 from .precise_bn import batchnorm_layers, precise_batchnorm
@@ -23,7 +23,6 @@ __all__ = [
     "parse_spec",
     "DataSplits",
     "TensorImages",
-    "DATA_SPECS",
     "kd_loss",
     "product_l2",
     "split_decay_parameters",

@@ -35,7 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import atomic_write, load_checkpoint, save
-from ..datasets import DataOptions, DataSplits, load_data
+from ..data import DataOptions, DataSplits, load_data
 from ..errors import ExpandctlError, UsageError
 from ..layers import FORWARD_MODES, ChainLayer, ComposeOnce
 from ..probe import DEVICES, check_fits, device_kind
