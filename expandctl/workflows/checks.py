@@ -75,6 +75,25 @@ def onnx_file_shape(path: str | Path) -> tuple[int, ...] | None:
     return None
 
 
+def save_derived(
+    model: nn.Module, out: Path, ckpt: ckpt_io.Checkpoint, shape, plan, command: str | None, folded_bn: Sequence,
+    progress: Progress,
+) -> None:
+    """Save ``model``, made from ``ckpt`` (its architecture and parent hash), as an expandctl checkpoint."""
+    with progress.step(f"writing {out}"):
+        ckpt_io.save(
+            model,
+            out,
+            arch=ckpt.arch,
+            arch_kwargs=ckpt.arch_kwargs,
+            input_shape=shape,
+            plan=plan,
+            parent_sha256=ckpt.sha256,
+            command=command,
+            folded_bn=folded_bn,
+        )
+
+
 def failed_reports(reports: Sequence) -> list:
     return [r for r in reports if not r.passed]
 

@@ -30,15 +30,7 @@ from ..graph.regions import GraphPlan, contract_graph, plan_graph
 from ..rewrite import expanded_layers
 from ..shapes import running_model
 from ..verify import compare_models
-from .checks import (
-    Progress,
-    Silent,
-    check_failed,
-    contract_checked,
-    export_checked,
-    failed_reports,
-    onnx_metadata,
-)
+from .checks import Progress, Silent, check_failed, contract_checked, export_checked, failed_reports, onnx_metadata
 
 __all__ = ["GRAPH_SUFFIXES", "GraphContractResult", "contract_graph_checkpoint"]
 
