@@ -69,3 +69,91 @@ def test_a_failed_check_carries_its_reports_and_writes_nothing(src, tmp_path):
     assert e.value.reports and not all(rep.passed for rep in e.value.reports)
     assert e.value.details["passed"] is False and len(e.value.details["checks"]) == len(e.value.reports)
     assert not (tmp_path / "c.pt").exists()
+
+
+def cli_run(*args):
+    """exit code, the --json object and stderr of one CLI run."""
+    r = CliRunner().invoke(app, [str(a) for a in args] + ["--json"])
+    return r.exit_code, json.loads(r.stdout), r.stderr
+
+
+def envelope_free(d: dict, *also: str) -> dict:
+    return {k: v for k, v in d.items() if k not in ("ok", "command", *also)}
+
+
+@pytest.fixture
+def expanded(src, tmp_path):
+    return expand_checkpoint(C.load_checkpoint(src), tmp_path / "e.pt", strategy="ck+fc", rate=2, seed=0).output
+
+
+def test_verify_export_inspect_from_python_match_the_cli(expanded, tmp_path, capsys):
+    from expandctl.workflows import ExportOptions, export_checkpoint, inspect_file, verify_files
+
+    v = verify_files(expanded)
+    x = export_checkpoint(expanded, tmp_path / "api.onnx", ExportOptions(opset=18))
+    v2 = verify_files(expanded, x.output)
+    i, i_onnx = inspect_file(expanded), inspect_file(x.output)
+    assert capsys.readouterr() == ("", "")  # the library never prints
+    assert v.passed and v.title.endswith("expanded (explicit) vs contracted") and len(v.reports) == 2
+    assert envelope_free(cli_json("verify", expanded)) == v.to_dict()
+    assert envelope_free(cli_json("verify", expanded, x.output)) == v2.to_dict()
+    x_cli = cli_json("export", expanded, "-o", tmp_path / "cli.onnx", "--opset", "18")
+    assert envelope_free(x_cli, "output") == envelope_free(x.to_dict(), "output")
+    assert x.to_dict()["output"] == str(tmp_path / "api.onnx") and len(x.reports) == 3  # f64, f32, onnxruntime
+    assert envelope_free(cli_json("inspect", expanded)) == i.to_dict() and i.kind == "checkpoint" and i.layers
+    assert i.compact_params < i.params
+    assert envelope_free(cli_json("inspect", x.output)) == i_onnx.to_dict() and i_onnx.kind == "onnx"
+
+
+def test_evaluate_from_python_matches_the_cli(src, tmp_path, capsys):
+    from expandctl.data import DataOptions
+    from expandctl.workflows import EvaluateOptions, evaluate_file
+
+    r = evaluate_file(src, "digits", EvaluateOptions(split="train", data_options=DataOptions(channels=3)))
+    assert capsys.readouterr() == ("", "")
+    cli = cli_json("evaluate", src, "--data", "digits", "--split", "train", "--channels", "3")
+    assert envelope_free(cli) == r.to_dict() and r.metrics["samples"] > 1000 and 0 <= r.accuracy <= 1
+    gate = EvaluateOptions(min_accuracy=100, data_options=DataOptions(channels=3))
+    with pytest.raises(CheckFailed, match=r"is below min_accuracy 100 \(chance") as e:
+        evaluate_file(src, "digits", gate)
+    assert e.value.option == "min_accuracy" and e.value.result.accuracy < 1
+    code, out, err = cli_run("evaluate", src, "--data", "digits", "--channels", "3", "--min-accuracy", "100")
+    assert code == 1 and "is below --min-accuracy 100 (chance" in out["error"] and out["min_accuracy"] == 100
+
+
+@pytest.mark.parametrize(
+    "call, option, library, flag",
+    [
+        ("verify_dtype", "dtype", "dtype must be float32 or float64, got 'float16'", "--dtype must be float32"),
+        ("evaluate_split", "split", "split must be val or train, not 'test'", "--split must be val or train"),
+        ("evaluate_batch", "batch_size", "batch_size must be at least 1", "--batch-size must be at least 1"),
+        ("graph_dynamic", ("dynamic_size", "graph"), "dynamic_size is not available with graph",
+         "--dynamic-size is not available with --graph"),
+    ],
+)  # fmt: skip
+def test_library_errors_name_the_parameter_and_the_cli_the_flag(src, tmp_path, call, option, library, flag):
+    from expandctl.errors import UsageError
+    from expandctl.workflows import (
+        EvaluateOptions,
+        VerifyOptions,
+        contract_graph_checkpoint,
+        evaluate_file,
+        verify_files,
+    )
+
+    calls = {
+        "verify_dtype": (lambda: verify_files(src, options=VerifyOptions(dtype="float16")),
+                         ["verify", src, "--dtype", "float16"]),
+        "evaluate_split": (lambda: evaluate_file(src, "digits", EvaluateOptions(split="test")),
+                           ["evaluate", src, "--data", "digits", "--split", "test"]),
+        "evaluate_batch": (lambda: evaluate_file(src, "digits", EvaluateOptions(batch_size=0)),
+                           ["evaluate", src, "--data", "digits", "--batch-size", "0"]),
+        "graph_dynamic": (lambda: contract_graph_checkpoint(C.load_checkpoint(src), None, dynamic_size=True),
+                          ["contract", src, "--graph", "--dry-run", "--dynamic-size"]),
+    }  # fmt: skip
+    run, argv = calls[call]
+    with pytest.raises(UsageError) as e:
+        run()
+    assert str(e.value).startswith(library) and e.value.option == option
+    code, out, err = cli_run(*argv)
+    assert code == 2 and out["error"].startswith(flag) and err.startswith(f"error: {flag}"), (out, err)

@@ -1,7 +1,8 @@
 """``expandctl expand``: plan, expand and write a checkpoint.
 
-The workflow is :func:`expandctl.workflows.expand_checkpoint`; this module parses, calls it and prints.
-Registered in :mod:`expandctl.cli`."""
+The workflow is :func:`expandctl.workflows.expand_checkpoint`; this module parses, calls it and prints. The
+library is imported inside the command so that ``--help`` loads no torch; the ``--strategy``/``--rate`` help
+reads the torch-free kinds of :mod:`expandctl.kinds`. Registered in :mod:`expandctl.cli`."""
 
 from __future__ import annotations
 
@@ -10,36 +11,17 @@ from typing import Annotated
 
 import typer
 
-from .. import checkpoint as ckpt_io
 from ..console import UI, fmt_count, fmt_rate, plan_table
 from ..errors import UsageError
-from ..workflows import expand_checkpoint, fresh_checkpoint
-from .options import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, ShapeOpt, TrustOpt
-from .runtime import command_line, guard, load_for_cli, parse_json_object, parse_shape
+from ..kinds import rate_help, strategy_help
+from .options import ArchKwOpt, ArchOpt, ShapeOpt, TrustOpt
+from .runtime import command, command_line, load_for_cli, parse_json_object, parse_shape
+
+STRATEGY_HELP = strategy_help()  # read from the kinds (expandctl/kinds.py: torch-free, so --help is instant)
+RATE_HELP = rate_help()
 
 
-def _strategy_help() -> str:
-    """``--strategy`` help, read from the registry (a new kind shows up here by registering)."""
-    from ..layers import EXPANSIONS
-
-    kinds = "; ".join(f"{k}: {EXPANSIONS[k][0].summary}" for k in EXPANSIONS)
-    return f"'+'-joined expansion kinds ({kinds})."
-
-
-def _rate_help() -> str:
-    from ..layers import EXPANSIONS
-
-    by_rate: dict = {}
-    for k, classes in EXPANSIONS.items():
-        by_rate.setdefault(classes[0].default_rate, []).append(k)
-    defaults = ", ".join(f"{'/'.join(ks)} {'unused' if r is None else f'{r:g}'}" for r, ks in by_rate.items())
-    return f"Expansion rate r >= 1 (hidden widths r*m, r*n); default per kind: {defaults}."
-
-
-STRATEGY_HELP = _strategy_help()
-RATE_HELP = _rate_help()
-
-
+@command("expand")
 def expand(
     ctx: typer.Context,
     src: Annotated[
@@ -81,79 +63,68 @@ def expand(
         typer.Option("-o", "--output", metavar="OUT", help="Output .pt/.safetensors (default <SRC stem>.expanded.pt)."),
     ] = None,
     trust_pickle: TrustOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    *,
+    ui: UI,
 ) -> None:
     """Replace layers by linear chains for training; write an expanded checkpoint."""
-    from ..layers import INIT_MODES
+    from .. import checkpoint as ckpt_io
+    from ..workflows import expand_checkpoint, fresh_checkpoint
 
-    ui = UI("expand", as_json, quiet, debug)
-    with guard(ui):
-        kwargs = parse_json_object(arch_kwargs)
-        shape = parse_shape(input_shape)
-        if init not in INIT_MODES:
-            raise UsageError(f"--init must be one of {', '.join(INIT_MODES)}, got {init!r}")
-        if src is None and arch is None:
-            raise UsageError("give a checkpoint to expand, or --arch to build a fresh model (e.g. --arch resnet18)")
-        out = None
-        if not dry_run:
-            if output:
-                out = Path(output)
-            elif src is not None:
-                out = Path(src).with_name(f"{Path(src).stem}.expanded.pt")
-            else:
-                out = Path(f"{arch.rpartition(':')[2]}.expanded.pt")
-            ckpt_io.check_output_path(out, [src] if src else [], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES)
-        if src is not None:
-            ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
-        else:
-            ckpt = fresh_checkpoint(arch, kwargs, seed, ui)
-        result = expand_checkpoint(
-            ckpt,
-            out,
-            strategy=strategy,
-            rate=rate,
-            include=include or (),
-            exclude=exclude or (),
-            pointwise=pointwise,
-            init=init,
-            seed=seed,
-            input_shape=shape,
-            source=src if src is not None else "",
-            dry_run=dry_run,
-            command=None if dry_run else command_line(ctx),
-            progress=ui,
-        )
-        plan = result.plan
-        if dry_run:
-            ui.detail(plan_table(plan))
-            for w in result.warnings:
-                ui.warn(w)
-            ui.print(
-                f"{len(plan.expanded)} of {len(plan.entries)} candidate layers would be expanded: "
-                f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
-                "nothing written"
-            )
-            for w in result.warnings:
-                ui.warn(w)
-            if not plan.expanded:
-                where = ("""in the JSON object's "plan"."layers"[].reason""" if ui.json
-                         else "shown without --quiet" if ui.quiet else "in the table above")  # fmt: skip
-                err = plan.nothing_selected(
-                    f"each layer's reason is {where}. Try another --strategy, --pointwise or --include"
-                )
-                err.details = {"plan": plan.to_dict()}
-                raise err
-            ui.emit({**result.to_dict(), "source": src})
-            return
-        ui.detail(plan_table(plan, only_expanded=True))
-        ui.detail(
-            f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
-            f"({plan.strategy}, {fmt_rate(plan.rate)}, "
-            f"init {init}): {fmt_count(result.params_before)} -> {fmt_count(result.params_after)} parameters"
-        )
-        for w in result.warnings:
-            ui.warn(w)
-        ui.print(f"wrote {out}")
-        ui.emit({**result.to_dict(), "source": src})
+    kwargs = parse_json_object(arch_kwargs)
+    shape = parse_shape(input_shape)
+    if src is None and arch is None:
+        raise UsageError("give a checkpoint to expand, or --arch to build a fresh model (e.g. --arch resnet18)")
+    out = None if dry_run else _output_path(src, arch, output)
+    if out is not None:
+        ckpt_io.check_output_path(out, [src] if src else [], ckpt_io.TORCH_SUFFIXES + ckpt_io.SAFETENSORS_SUFFIXES)
+    if src is not None:
+        ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
+    else:
+        ckpt = fresh_checkpoint(arch, kwargs, seed, ui)
+    result = expand_checkpoint(
+        ckpt, out, strategy=strategy, rate=rate, include=include or (), exclude=exclude or (), pointwise=pointwise,
+        init=init, seed=seed, input_shape=shape, source=src if src is not None else "", dry_run=dry_run,
+        command=None if dry_run else command_line(ctx), progress=ui,
+    )  # fmt: skip
+    plan = result.plan
+    if dry_run:
+        return _show_dry_run(ui, result, src)
+    ui.detail(plan_table(plan, only_expanded=True))
+    ui.detail(
+        f"expanded {len(plan.expanded)} of {len(plan.entries)} candidate layers "
+        f"({plan.strategy}, {fmt_rate(plan.rate)}, "
+        f"init {init}): {fmt_count(result.params_before)} -> {fmt_count(result.params_after)} parameters"
+    )
+    for w in result.warnings:
+        ui.warn(w)
+    ui.print(f"wrote {out}")
+    ui.emit({**result.to_dict(), "source": src})
+
+
+def _output_path(src: str | None, arch: str | None, output: str | None) -> Path:
+    """``-o``, else ``<SRC stem>.expanded.pt`` next to SRC, else ``<arch name>.expanded.pt`` here."""
+    if output:
+        return Path(output)
+    if src is not None:
+        return Path(src).with_name(f"{Path(src).stem}.expanded.pt")
+    return Path(f"{arch.rpartition(':')[2]}.expanded.pt")
+
+
+def _show_dry_run(ui: UI, result, src: str | None) -> None:
+    """The plan, what it would expand, and (nothing selected) why, as an error whose details hold the plan."""
+    plan = result.plan
+    ui.detail(plan_table(plan))
+    for w in result.warnings:
+        ui.warn(w)
+    ui.print(
+        f"{len(plan.expanded)} of {len(plan.entries)} candidate layers would be expanded: "
+        f"{fmt_count(plan.params_before)} -> {fmt_count(plan.params_after)} parameters in them; "
+        "nothing written"
+    )
+    if not plan.expanded:
+        where = ("""in the JSON object's "plan"."layers"[].reason""" if ui.json
+                 else "shown without --quiet" if ui.quiet else "in the table above")  # fmt: skip
+        err = plan.nothing_selected(f"each layer's reason is {where}. Try another --strategy, --pointwise or --include")
+        err.details = {"plan": plan.to_dict()}
+        raise err
+    ui.emit({**result.to_dict(), "source": src})

@@ -120,6 +120,19 @@ DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help=data_help()
 
 # --- options of expand, contract, verify, export, inspect, evaluate (add here) ---
 
+#: The trailing options that :func:`expandctl.commands.runtime.command` adds to a command, by parameter name:
+#: (declaration, default). How the command loads its model (``load=True``), then how it prints (always).
+LOAD_OPTIONS = {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwOpt, None), "trust_pickle": (TrustOpt, False)}
+OUTPUT_OPTIONS = {"as_json": (JsonOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False)}
+#: The data adapters of a command that scores a model (``--augment`` aside): ``command(data_adapters=True)``.
+DATA_ADAPTER_OPTIONS = {
+    "channels": (ChannelsOpt, None),
+    "image_size": (ImageSizeOpt, None),
+    "train_subset": (TrainSubsetOpt, None),
+    "download": (DownloadOpt, False),
+    "val_fraction": (ValFractionOpt, None),
+}
+
 
 # --- options of train (add here) ---
 

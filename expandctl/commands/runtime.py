@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import json
 import re
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import typer
 import typer.core
 
 from ..console import UI, report_settings, report_table
 from ..errors import CheckFailed, ExpandctlError, UsageError
+from .options import DATA_ADAPTER_OPTIONS, LOAD_OPTIONS, OUTPUT_OPTIONS
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -127,6 +131,51 @@ def guard(ui: UI) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+@dataclass(frozen=True)
+class ModelFlags:
+    """``--arch``, ``--arch-kwargs`` and ``--trust-pickle`` as typed: how a command loads its model."""
+
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
+
+    def library(self) -> dict:
+        """The loading keywords of the library verbs (``arch_kwargs`` parsed)."""
+        kwargs = parse_json_object(self.arch_kwargs)
+        return {"arch": self.arch, "arch_kwargs": kwargs, "trust_pickle": self.trust_pickle}
+
+
+def command(name: str, *, load: bool = False, data_adapters: bool = False) -> Callable:
+    """Register-ready command function: appends the shared trailing options to ``fn``'s own (the data adapters
+    of :data:`.options.DATA_ADAPTER_OPTIONS` with ``data_adapters``, ``--arch``/``--arch-kwargs``/
+    ``--trust-pickle`` with ``load``, then ``--json``/``--quiet``/``--debug``) and calls ``fn`` inside
+    :func:`guard` with ``ui=`` (its console), ``model=`` (:class:`ModelFlags`, with ``load``) and ``adapters=``
+    (a dict of the data adapters, with ``data_adapters``)."""
+    groups = {"adapters": DATA_ADAPTER_OPTIONS if data_adapters else {}, "model": LOAD_OPTIONS if load else {}}
+
+    def wrap(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("ui", *groups)]
+        added = {n: spec for group in (*groups.values(), OUTPUT_OPTIONS) for n, spec in group.items()}
+        params = own + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+                        for n, (a, d) in added.items()]  # fmt: skip
+
+        @functools.wraps(fn)
+        def run(**kwargs):
+            ui = UI(name, *(kwargs.pop(n) for n in OUTPUT_OPTIONS))
+            if data_adapters:
+                kwargs["adapters"] = {n: kwargs.pop(n) for n in DATA_ADAPTER_OPTIONS}
+            if load:
+                kwargs["model"] = ModelFlags(*(kwargs.pop(n) for n in LOAD_OPTIONS))
+            with guard(ui):
+                return fn(ui=ui, **kwargs)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -155,25 +204,15 @@ def parse_json_object(text: str | None, option: str = "--arch-kwargs") -> dict |
 
 
 def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool):
-    from ..checkpoint import load_checkpoint
-    from ..verify import check_finite
+    from ..workflows import load_checked
 
-    with ui.step(f"loading {path}"):
-        ckpt = load_checkpoint(path, arch, parse_json_object(arch_kwargs), trust)
-    try:
-        check_finite(ckpt.model)
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-    return ckpt
+    return load_checked(path, arch, parse_json_object(arch_kwargs), trust, ui)
 
 
 def input_shape_of(ckpt, override: str | None, fallback=None) -> tuple[int, ...]:
-    shape = parse_shape(override) or ckpt.input_shape or fallback
-    if not shape:
-        raise UsageError(
-            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass --input-shape C,H,W"
-        )
-    return tuple(shape)
+    from ..workflows import input_shape_for
+
+    return input_shape_for(ckpt, parse_shape(override), fallback)
 
 
 def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
@@ -229,17 +268,6 @@ def reports_on_failure(ui: UI) -> Iterator[None]:
         raise
 
 
-def parse_dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    table = {"float32": torch.float32, "float64": torch.float64, "fp32": torch.float32, "fp64": torch.float64}
-    if name.lower() not in table:
-        raise UsageError(f"--dtype must be float32 or float64, got {name!r}")
-    return table[name.lower()]
-
-
 def onnx_metadata_of(ctx: typer.Context, ckpt, shape, folded: Sequence) -> dict[str, str]:
     """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
     from ..workflows import onnx_metadata
@@ -256,17 +284,7 @@ def contract_checked_cli(ui: UI, ckpt, shape, atol, rtol, **check_kw) -> tuple:
 
 
 def onnx_shape(path: str) -> tuple[int, ...] | None:
-    """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
-    else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""
-    from ..checkpoint import describe_onnx
-    from ..shapes import onnx_input_shape
+    """The per-sample input shape an ONNX file was exported with (:func:`expandctl.workflows.onnx_file_shape`)."""
+    from ..workflows import onnx_file_shape
 
-    shape = onnx_input_shape(path)
-    if shape:
-        return shape
-    meta = describe_onnx(path)["metadata"]
-    with contextlib.suppress(ValueError, TypeError):
-        recorded = json.loads(meta.get("expandctl.input_shape", "null"))
-        if isinstance(recorded, list) and recorded and all(isinstance(d, int) and d > 0 for d in recorded):
-            return tuple(recorded)
-    return None
+    return onnx_file_shape(path)

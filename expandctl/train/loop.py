@@ -114,7 +114,7 @@ class TrainConfig:
     #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
     grad_confusion: bool = False
     grad_confusion_pairs: int = 100
-    #: Data adapters (:class:`expandctl.datasets.DataOptions`): --channels, --image-size, --augment,
+    #: Data adapters (:class:`expandctl.data.DataOptions`): --channels, --image-size, --augment,
     #: --train-subset; --download fetches a missing set into the cache.
     channels: int | None = None
     image_size: int | None = None

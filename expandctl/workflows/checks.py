@@ -1,5 +1,5 @@
-"""What the verbs share: progress reporting, failed-check errors carrying their reports, provenance,
-the checked contraction and the checked ONNX export. Never prints."""
+"""What the verbs share: progress reporting, loading a checked model, the input shape to run, failed-check
+errors carrying their reports, provenance, the checked contraction and the checked ONNX export. Never prints."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Protocol
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
-from ..errors import CheckFailed
+from .. import rewrite
+from ..errors import CheckFailed, UsageError
 from ..export import export_onnx
-from ..rewrite import contract as contract_model
-from ..shapes import running_model
-from ..verify import check_contraction
+from ..shapes import onnx_input_shape, running_model
+from ..verify import check_contraction, check_finite
 
 
 class Progress(Protocol):
@@ -34,6 +34,64 @@ class Silent:
 
     def warn(self, text: str) -> None:
         pass
+
+
+def load_checked(
+    path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None, trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> ckpt_io.Checkpoint:
+    """:func:`expandctl.checkpoint.load_checkpoint`, refusing a model with NaN or inf weights (named by path)."""
+    with (progress or Silent()).step(f"loading {path}"):
+        ckpt = ckpt_io.load_checkpoint(path, arch, arch_kwargs, trust_pickle)
+    try:
+        check_finite(ckpt.model)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    return ckpt
+
+
+def input_shape_for(ckpt: ckpt_io.Checkpoint, input_shape=None, fallback=None) -> tuple[int, ...]:
+    """The per-sample input shape to run ``ckpt`` on: ``input_shape``, else the recorded one, else ``fallback``."""
+    shape = input_shape or ckpt.input_shape or fallback
+    if not shape:
+        raise UsageError(
+            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass input_shape C,H,W",
+            option="input_shape",
+        )
+    return tuple(shape)
+
+
+def onnx_file_shape(path: str | Path) -> tuple[int, ...] | None:
+    """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
+    else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""
+    shape = onnx_input_shape(path)
+    if shape:
+        return shape
+    meta = ckpt_io.describe_onnx(path)["metadata"]
+    with contextlib.suppress(ValueError, TypeError):
+        recorded = json.loads(meta.get("expandctl.input_shape", "null"))
+        if isinstance(recorded, list) and recorded and all(isinstance(d, int) and d > 0 for d in recorded):
+            return tuple(recorded)
+    return None
+
+
+def save_derived(
+    model: nn.Module, out: Path, ckpt: ckpt_io.Checkpoint, shape, plan, command: str | None, folded_bn: Sequence,
+    progress: Progress,
+) -> None:
+    """Save ``model``, made from ``ckpt`` (its architecture and parent hash), as an expandctl checkpoint."""
+    with progress.step(f"writing {out}"):
+        ckpt_io.save(
+            model,
+            out,
+            arch=ckpt.arch,
+            arch_kwargs=ckpt.arch_kwargs,
+            input_shape=shape,
+            plan=plan,
+            parent_sha256=ckpt.sha256,
+            command=command,
+            folded_bn=folded_bn,
+        )
 
 
 def failed_reports(reports: Sequence) -> list:
@@ -108,7 +166,7 @@ def contract_model_checked(
 
     progress = progress or Silent()
     with progress.step("contracting expanded layers"):
-        compact = contract_model(model)
+        compact = rewrite.contract(model)  # looked up when called: tests patch rewrite.contract
     with (
         progress.step("checking the contracted model against the expanded one (float64, float32)"),
         running_model(shape, recorded, what),

@@ -28,7 +28,17 @@ from ..shapes import running_model
 from ..sizes import count_params
 from ..train.precise_bn import precise_batchnorm, shuffled_batches
 from ..verify import compare_models
-from .checks import Progress, Silent, check_failed, contract_checked, export_checked, failed_reports, onnx_metadata
+from .checks import (
+    Progress,
+    Silent,
+    check_failed,
+    contract_checked,
+    export_checked,
+    failed_reports,
+    input_shape_for,
+    onnx_metadata,
+    save_derived,
+)
 
 
 @dataclass
@@ -111,6 +121,45 @@ def contract_checkpoint(
     progress = progress or Silent()
     out = Path(output)
     source = source if source is not None else str(ckpt.path)
+    layers, shape = _check_request(ckpt, out, source, input_shape, dynamic_size, require_expanded, precise_bn, data)
+    recomputed = None
+    if precise_bn:
+        with progress.step(f"recomputing BatchNorm statistics over {precise_bn} batches of {data}"):
+            ckpt = dataclasses.replace(ckpt, model=copy.deepcopy(ckpt.model))  # the caller's keeps its statistics
+            recomputed = recompute_batchnorm(ckpt, data, precise_bn)
+        if not recomputed["layers"]:
+            progress.warn(f"{source} has no BatchNorm: --precise-bn changed nothing")
+    reports: list = []
+    if layers:
+        compact, reports = contract_checked(ckpt, shape, atol, rtol, progress)
+    else:
+        compact = copy.deepcopy(ckpt.model)
+        progress.warn(f"{source} is already compact (no expanded layers): nothing to contract; writing it as it is")
+    folded: list = []
+    if fold_bn:
+        compact, folded = _fold_checked(compact, shape, ckpt.input_shape, atol, rtol, reports, progress)
+    if out.suffix.lower() == ".onnx":
+        with progress.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
+            export_checked(
+                compact,
+                out,
+                shape,
+                reports,
+                dynamic_size=dynamic_size,
+                metadata=onnx_metadata(ckpt, shape, ckpt.folded_bn + folded, command),
+                atol=atol,
+                rtol=rtol,
+            )
+    else:
+        save_derived(compact, out, ckpt, shape, ckpt.plan, command, ckpt.folded_bn + folded, progress)
+    return ContractResult(
+        source, out, compact, layers, folded, shape, dynamic_size, count_params(ckpt.model), count_params(compact),
+        reports, recomputed,
+    )  # fmt: skip
+
+
+def _check_request(ckpt, out: Path, source, input_shape, dynamic_size, require_expanded, precise_bn, data):
+    """The expanded layers and the input shape of a contraction that can be done as asked, else the error."""
     to_onnx = out.suffix.lower() == ".onnx"
     if dynamic_size and not to_onnx:
         raise UsageError(
@@ -128,69 +177,26 @@ def contract_checkpoint(
             "was given; nothing was written",
             option="require_expanded",
         )
-    shape = tuple(input_shape) if input_shape else ckpt.input_shape
-    if not shape:
-        raise UsageError(
-            f"the input shape of {str(ckpt.path)!r} is not recorded and cannot be inferred; pass input_shape C,H,W",
-            option="input_shape",
-        )
+    shape = input_shape_for(ckpt, input_shape)
     if precise_bn < 0 or (precise_bn and not data) or (data and not precise_bn):
         raise UsageError(
             "precise_bn N (N >= 1) and data SPEC go together: the batches are SPEC's training images",
             option=("precise_bn", "data"),
         )
-    recomputed = None
-    if precise_bn:
-        with progress.step(f"recomputing BatchNorm statistics over {precise_bn} batches of {data}"):
-            ckpt = dataclasses.replace(ckpt, model=copy.deepcopy(ckpt.model))  # the caller's keeps its statistics
-            recomputed = recompute_batchnorm(ckpt, data, precise_bn)
-        if not recomputed["layers"]:
-            progress.warn(f"{source} has no BatchNorm: --precise-bn changed nothing")
-    reports: list = []
-    if layers:
-        compact, reports = contract_checked(ckpt, shape, atol, rtol, progress)
-    else:
-        compact = copy.deepcopy(ckpt.model)
-        progress.warn(f"{source} is already compact (no expanded layers): nothing to contract; writing it as it is")
-    folded: list = []
-    if fold_bn:
-        with progress.step("folding BatchNorm"):
-            unfolded = compact
-            compact, folded = fold_batchnorm(compact)
-        with progress.step("checking the folded model"), running_model(shape, ckpt.input_shape):
-            fold_reports = [
-                compare_models(unfolded, compact, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
-                for d in (torch.float64, torch.float32)
-            ]
-        reports += fold_reports
-        if failed_reports(fold_reports):
-            raise check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
-    if to_onnx:
-        with progress.step(f"exporting {out} and checking it with onnxruntime"), running_model(shape, ckpt.input_shape):
-            export_checked(
-                compact,
-                out,
-                shape,
-                reports,
-                dynamic_size=dynamic_size,
-                metadata=onnx_metadata(ckpt, shape, ckpt.folded_bn + folded, command),
-                atol=atol,
-                rtol=rtol,
-            )
-    else:
-        with progress.step(f"writing {out}"):
-            ckpt_io.save(
-                compact,
-                out,
-                arch=ckpt.arch,
-                arch_kwargs=ckpt.arch_kwargs,
-                input_shape=shape,
-                plan=ckpt.plan,
-                parent_sha256=ckpt.sha256,
-                command=command,
-                folded_bn=ckpt.folded_bn + folded,
-            )
-    return ContractResult(
-        source, out, compact, layers, folded, shape, dynamic_size, count_params(ckpt.model), count_params(compact),
-        reports, recomputed,
-    )  # fmt: skip
+    return layers, shape
+
+
+def _fold_checked(compact: nn.Module, shape, recorded, atol, rtol, reports: list, progress: Progress):
+    """``compact`` with BatchNorm folded and the folded-vs-unfolded reports appended to ``reports``; a
+    mismatch raises :class:`CheckFailed` carrying them (nothing is written)."""
+    with progress.step("folding BatchNorm"):
+        folded_model, folded = fold_batchnorm(compact)
+    with progress.step("checking the folded model"), running_model(shape, recorded):
+        fold_reports = [
+            compare_models(compact, folded_model, shape, dtype=d, atol=atol, rtol=rtol, kind="unfolded-vs-folded")
+            for d in (torch.float64, torch.float32)
+        ]
+    reports += fold_reports
+    if failed_reports(fold_reports):
+        raise check_failed("folding BatchNorm changed the outputs; nothing was written", reports)
+    return folded_model, folded

@@ -26,7 +26,7 @@ from ..rewrite import expanded_layers
 from ..rewrite import plan as make_plan
 from ..shapes import fmt_shape, run_once
 from ..sizes import check_expanded_size, count_params
-from .checks import Progress, Silent
+from .checks import Progress, Silent, save_derived
 
 
 @dataclass
@@ -121,7 +121,7 @@ def expand_checkpoint(
     if init not in INIT_MODES:
         raise UsageError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}", option="init")
     if output is None and not dry_run:
-        raise UsageError("give an output path to write the expanded checkpoint to")
+        raise UsageError("give an output path to write the expanded checkpoint to", option="output")
     source = source if source is not None else (str(ckpt.path) if ckpt.path else None)
     shape = tuple(input_shape) if input_shape else ckpt.input_shape
     if shape is not None:
@@ -162,18 +162,7 @@ def expand_checkpoint(
     plan_dict = plan.to_dict()
     if ckpt.plan and ckpt.layout:  # expanding a model that is already partly expanded
         plan_dict["previous"] = ckpt.plan
-    with progress.step(f"writing {out}"):
-        ckpt_io.save(
-            expanded,
-            out,
-            arch=ckpt.arch,
-            arch_kwargs=ckpt.arch_kwargs,
-            input_shape=shape,
-            plan=plan_dict,
-            parent_sha256=ckpt.sha256,
-            command=command,
-            folded_bn=ckpt.folded_bn,
-        )
+    save_derived(expanded, out, ckpt, shape, plan_dict, command, ckpt.folded_bn, progress)
     result.plan_dict, result.output, result.model = plan_dict, out, expanded
     result.params_after = count_params(expanded)
     if shape is None:

@@ -30,15 +30,7 @@ from ..graph.regions import GraphPlan, contract_graph, plan_graph
 from ..rewrite import expanded_layers
 from ..shapes import running_model
 from ..verify import compare_models
-from .checks import (
-    Progress,
-    Silent,
-    check_failed,
-    contract_checked,
-    export_checked,
-    failed_reports,
-    onnx_metadata,
-)
+from .checks import Progress, Silent, check_failed, contract_checked, export_checked, failed_reports, onnx_metadata
 
 __all__ = ["GRAPH_SUFFIXES", "GraphContractResult", "contract_graph_checkpoint"]
 
@@ -89,9 +81,16 @@ def contract_graph_checkpoint(
     source: str | None = None,
     command: str | None = None,
     progress: Progress | None = None,
+    dynamic_size: bool = False,
+    require_expanded: bool = False,
 ) -> GraphContractResult:
     """Contract expanded layers, merge every linear region of the graph, check, write ``output``
-    (``.onnx`` or ``.pt2``); ``output=None`` is a dry run (the plan only, nothing written)."""
+    (``.onnx`` or ``.pt2``); ``output=None`` is a dry run (the plan only, nothing written).
+    ``dynamic_size`` and ``require_expanded`` (of :func:`contract_checkpoint`) are refused: a merged graph is
+    exported at the fixed input size, and any model may be merged."""
+    for name, given in (("dynamic_size", dynamic_size), ("require_expanded", require_expanded)):
+        if given:
+            raise UsageError(f"{name} is not available with graph", option=(name, "graph"))
     progress = progress or Silent()
     source = source if source is not None else str(ckpt.path)
     shape = tuple(input_shape) if input_shape else ckpt.input_shape
