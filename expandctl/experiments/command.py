@@ -233,7 +233,7 @@ def compare(
             }  # fmt: skip
             if val_fraction is not None:  # only when given: folders made before the option keep their settings
                 recipe["val_fraction"] = val_fraction
-            TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
+            TrainConfig.from_dict(recipe, src="", data=data).validate()  # bad options fail here, before any run starts
             if precise_bn:  # only then: a folder made before the option existed keeps its recipe
                 recipe["precise_bn"] = precise_bn
             study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,

@@ -41,9 +41,11 @@ from ..cli_common import (
     parse_json_object,
 )
 from ..console import UI, fmt_count, kv_table
+from ..datasets import DataOptions
 from ..errors import ExpandctlError, UsageError
-from .loop import Callbacks, TrainConfig
+from .callbacks import Callbacks
 from .loop import train as run_training
+from .options import TrainConfig
 
 __all__ = ["train", "ConsoleReporter", "epoch_line"]
 
@@ -317,12 +319,14 @@ def train(
                 trust_pickle=trust_pickle,
                 grad_confusion=grad_confusion,
                 grad_confusion_pairs=grad_confusion_pairs,
-                channels=channels,
-                image_size=image_size,
-                augment=augment.lower() if augment else None,
-                train_subset=train_subset,
-                download=download,
-                val_fraction=val_fraction,
+                data_options=DataOptions(
+                    channels=channels,
+                    image_size=image_size,
+                    augment=augment.lower() if augment else None,
+                    train_subset=train_subset,
+                    download=download,
+                    val_fraction=val_fraction,
+                ),
                 precise_bn=precise_bn,
                 command=shlex.join(["expandctl", *sys.argv[1:]]),
             )
