@@ -2,7 +2,10 @@
 
 This module parses arguments, calls the library and prints; nothing else. Every command takes
 ``--json`` (exactly one JSON object on stdout, also on error), ``--quiet`` (no progress) and
-``--debug`` (tracebacks). Exit codes: see :data:`expandctl.cli_common.EXIT_CODES` and docs/cli.md.
+``--debug`` (tracebacks). Exit codes: see :data:`expandctl.commands.runtime.EXIT_CODES` and docs/cli.md.
+
+Torch-free: every command module imports the library when its command runs, so ``expandctl --help`` and
+``expandctl CMD --help`` answer without loading torch (tests/test_architecture.py keeps it so).
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from typing import Annotated
 import typer
 
 from ._version import __version__
-from .cli_common import EXIT_INTERRUPTED, Command
-from .commands import _shared
-from .commands.expand import RATE_HELP, STRATEGY_HELP  # noqa: F401 (the --strategy/--rate help, imported by tests)
+from .commands import analyze, compare, contract, evaluate, expand, export, inspect, quantize, runtime, train, verify
+from .commands.runtime import EXIT_INTERRUPTED, Command
 
 app = typer.Typer(
     name="expandctl",
@@ -45,35 +47,25 @@ def _root(
     """Expand a model for training, contract it back exactly, verify and export it."""
 
 
-# Every command lives in its own module; this list registers them, in the order --help shows.
-def _register() -> None:
-    from .analysis.command import analyze_app, plot
-    from .commands import contract, evaluate, expand, export, inspect, verify
-    from .experiments.command import compare
-    from .quantize_command import quantize
-    from .train.command import train
-
-    commands = [
-        ("expand", expand.expand),
-        ("contract", contract.contract),
-        ("verify", verify.verify),
-        ("export", export.export),
-        ("inspect", inspect.inspect),
-        ("evaluate", evaluate.evaluate),
-        ("train", train),
-        ("analyze", analyze_app),
-        ("plot", plot),
-        ("compare", compare),
-        ("quantize", quantize),
-    ]
-    for name, command in commands:
-        if isinstance(command, typer.Typer):
-            app.add_typer(command, name=name)
-        else:
-            app.command(name, cls=Command)(command)
-
-
-_register()
+#: Every command: its name and the function (or sub-app) of its module in expandctl/commands/, in --help order.
+COMMANDS = [
+    ("expand", expand.expand),
+    ("contract", contract.contract),
+    ("verify", verify.verify),
+    ("export", export.export),
+    ("inspect", inspect.inspect),
+    ("evaluate", evaluate.evaluate),
+    ("train", train.train),
+    ("analyze", analyze.analyze_app),
+    ("plot", analyze.plot),
+    ("compare", compare.compare),
+    ("quantize", quantize.quantize),
+]
+for _name, _command in COMMANDS:
+    if isinstance(_command, typer.Typer):
+        app.add_typer(_command, name=_name)
+    else:
+        app.command(_name, cls=Command)(_command)
 
 
 def _usage_error(e) -> int:
@@ -98,7 +90,7 @@ def _usage_error(e) -> int:
 
 def main() -> None:
     """Console-script entry point: click's own usage errors also honour ``--json``."""
-    _shared._ARGV = sys.argv[1:]
+    runtime._ARGV = sys.argv[1:]
     try:
         rv = app(prog_name="expandctl", standalone_mode=False)
     except typer.TyperException as e:  # click's usage errors (missing option, bad value...)
@@ -110,5 +102,5 @@ def main() -> None:
     except typer.Abort:
         rv = EXIT_INTERRUPTED
     finally:
-        _shared._ARGV = None
+        runtime._ARGV = None
     sys.exit(rv if isinstance(rv, int) else 0)

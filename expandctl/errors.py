@@ -16,19 +16,25 @@ class ExpandctlError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str = "", *, option: str | None = None, details: dict | None = None):
+    def __init__(self, message: str = "", *, option: str | tuple[str, ...] | None = None, details: dict | None = None):
         super().__init__(message)
         self.option = option
         if details is not None:
             self.details = details
 
-    def worded(self, name: str) -> str:
-        """The message with the parameter called ``name`` (a flag such as ``--epochs``) in place of ``option``."""
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The parameters the message names (``option`` as a tuple)."""
+        return (self.option,) if isinstance(self.option, str) else tuple(self.option or ())
+
+    def worded(self, names: dict[str, str]) -> str:
+        """The message with each parameter in ``names`` (``{"epochs": "--epochs"}``) called by its new name."""
         text = str(self)
-        if not self.option:
-            return text
-        pattern = r"(?<![\w-])" + re.escape(self.option) + r"(?![\w-])"
-        return re.sub(pattern, lambda _: name, text, count=1)
+        for option in self.options:
+            if option in names:
+                pattern = r"(?<![\w'-])" + re.escape(option) + r"(?![\w'-])"
+                text = re.sub(pattern, lambda _, new=names[option]: new, text)
+        return text
 
 
 class UsageError(ExpandctlError, ValueError):

@@ -94,7 +94,7 @@ def test_train_accumulate_equals_plain_accumulation(src, tmp_path, monkeypatch, 
 def test_accumulate_validation_and_cli(src, tmp_path):
     with pytest.raises(UsageError, match="^accumulate must be at least 1") as e:
         train(config(src, tmp_path / "bad", accumulate=0))
-    assert e.value.option == "accumulate"
+    assert e.value.options == ("accumulate",)
     r = invoke(src, tmp_path / "cli", "--accumulate", "2", "--epochs", "1")
     assert r.exit_code == 0, r.output
     assert load_checkpoint(tmp_path / "cli" / "last.pt").extra["train"]["config"]["accumulate"] == 2
@@ -118,7 +118,7 @@ def test_torchrun_accumulate_fused_equals_explicit(tmp_path):
     for forward in ("fused", "explicit"):
         out = tmp_path / forward
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd += ["-m", "expandctl.train.command", str(src), "--data", "synthetic", "--epochs", "1", "--quiet"]
+        cmd += ["-m", "expandctl.commands.train", str(src), "--data", "synthetic", "--epochs", "1", "--quiet"]
         cmd += ["--batch-size", "32", "--accumulate", "3", "--lr", "0.1", "--forward", forward, "--out", str(out)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

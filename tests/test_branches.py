@@ -404,7 +404,7 @@ def test_branch_checkpoints_round_trip_expanded_and_contracted(kind, tmp_path):
 
 
 def test_branch_kinds_are_in_the_registry_and_the_help():
-    from expandctl.cli import STRATEGY_HELP
+    from expandctl.commands.expand import STRATEGY_HELP
 
     for kind in BRANCH_KINDS:
         assert kind in expandctl.EXPANSIONS and f"{kind}:" in STRATEGY_HELP

@@ -266,7 +266,7 @@ def test_cli_contract_graph_onnx_and_verify(tmp_path, monkeypatch):
 
 def test_cli_contract_graph_refuses_a_wrong_merge_and_writes_nothing(tmp_path, monkeypatch):
     """An algebra error in a merged layer (1e-3 relative on one kernel) fails the check: exit 1, no file."""
-    import expandctl.graph.workflow as W
+    import expandctl.workflows.graph as W
 
     real = W.contract_graph
 

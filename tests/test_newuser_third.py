@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from expandctl import workflows
+from expandctl import sizes
 from expandctl.cli import app
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ def _digit_folder(root: Path, classes=3, per_class=10, size=8) -> Path:
 # 1. A rate the machine cannot hold is a usage error (exit 2, both sizes), and a far-too-large plan warns
 # --------------------------------------------------------------------------------------------------
 def test_expand_refuses_a_model_larger_than_the_available_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(workflows, "available_memory", lambda: 2**20)  # 1 MiB free
+    monkeypatch.setattr(sizes, "available_memory", lambda: 2**20)  # 1 MiB free
     out = tmp_path / "r.pt"
     data = cli_json("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "--strategy", "cl",
                     "--rate", "64", "-o", out, code=2)  # fmt: skip
@@ -76,17 +76,17 @@ def test_the_plan_warns_when_the_expanded_model_is_far_beyond_compact(tmp_path, 
     assert quiet["warnings"] == []
     data = cli_json(*args, "--rate", "40", "--dry-run")
     factor = data["params_after"] / data["params_before"]
-    assert factor > workflows.FAR_BEYOND_COMPACT
+    assert factor > sizes.FAR_BEYOND_COMPACT
     assert any(f"{factor:,.0f}x the compact model's" in w for w in data["warnings"]), data["warnings"]
     r = cli(*args, "--rate", "40", "--dry-run")
     assert r.exit_code == 0 and f"warning: the expanded model has {data['params_after']:,} parameters" in r.stderr
-    monkeypatch.setattr(workflows, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(sizes, "available_memory", lambda: 2**20)
     r = cli(*args, "--rate", "40", "--dry-run")  # a dry run writes nothing: it says expand would refuse
     assert r.exit_code == 0 and "refused without --dry-run: the expanded model would need" in r.stderr
 
 
 def test_compare_refuses_a_rate_the_machine_cannot_hold(tmp_path, monkeypatch):
-    monkeypatch.setattr(workflows, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(sizes, "available_memory", lambda: 2**20)
     out = tmp_path / "study"
     data = cli_json("compare", "--arch", "smallnet", "--arch-kwargs", json.dumps(GRAY), "--data", "digits",
                     "--strategies", "compact,cl", "--rate", "64", "--out", out, code=2)  # fmt: skip

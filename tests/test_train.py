@@ -81,11 +81,16 @@ def test_step_and_cosine_schedules():
         ("lr", -1.0, "lr", "--lr"),
         ("kd_alpha", 1.5, "kd_alpha", "--kd-alpha"),
         ("kd_temperature", 0.0, "kd_temperature", "--kd-temperature"),
-        ("nonlinear_warmup", 2, "epochs", "smaller than --epochs"),
+        ("nonlinear_warmup", 2, "nonlinear_warmup", r"--nonlinear-warmup \(2\) must be smaller than --epochs \(2\)"),
         ("weight_decay", -0.1, "weight_decay", "--weight-decay"),
-        ("nesterov", True, "nesterov", "--nesterov needs"),
+        ("nesterov", True, "nesterov", "--nesterov needs a non-zero --momentum"),
     ],
 )
+def flags(error: UsageError) -> dict[str, str]:
+    """What the CLI calls the options an error names (``--`` and dashes, as Typer names the flags)."""
+    return {name: "--" + name.replace("_", "-") for name in error.options}
+
+
 def test_config_validation(field, value, option, message):
     """The library names the option by its field (``option=``); the CLI words it as the flag."""
     kw = {field: value}
@@ -93,8 +98,8 @@ def test_config_validation(field, value, option, message):
         kw["momentum"] = 0.0
     with pytest.raises(UsageError) as e:
         config("x.pt", "out", **kw).validate()
-    assert e.value.option == option and option in str(e.value) and "--" not in str(e.value)
-    assert re.search(message, e.value.worded("--" + option.replace("_", "-")))
+    assert e.value.options[0] == option and option in str(e.value) and "--" not in str(e.value)
+    assert re.search(message, e.value.worded(flags(e.value)))
 
 
 def test_config_composes_the_data_options_and_records_them_flat():
@@ -366,14 +371,16 @@ def test_resume_guards(src, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="does not exist; start the run without resuming") as e:
         train(config(src, out, resume=True))
-    assert e.value.worded("--resume").startswith("--resume: ")
+    assert e.value.worded(flags(e.value)).endswith("does not exist; start the run without --resume")
     train(config(src, out, epochs=1))
     with pytest.raises(UsageError, match="already holds a run.*resume") as e:
         train(config(src, out, epochs=1))
-    assert "continue it with --resume" in e.value.worded("--resume")
+    assert "continue it with --resume" in e.value.worded(flags(e.value))
     with pytest.raises(UsageError, match=r"these differ: lr 0\.5 \(the run has 0\.1\)") as e:
         train(config(src, out, epochs=1, lr=0.5, resume=True))
-    assert e.value.worded("--resume").startswith("--resume continues ")
+    assert e.value.options == ("resume", "lr")
+    worded = e.value.worded(flags(e.value))
+    assert re.search(r"^--resume continues .*these differ: --lr 0\.5 \(the run has 0\.1\)$", worded)
     # Finished runs resume to a no-op; a compact checkpoint without training state is refused.
     assert train(config(src, out, epochs=1, resume=True))["epochs_run"] == 0
     (tmp_path / "other").mkdir()

@@ -16,7 +16,7 @@ from expandctl.train import TrainConfig, train
 
 # One thread in every child too: bitwise equality needs the same kernels and reduction order.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COMMAND = [sys.executable, "-m", "expandctl.train.command"]
+COMMAND = [sys.executable, "-m", "expandctl.commands.train"]
 
 
 def _no_timing(rows):
@@ -70,7 +70,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     src = make_src(tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "expandctl.train.command", str(src), "--data", "synthetic", "--epochs", "1"]
+    cmd += ["-m", "expandctl.commands.train", str(src), "--data", "synthetic", "--epochs", "1"]
     cmd += ["--batch-size", "32", "--lr", "0.1", "--json"]
     done = subprocess.run([*cmd, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and "terminate called without an active exception" in done.stderr:

@@ -11,7 +11,7 @@
 >>> loss_landscape(model, data.train, dims=1, steps=21)["loss"]
 
 Pure functions: they never print, and never change the model they are given. The Typer commands
-(``expandctl analyze``, ``expandctl plot``) live in :mod:`expandctl.analysis.command`.
+(``expandctl analyze``, ``expandctl plot``) live in :mod:`expandctl.commands.analyze`.
 """
 
 from .confusion import MODES, WRT, cosine_similarities, grad_confusion_hook, gradient_confusion

@@ -1,6 +1,7 @@
-"""The commands of ``expandctl``, one module each; :mod:`expandctl.cli` registers them from one list.
+"""The commands of ``expandctl``, one Typer module each; :data:`expandctl.cli.COMMANDS` registers them.
 
-``train``, ``analyze``/``plot``, ``compare`` and ``quantize`` live beside their libraries
-(:mod:`expandctl.train.command`, :mod:`expandctl.analysis.command`, :mod:`expandctl.experiments.command`,
-:mod:`expandctl.quantize_command`) and are registered from the same list.
+Shared options are declared once in :mod:`.options`; the error guard, exit codes and argument parsing
+live in :mod:`.runtime`. A command module parses its flags, calls its library verb
+(:mod:`expandctl.workflows`, :mod:`expandctl.train`, ...) and prints the result; it imports the library
+inside the command function, so ``--help`` loads no torch.
 """

@@ -10,25 +10,23 @@ from typing import Annotated
 import typer
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
+from ..console import UI, fmt_count, graph_plan_table, left_alone_table
+from ..errors import UsageError
+from ..workflows import contract_checkpoint
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AtolOpt,
     DebugOpt,
+    DynamicSizeOpt,
     JsonOpt,
     PreciseBnOpt,
     QuietOpt,
     RtolOpt,
     ShapeOpt,
     TrustOpt,
-    guard,
-    load_for_cli,
-    parse_shape,
 )
-from ..console import UI, fmt_count, graph_plan_table, left_alone_table
-from ..errors import UsageError
-from ..workflows import contract_checkpoint
-from ._shared import DynamicSizeOpt, command_line, reports_on_failure, show_reports
+from .runtime import command_line, guard, load_for_cli, parse_shape, reports_on_failure, show_reports
 
 
 def contract(
@@ -128,7 +126,7 @@ def _contract_graph(
     ctx, ui, src, output, dry_run, input_shape, atol, rtol, fold_bn, dynamic_size, require_expanded, arch,
     arch_kwargs, trust_pickle,
 ) -> None:  # fmt: skip
-    from ..graph.workflow import GRAPH_SUFFIXES, contract_graph_checkpoint
+    from ..workflows import GRAPH_SUFFIXES, contract_graph_checkpoint
 
     if dry_run and not graph_requested(ctx):
         raise UsageError("--dry-run lists the regions of --graph; add --graph")

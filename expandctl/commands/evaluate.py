@@ -9,7 +9,10 @@ from typing import Annotated
 import typer
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
+from ..console import UI
+from ..errors import CheckFailed, UsageError
+from ..shapes import data_mismatch, first_layer_channels
+from .options import (
     ArchKwOpt,
     ArchOpt,
     ChannelsOpt,
@@ -21,14 +24,8 @@ from ..cli_common import (
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
-    data_options,
-    guard,
-    load_for_cli,
 )
-from ..console import UI
-from ..errors import CheckFailed, UsageError
-from ..shapes import data_mismatch, first_layer_channels
-from ._shared import onnx_shape
+from .runtime import data_options, guard, load_for_cli, onnx_shape
 
 
 def evaluate(

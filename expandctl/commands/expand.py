@@ -11,23 +11,11 @@ from typing import Annotated
 import typer
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
-    ArchKwOpt,
-    ArchOpt,
-    DebugOpt,
-    JsonOpt,
-    QuietOpt,
-    ShapeOpt,
-    TrustOpt,
-    guard,
-    load_for_cli,
-    parse_json_object,
-    parse_shape,
-)
 from ..console import UI, fmt_count, fmt_rate, plan_table
 from ..errors import UsageError
 from ..workflows import expand_checkpoint, fresh_checkpoint
-from ._shared import command_line
+from .options import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, ShapeOpt, TrustOpt
+from .runtime import command_line, guard, load_for_cli, parse_json_object, parse_shape
 
 
 def _strategy_help() -> str:

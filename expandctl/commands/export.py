@@ -9,25 +9,23 @@ from typing import Annotated
 import typer
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
+from ..console import UI
+from ..errors import CheckFailed
+from ..shapes import running_model
+from ..workflows import check_failed
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AtolOpt,
     DebugOpt,
+    DynamicSizeOpt,
     JsonOpt,
     QuietOpt,
     RtolOpt,
     ShapeOpt,
     TrustOpt,
-    guard,
-    input_shape_of,
-    load_for_cli,
-    running_model,
 )
-from ..console import UI
-from ..errors import CheckFailed
-from ..workflows import check_failed
-from ._shared import DynamicSizeOpt, contract_checked_cli, onnx_metadata_of, show_reports
+from .runtime import contract_checked_cli, guard, input_shape_of, load_for_cli, onnx_metadata_of, show_reports
 
 
 def export(

@@ -11,9 +11,10 @@ import typer
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint.describe import ONNX_PARAMETERS_NOTE
-from ..cli_common import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, TrustOpt, guard, load_for_cli
 from ..console import UI, fmt_count, fmt_rate, kv_table, layers_table
-from ..workflows import count_params
+from ..sizes import count_params
+from .options import ArchKwOpt, ArchOpt, DebugOpt, JsonOpt, QuietOpt, TrustOpt
+from .runtime import guard, load_for_cli
 
 
 def inspect(

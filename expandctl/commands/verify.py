@@ -10,26 +10,12 @@ import torch
 import typer
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
-    ArchKwOpt,
-    ArchOpt,
-    AtolOpt,
-    DebugOpt,
-    JsonOpt,
-    QuietOpt,
-    RtolOpt,
-    ShapeOpt,
-    TrustOpt,
-    guard,
-    input_shape_of,
-    load_for_cli,
-    running_model,
-)
 from ..console import UI
 from ..errors import UsageError
-from ..shapes import backend_message, fmt_shape, onnx_dynamic_size, run_once, second_size
+from ..shapes import backend_message, fmt_shape, onnx_dynamic_size, run_once, running_model, second_size
 from ..workflows import check_failed, failed_reports
-from ._shared import onnx_shape, parse_dtype, show_reports
+from .options import ArchKwOpt, ArchOpt, AtolOpt, DebugOpt, JsonOpt, QuietOpt, RtolOpt, ShapeOpt, TrustOpt
+from .runtime import guard, input_shape_of, load_for_cli, onnx_shape, parse_dtype, show_reports
 
 
 def verify(

@@ -218,7 +218,7 @@ def plan_strategies(
     a dry run: a warning instead), before any run starts."""
     from ..models import build_arch
     from ..rewrite import plan
-    from ..workflows import check_expanded_size, count_params
+    from ..sizes import check_expanded_size, count_params
 
     model = build_arch(study.arch, study.arch_kwargs)
     compact = count_params(model)

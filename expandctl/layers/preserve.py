@@ -72,8 +72,9 @@ def fit_ck(target: torch.Tensor, weights: Sequence[torch.Tensor], groups: int, w
         widths = [w.shape[0] for w in weights[:-1]]
         params = sum(w.numel() for w in weights)
         raise PreserveFitError(
-            f"--init preserve found no exact factorisation of this {what} at widths {widths}: best relative "
+            f"init preserve found no exact factorisation of this {what} at widths {widths}: best relative "
             f"residual {result.residual:.2g} > {tol:g} ({params} factor weights for {target.numel()} kernel "
-            f"entries); a larger --rate (5x5 to 9x9 fit exactly at rate 4) or --init scratch will do"
+            f"entries); a larger rate (5x5 to 9x9 fit exactly at 4) or init scratch will do",
+            option=("init", "rate"),
         )
     return list(result.weights), result.residual

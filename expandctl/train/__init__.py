@@ -8,6 +8,7 @@ epochs), :mod:`.epoch` (one training pass, validation), :mod:`.state` (the run f
 checkpoints), :mod:`.rng` (random streams), :mod:`.distributed` (torchrun), :mod:`.loaders`,
 :mod:`.distill` (teacher, KD), :mod:`.warmup` (nonlinear warm-up), :mod:`.callbacks` (what callers plug
 in), :mod:`.losses`, :mod:`.precise_bn`, :mod:`.curves`. Data sets are read by :mod:`expandctl.datasets`.
+The ``expandctl train`` command is :mod:`expandctl.commands.train` (the CLI imports it, not the library).
 """
 
 from .callbacks import Callbacks, EpochContext

@@ -110,29 +110,29 @@ class TrainConfig:
                 raise UsageError(
                     f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})", option=name
                 )
-        for name, ok, message in self._rules():
+        for names, ok, message in self._rules():
             if not ok:
-                raise UsageError(message, option=name)
+                raise UsageError(message, option=names)
         self.data_options.validate()
         return self
 
-    def _rules(self) -> list[tuple[str, bool, str]]:
-        """``(option, holds, message)`` for every numeric option; a message names its option first."""
+    def _rules(self) -> list[tuple[str | tuple[str, ...], bool, str]]:
+        """``(the options the message names, holds, message)`` for every numeric option."""
         return [
             ("epochs", self.epochs >= 1, "epochs must be at least 1"),
             ("batch_size", self.batch_size >= 1, "batch_size must be at least 1"),
             ("accumulate", self.accumulate >= 1, "accumulate must be at least 1"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
             ("momentum", 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            ("nesterov", not (self.nesterov and self.momentum == 0), "nesterov needs a non-zero momentum"),
+            (("nesterov", "momentum"), not self.nesterov or self.momentum != 0, "nesterov needs a non-zero momentum"),
             ("weight_decay", self.weight_decay >= 0, "weight_decay must be >= 0"),
             ("kd_alpha", 0 <= self.kd_alpha <= 1, "kd_alpha must be in [0, 1]"),
             ("kd_temperature", self.kd_temperature > 0, "kd_temperature must be > 0"),
             ("nonlinear_warmup", self.nonlinear_warmup >= 0, "nonlinear_warmup must be >= 0"),
             (
-                "epochs",  # the one flag the message names: the warm-up is measured against it
+                ("nonlinear_warmup", "epochs"),
                 self.nonlinear_warmup < self.epochs,
-                f"the nonlinear warm-up ({self.nonlinear_warmup}) must be smaller than epochs ({self.epochs}): "
+                f"nonlinear_warmup ({self.nonlinear_warmup}) must be smaller than epochs ({self.epochs}): "
                 "the ReLUs must come out before training ends",
             ),
             ("workers", self.workers >= 0, "workers must be >= 0"),

@@ -58,7 +58,7 @@ def open_run(config: TrainConfig, last_path: Path) -> tuple[Checkpoint, dict | N
     ``last.pt`` and its optimizer/RNG state for ``config.resume``."""
     if config.resume:
         if not last_path.is_file():
-            raise UsageError(f"resume: {last_path} does not exist; start the run without resuming", option="resume")
+            raise UsageError(f"resume: {last_path} does not exist; start the run without resume", option="resume")
         ckpt = load_checkpoint(last_path, trust_pickle=config.trust_pickle)
         state = (ckpt.extra or {}).get("train")
         if not isinstance(state, dict) or "optimizer" not in state:
@@ -70,6 +70,7 @@ def open_run(config: TrainConfig, last_path: Path) -> tuple[Checkpoint, dict | N
     else:
         if last_path.exists():
             raise UsageError(
+                # not option "out": a folder named "out" would be reworded too
                 f"{last_path.parent} already holds a run ({last_path.name}); continue it with resume, "
                 "or pick another output folder",
                 option="resume",
@@ -91,15 +92,12 @@ def _check_same_run(config: TrainConfig, saved: dict, path: Path) -> None:
     if config.weight_decay == 0 and not saved.get("weight_decay"):
         ignored.add("decay_on")
     given = config.to_dict()
-    changed = [
-        f"{name} {given[name]!r} (the run has {saved.get(name)!r})"
-        for name in TRAJECTORY_FIELDS
-        if name in saved and name not in ignored and given[name] != saved[name]
-    ]
+    names = [name for name in TRAJECTORY_FIELDS if name in saved and name not in ignored and given[name] != saved[name]]
+    changed = [f"{name} {given[name]!r} (the run has {saved[name]!r})" for name in names]
     if changed:
         raise UsageError(
             f"resume continues {path} with the options it was started with; these differ: {'; '.join(changed)}",
-            option="resume",
+            option=("resume", *names),
         )
 
 

@@ -14,8 +14,11 @@ from typing import Annotated
 
 import typer
 
-from . import checkpoint as ckpt_io
-from .cli_common import (
+from .. import checkpoint as ckpt_io
+from ..console import UI, kv_table
+from ..errors import CheckFailed, UsageError
+from ..shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_dynamic_size, running_model
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AtolOpt,
@@ -29,15 +32,16 @@ from .cli_common import (
     ShapeOpt,
     TrustOpt,
     ValFractionOpt,
+)
+from .runtime import (
+    contract_checked_cli,
     data_options,
     guard,
     input_shape_of,
     load_for_cli,
-    running_model,
+    onnx_metadata_of,
+    onnx_shape,
 )
-from .console import UI, kv_table
-from .errors import CheckFailed, UsageError
-from .shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_dynamic_size
 
 __all__ = ["quantize", "result_rows"]
 
@@ -117,12 +121,11 @@ def quantize(
     debug: DebugOpt = False,
 ) -> None:
     """INT8 static quantization (onnxruntime, QDQ), scored against the float model on the validation split."""
-    from .commands._shared import contract_checked_cli, onnx_metadata_of, onnx_shape
-    from .datasets import load_data
-    from .export import export_onnx
-    from .quantize import METHODS, check_float_onnx, check_min_accuracy
-    from .quantize import quantize as run_quantize
-    from .rewrite import expanded_layers
+    from ..datasets import load_data
+    from ..export import export_onnx
+    from ..quantize import METHODS, check_float_onnx, check_min_accuracy
+    from ..quantize import quantize as run_quantize
+    from ..rewrite import expanded_layers
 
     ui = UI("quantize", as_json, quiet, debug)
     with guard(ui):

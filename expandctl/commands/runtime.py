@@ -1,24 +1,23 @@
-"""What every expandctl command shares: exit codes, common options, error handling, loading.
+"""What every command shares at run time: exit codes, the error guard, argument parsing, loading.
 
-The top-level CLI (:mod:`expandctl.cli`) and the command modules it registers
-(:mod:`expandctl.train.command`, :mod:`expandctl.analysis.command`) all import from here.
+Torch-free at import (``--help`` must not load the library): whatever needs the library imports it when a
+command runs. The one place where a library error's ``option`` becomes the command's flag is :func:`cli_message`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import re
-from collections.abc import Iterator
-from typing import Annotated
+import shlex
+from collections.abc import Iterator, Sequence
 
 import typer
 import typer.core
 
-from . import checkpoint as ckpt_io
-from .console import UI
-from .errors import ExpandctlError, UsageError
-from .shapes import backend_message, fmt_shape, running_model  # noqa: F401 (running_model: re-exported)
+from ..console import UI, report_settings, report_table
+from ..errors import CheckFailed, ExpandctlError, UsageError
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -36,6 +35,9 @@ EXIT_CODES = {
 EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
 
 
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("expandctl_running_command", default=None)
+
+
 class Command(typer.core.TyperCommand):
     """Usage lines name required arguments plainly (``SRC``), as the docs do; Typer writes ``{SRC}``,
     which reads like a literal brace to type. Every expandctl command is registered with it."""
@@ -47,6 +49,13 @@ class Command(typer.core.TyperCommand):
                 param.display_type_rich = _no_type  # "SRC", not "SRC <str>"
             elif not getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = placeholder(param)
+
+    def invoke(self, ctx):
+        token = _RUNNING.set(ctx)  # what cli_message reads: this command's parameters
+        try:
+            return super().invoke(ctx)
+        finally:
+            _RUNNING.reset(token)
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
@@ -74,96 +83,19 @@ def _no_type(ctx) -> str:
     return ""
 
 
-# --- options ----------------------------------------------------------------------------------------
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        metavar="SPEC",
-        help="Architecture: a torchvision name (resnet18), smallnet, or module:callable "
-        "(mypkg.models:MyNet; timm: timm:create_model with model_name in --arch-kwargs). "
-        "Needed for plain state dicts; overrides what a checkpoint records.",
-    ),
-]
-ArchKwOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."
-    ),
-]
-ShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--input-shape",
-        metavar="C,H,W",
-        help="Per-sample input shape C,H,W (no batch). Default: recorded in the checkpoint, or inferred "
-        "(3,224,224 for torchvision classifiers; SmallNet from its arguments).",
-    ),
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        envvar="EXPANDCTL_TRUST_PICKLE",
-        help="Allow pickles that name classes outside torch/torchvision (runs code from the file: "
-        "only for files you trust). Also EXPANDCTL_TRUST_PICKLE=1.",
-    ),
-]
-ChannelsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--channels", metavar="1|3", help="Convert images to 1 (gray, by luma) or 3 channels (gray replicated)."
-    ),
-]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", metavar="N", help="Resize images to N x N.")]
-AugmentOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--augment",
-        metavar="none|crop-flip",
-        help="Training-split augmentation (default per set: crop-flip for cifar and imagefolder, else none).",
-    ),
-]
-TrainSubsetOpt = Annotated[
-    int | None,
-    typer.Option("--train-subset", metavar="N", help="Use N training images: stratified by class, fixed seed."),
-]
-DownloadOpt = Annotated[
-    bool,
-    typer.Option(
-        "--download",
-        help="Fetch a missing mnist, fashion-mnist, cifar10 or cifar100 into the cache "
-        "($EXPANDCTL_DATA, default ~/.cache/expandctl/data).",
-    ),
-]
-ValFractionOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--val-fraction",
-        metavar="F",
-        help="imagefolder:DIR with class folders directly under DIR: hold out this share of each class for "
-        "validation (default 0.2; the same seeded split in train and evaluate).",
-    ),
-]
-PreciseBnOpt = Annotated[
-    int,
-    typer.Option(
-        "--precise-bn",
-        metavar="N",
-        help="Recompute every BatchNorm's running statistics over N training batches with the final weights "
-        "(branch BatchNorms included; 0: off). See docs/train.md.",
-    ),
-]
-AtolOpt = Annotated[
-    float | None, typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype, see docs).")
-]
-RtolOpt = Annotated[
-    float | None,
-    typer.Option("--rtol", metavar="X", help="Tolerance relative to the largest output (default by dtype)."),
-]
+def cli_message(e: ExpandctlError) -> str:
+    """A library error as the command line words it: each parameter the error names (``e.option``) called by
+    the running command's flag (``epochs`` -> ``--epochs``) or argument (``src`` -> ``SRC``). The only such
+    rewriting of library text."""
+    ctx = _RUNNING.get()
+    if not e.options or ctx is None:
+        return str(e)
+    names = {
+        p.name: p.opts[0] if p.param_type_name == "option" else (p.metavar or p.name.upper())
+        for p in ctx.command.params
+        if p.name in e.options
+    }
+    return e.worded(names)
 
 
 @contextlib.contextmanager
@@ -174,7 +106,7 @@ def guard(ui: UI) -> Iterator[None]:
     except (typer.Exit, typer.Abort):
         raise
     except ExpandctlError as e:
-        ui.error(str(e), e.exit_code, getattr(e, "details", None), e)
+        ui.error(cli_message(e), e.exit_code, getattr(e, "details", None), e)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as e:
         ui.error("interrupted; no output was written", EXIT_INTERRUPTED, exc=e)
@@ -184,6 +116,8 @@ def guard(ui: UI) -> Iterator[None]:
         ui.error(f"cannot access{where}: {e.strerror or e}; check permissions and free space", EXIT_IO, exc=e)
         raise typer.Exit(EXIT_IO) from None
     except Exception as e:
+        from ..shapes import backend_message
+
         ui.error(
             f"internal error ({type(e).__name__}: {backend_message(e, 300)}); rerun with --debug for the traceback "
             "and report it",
@@ -220,11 +154,12 @@ def parse_json_object(text: str | None, option: str = "--arch-kwargs") -> dict |
     return value
 
 
-def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool) -> ckpt_io.Checkpoint:
-    with ui.step(f"loading {path}"):
-        ckpt = ckpt_io.load_checkpoint(path, arch, parse_json_object(arch_kwargs), trust)
-    from .verify import check_finite
+def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool):
+    from ..checkpoint import load_checkpoint
+    from ..verify import check_finite
 
+    with ui.step(f"loading {path}"):
+        ckpt = load_checkpoint(path, arch, parse_json_object(arch_kwargs), trust)
     try:
         check_finite(ckpt.model)
     except UsageError as e:
@@ -232,7 +167,7 @@ def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool) -> ckpt_io.C
     return ckpt
 
 
-def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None) -> tuple[int, ...]:
+def input_shape_of(ckpt, override: str | None, fallback=None) -> tuple[int, ...]:
     shape = parse_shape(override) or ckpt.input_shape or fallback
     if not shape:
         raise UsageError(
@@ -243,7 +178,95 @@ def input_shape_of(ckpt: ckpt_io.Checkpoint, override: str | None, fallback=None
 
 def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
     """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
-    from .datasets import DataOptions
+    from ..datasets import DataOptions
 
     augment = augment.lower() if augment else None
     return DataOptions(channels, image_size, augment, train_subset, download, val_fraction).validate()
+
+
+_ARGV: list[str] | None = None  # set by expandctl.cli.main(): the exact command line, for provenance
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The command line as typed (through :func:`expandctl.cli.main`), else rebuilt from the parsed parameters
+    (when called in-process, e.g. by CliRunner, where ``sys.argv`` belongs to someone else)."""
+    if _ARGV is not None:
+        return shlex.join(["expandctl", *_ARGV])
+    parts = ["expandctl", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == [] or value == ():
+            continue
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [param.opts[0], str(v)]
+    return shlex.join(parts)
+
+
+def show_reports(ui: UI, reports: Sequence, title: str) -> None:
+    if not reports:
+        return
+    table = report_table(reports)
+    table.title = title
+    ui.detail(table)
+    ui.detail(report_settings(reports))
+    for n in dict.fromkeys(n for r in reports for n in r.notes):
+        ui.note(f"note: {n}")
+
+
+@contextlib.contextmanager
+def reports_on_failure(ui: UI) -> Iterator[None]:
+    """A failed check's reports as a table before its one-line error (the workflows attach them)."""
+    try:
+        yield
+    except CheckFailed as e:
+        if getattr(e, "reports", None) is not None:
+            show_reports(ui, e.reports, e.reports_title)
+        raise
+
+
+def parse_dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    table = {"float32": torch.float32, "float64": torch.float64, "fp32": torch.float32, "fp64": torch.float64}
+    if name.lower() not in table:
+        raise UsageError(f"--dtype must be float32 or float64, got {name!r}")
+    return table[name.lower()]
+
+
+def onnx_metadata_of(ctx: typer.Context, ckpt, shape, folded: Sequence) -> dict[str, str]:
+    """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
+    from ..workflows import onnx_metadata
+
+    return onnx_metadata(ckpt, shape, folded, command_line(ctx))
+
+
+def contract_checked_cli(ui: UI, ckpt, shape, atol, rtol, **check_kw) -> tuple:
+    """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
+    from ..workflows import contract_checked
+
+    with reports_on_failure(ui):
+        return contract_checked(ckpt, shape, atol, rtol, ui, **check_kw)
+
+
+def onnx_shape(path: str) -> tuple[int, ...] | None:
+    """The per-sample input shape an ONNX file was exported with: its graph input's fixed dimensions,
+    else the ``expandctl.input_shape`` metadata (a file exported with dynamic height and width)."""
+    from ..checkpoint import describe_onnx
+    from ..shapes import onnx_input_shape
+
+    shape = onnx_input_shape(path)
+    if shape:
+        return shape
+    meta = describe_onnx(path)["metadata"]
+    with contextlib.suppress(ValueError, TypeError):
+        recorded = json.loads(meta.get("expandctl.input_shape", "null"))
+        if isinstance(recorded, list) and recorded and all(isinstance(d, int) and d > 0 for d in recorded):
+            return tuple(recorded)
+    return None

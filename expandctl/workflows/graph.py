@@ -1,7 +1,7 @@
 """``expandctl contract --graph`` as a library function: contract, merge every linear region, check, write.
 
 >>> from expandctl import load_checkpoint
->>> from expandctl.graph.workflow import contract_graph_checkpoint
+>>> from expandctl.workflows import contract_graph_checkpoint
 >>> ckpt = load_checkpoint("foreign.pt", trust_pickle=True)
 >>> r = contract_graph_checkpoint(ckpt, "deploy.onnx", input_shape=(3, 32, 32))
 >>> r.plan.merged, r.reports   # the regions merged; original vs merged in float64, float32 and onnxruntime
@@ -24,20 +24,21 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
+from ..checkpoint import atomic_write
 from ..errors import UnsupportedError, UsageError
+from ..graph.regions import GraphPlan, contract_graph, plan_graph
 from ..rewrite import expanded_layers
 from ..shapes import running_model
 from ..verify import compare_models
-from ..workflows import (
+from .checks import (
     Progress,
-    _Silent,
+    Silent,
     check_failed,
     contract_checked,
     export_checked,
     failed_reports,
     onnx_metadata,
 )
-from .regions import GraphPlan, contract_graph, plan_graph
 
 __all__ = ["GRAPH_SUFFIXES", "GraphContractResult", "contract_graph_checkpoint"]
 
@@ -91,11 +92,14 @@ def contract_graph_checkpoint(
 ) -> GraphContractResult:
     """Contract expanded layers, merge every linear region of the graph, check, write ``output``
     (``.onnx`` or ``.pt2``); ``output=None`` is a dry run (the plan only, nothing written)."""
-    progress = progress or _Silent()
+    progress = progress or Silent()
     source = source if source is not None else str(ckpt.path)
     shape = tuple(input_shape) if input_shape else ckpt.input_shape
     if not shape:
-        raise UsageError(f"the input shape of {source!r} is not recorded and cannot be inferred; pass --input-shape")
+        raise UsageError(
+            f"the input shape of {source!r} is not recorded and cannot be inferred; pass input_shape",
+            option="input_shape",
+        )
     out = Path(output) if output is not None else None
     if out is not None and out.suffix.lower() not in GRAPH_SUFFIXES:
         raise UsageError(
@@ -155,7 +159,6 @@ def _write_onnx(merged, out, shape, ckpt, plan, command, atol, rtol, reports, pr
 def _write_pt2(merged: nn.Module, out: Path, shape, atol, rtol):
     """torch.export's program archive, batch dimension dynamic (``torch.export.load`` reads it), checked
     by loading it back and running it against the merged model."""
-    from ..checkpoint import atomic_write
 
     model = copy.deepcopy(merged).eval().float()
     x = _example(shape)

@@ -14,12 +14,14 @@ import typer
 from rich.table import Table
 
 from .. import checkpoint as ckpt_io
-from ..cli_common import (
+from ..console import UI, fmt_count, kv_table
+from ..errors import UsageError
+from ..probe import check_fits, resolve_device
+from .options import (
     ArchKwOpt,
     ArchOpt,
     AugmentOpt,
     ChannelsOpt,
-    Command,
     DebugOpt,
     DownloadOpt,
     ImageSizeOpt,
@@ -28,13 +30,8 @@ from ..cli_common import (
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
-    data_options,
-    guard,
-    load_for_cli,
 )
-from ..console import UI, fmt_count, kv_table
-from ..errors import UsageError
-from ..probe import check_fits, resolve_device
+from .runtime import Command, data_options, guard, load_for_cli
 
 __all__ = ["analyze_app", "grad_confusion", "landscape", "plot"]
 
@@ -135,8 +132,8 @@ def grad_confusion(
     debug: DebugOpt = False,
 ) -> None:
     """Cosine similarity of the gradients of random mini-batch pairs: min, mean and a density plot."""
-    from .confusion import gradient_confusion
-    from .plots import plot_confusion
+    from ..analysis.confusion import gradient_confusion
+    from ..analysis.plots import plot_confusion
 
     ui = UI("analyze grad-confusion", as_json, quiet, debug)
     with guard(ui):
@@ -211,8 +208,8 @@ def landscape(
     debug: DebugOpt = False,
 ) -> None:
     """Loss and error along filter-normalised random directions around the weights (Li et al. 2018)."""
-    from .landscape import loss_landscape
-    from .plots import plot_landscape
+    from ..analysis.landscape import loss_landscape
+    from ..analysis.plots import plot_landscape
 
     ui = UI("analyze landscape", as_json, quiet, debug)
     with guard(ui):
@@ -276,7 +273,7 @@ def plot(
     debug: DebugOpt = False,
 ) -> None:
     """Overlay the training and validation curves of several runs (loss, error, gradient confusion)."""
-    from .plots import plot_runs, read_metrics
+    from ..analysis.plots import plot_runs, read_metrics
 
     ui = UI("plot", as_json, quiet, debug)
     with guard(ui):

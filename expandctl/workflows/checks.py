@@ -1,0 +1,125 @@
+"""What the verbs share: progress reporting, failed-check errors carrying their reports, provenance,
+the checked contraction and the checked ONNX export. Never prints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch.nn as nn
+
+from .. import checkpoint as ckpt_io
+from ..errors import CheckFailed
+from ..export import export_onnx
+from ..rewrite import contract as contract_model
+from ..shapes import running_model
+from ..verify import check_contraction
+
+
+class Progress(Protocol):
+    """What the workflows report on their way: slow steps and warnings (the CLI's console is one)."""
+
+    def step(self, text: str) -> contextlib.AbstractContextManager: ...
+
+    def warn(self, text: str) -> None: ...
+
+
+class Silent:
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        yield
+
+    def warn(self, text: str) -> None:
+        pass
+
+
+def failed_reports(reports: Sequence) -> list:
+    return [r for r in reports if not r.passed]
+
+
+def check_failed(message: str, reports: Sequence, title: str = "checks", **details) -> CheckFailed:
+    """A :class:`CheckFailed` that carries its reports: ``.reports`` (objects, ``title`` names the table)
+    and ``.details`` (what ``--json`` prints)."""
+    err = CheckFailed(message)
+    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
+    err.reports = list(reports)
+    err.reports_title = title
+    return err
+
+
+def onnx_metadata(ckpt: ckpt_io.Checkpoint, shape, folded: Sequence, command: str | None = None) -> dict[str, str]:
+    """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
+    return {
+        "expandctl.plan": json.dumps(ckpt.plan),
+        "expandctl.source_sha256": ckpt.sha256 or "",
+        "expandctl.source": ckpt.path.name if ckpt.path else "",
+        "expandctl.arch": json.dumps({"spec": ckpt.arch, "kwargs": ckpt.arch_kwargs}),
+        "expandctl.input_shape": json.dumps(list(shape)),
+        "expandctl.folded_bn": json.dumps(list(folded)),
+        "expandctl.source_provenance": json.dumps(ckpt.provenance, default=str),
+        "expandctl.command": command or "",
+    }
+
+
+def export_checked(model: nn.Module, out: Path, shape, reports: list, **export_kw) -> None:
+    """Export ``model`` to ONNX and append onnxruntime's report to ``reports``; a mismatch raises the
+    :class:`CheckFailed` of :func:`check_failed` carrying every report so far (nothing is written)."""
+
+    try:
+        _, report = export_onnx(model, out, shape, **export_kw)
+    except CheckFailed as e:
+        if getattr(e, "report", None) is not None:
+            reports.append(e.report)
+            raise check_failed(str(e) + "; nothing was written", reports) from None
+        raise
+    if report is not None:
+        reports.append(report)
+
+
+def contract_checked(
+    ckpt: ckpt_io.Checkpoint, shape, atol=None, rtol=None, progress: Progress | None = None, **check_kw
+) -> tuple[nn.Module, list]:
+    """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
+    return contract_model_checked(
+        ckpt.model, shape, atol, rtol, progress, recorded=ckpt.input_shape, written="nothing was written",
+        tolerances="--atol/--rtol", **check_kw,
+    )  # fmt: skip
+
+
+def contract_model_checked(
+    model: nn.Module,
+    shape,
+    atol=None,
+    rtol=None,
+    progress: Progress | None = None,
+    *,
+    recorded=None,
+    what: str = "the model",
+    written: str = "nothing was written",
+    tolerances: str = "atol/rtol",
+    **check_kw,
+) -> tuple[nn.Module, list]:
+    """A contracted copy of ``model`` and its expanded-vs-contracted reports (float64, float32); a
+    mismatch raises :class:`CheckFailed` carrying them, its message ending with ``written`` (what the
+    caller did not write) and the ``tolerances`` to loosen."""
+
+    progress = progress or Silent()
+    with progress.step("contracting expanded layers"):
+        compact = contract_model(model)
+    with (
+        progress.step("checking the contracted model against the expanded one (float64, float32)"),
+        running_model(shape, recorded, what),
+    ):
+        reports = check_contraction(model, compact, shape, atol=atol, rtol=rtol, **check_kw)
+    if failed_reports(reports):
+        raise check_failed(
+            "the contracted model does not match the expanded one "
+            f"({'; '.join(r.summary() for r in failed_reports(reports))}); "
+            f"{written}. Loosen {tolerances} only if the errors are rounding",
+            reports,
+            "expanded (explicit) vs contracted",
+        )
+    return compact, reports
