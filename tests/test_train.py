@@ -69,6 +69,11 @@ def test_step_and_cosine_schedules():
     assert cos[0] == 1 and math.isclose(cos[2], 0.5) and cos == sorted(cos, reverse=True)
 
 
+def flags(error: UsageError) -> dict[str, str]:
+    """What the CLI calls the options an error names (``--`` and dashes, as Typer names the flags)."""
+    return {name: "--" + name.replace("_", "-") for name in error.options}
+
+
 @pytest.mark.parametrize(
     "field, value, option, message",
     [
@@ -86,11 +91,6 @@ def test_step_and_cosine_schedules():
         ("nesterov", True, "nesterov", "--nesterov needs a non-zero --momentum"),
     ],
 )
-def flags(error: UsageError) -> dict[str, str]:
-    """What the CLI calls the options an error names (``--`` and dashes, as Typer names the flags)."""
-    return {name: "--" + name.replace("_", "-") for name in error.options}
-
-
 def test_config_validation(field, value, option, message):
     """The library names the option by its field (``option=``); the CLI words it as the flag."""
     kw = {field: value}
@@ -369,7 +369,7 @@ def test_resume_in_process_is_exact(src, tmp_path):
 
 def test_resume_guards(src, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(UsageError, match="does not exist; start the run without resuming") as e:
+    with pytest.raises(UsageError, match="does not exist; start the run without resume$") as e:
         train(config(src, out, resume=True))
     assert e.value.worded(flags(e.value)).endswith("does not exist; start the run without --resume")
     train(config(src, out, epochs=1))
