@@ -146,12 +146,12 @@ def _rel_error(model, reference, inputs) -> float:
     """Worst ``max|model(x) - ref| / max|ref|`` over the inputs (every output leaf)."""
     import torch
 
-    from expandctl.verify import _leaves
+    from expandctl.verify import output_leaves
 
     worst = 0.0
     with torch.no_grad():
         for x, ref in zip(inputs, reference, strict=True):
-            for (_, got), (_, want) in zip(_leaves(model(x)), _leaves(ref), strict=True):
+            for (_, got), (_, want) in zip(output_leaves(model(x)), output_leaves(ref), strict=True):
                 if not want.is_floating_point():
                     continue
                 scale = want.abs().max().item() or 1.0

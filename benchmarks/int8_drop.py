@@ -44,10 +44,10 @@ import torch
 
 import expandctl
 from expandctl.checkpoint import atomic_write, load_checkpoint
+from expandctl.data import load_data
 from expandctl.experiments.markdown import update_marked
 from expandctl.export import export_onnx
 from expandctl.quantize import quantize
-from expandctl.train.data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

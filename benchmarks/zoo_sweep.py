@@ -290,11 +290,11 @@ def _input_sensitivity(model, shape) -> float | None:
     max|f(x1)|`` (0 when the output is identically zero)."""
     import torch
 
-    from expandctl.verify import _leaves
+    from expandctl.verify import output_leaves
 
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        a, b = (_leaves(model(torch.randn(1, *shape, dtype=torch.float64, generator=g))) for _ in range(2))
+        a, b = (output_leaves(model(torch.randn(1, *shape, dtype=torch.float64, generator=g))) for _ in range(2))
     worst = 0.0
     for (_, u), (_, v) in zip(a, b, strict=False):
         if u.shape != v.shape:

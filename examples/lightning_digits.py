@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import expandctl
-from expandctl.datasets import load_data
+from expandctl.data import load_data
 from expandctl.integrations.lightning import ExpandNetsCallback
 
 

@@ -38,13 +38,12 @@ import torch
 import expandctl
 from expandctl import CheckFailed, ExpandctlError
 from expandctl.checkpoint import atomic_write, save
-from expandctl.datasets import DataSplits, TensorImages, load_data
+from expandctl.data import DataSplits, TensorImages, load_data, stratified_subset
 from expandctl.experiments.runs import check_settings as check_run_settings
 from expandctl.experiments.runs import finish_run, train_contracted
 from expandctl.experiments.stats import mean_std, welch_p
 from expandctl.models import SmallNet
 from expandctl.train import DEVICES, SCHEDULES, Callbacks, TrainConfig
-from expandctl.train.data import stratified_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smallnet import VARIANTS as SMALLNET_VARIANTS  # noqa: E402

@@ -118,21 +118,13 @@ class ExpandedTraining:
         return False
 
 
-def expanded(
-    model: nn.Module,
-    strategy: str = "ck+fc",
-    rate: float | None = None,
-    *,
-    input_shape: Sequence[int] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    **expand_options,
-) -> ExpandedTraining:
+def expanded(model: nn.Module, strategy: str = "ck+fc", rate: float | None = None, **options) -> ExpandedTraining:
     """A context manager that yields ``expand(model, strategy, rate, **expand_options)`` and, on a
     normal exit, contracts it, checks it and writes the compact weights into ``model`` in place.
 
-    ``expand_options`` are :func:`expandctl.expand`'s (``include``, ``exclude``, ``init``, ``forward``,
+    ``options`` (keywords, as :class:`ExpandedTraining` takes them): ``input_shape``, ``atol``, ``rtol``
+    and ``expand_options``, :func:`expandctl.expand`'s (``include``, ``exclude``, ``init``, ``forward``,
     ``pointwise``, ``seed``). The check runs on inputs of ``(batch, *input_shape)``; without
     ``input_shape`` the shape of the first forward inside the block is used. ``atol`` / ``rtol``
     override the check's tolerances (:data:`expandctl.verify.DEFAULT_TOLERANCES`)."""
-    return ExpandedTraining(model, strategy, rate, input_shape=input_shape, atol=atol, rtol=rtol, **expand_options)
+    return ExpandedTraining(model, strategy, rate, **options)

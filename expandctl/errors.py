@@ -32,7 +32,7 @@ class ExpandctlError(Exception):
         text = str(self)
         for option in self.options:
             if option in names:
-                pattern = r"(?<![\w'-])" + re.escape(option) + r"(?![\w'-])"
+                pattern = r"(?<![\w'/.:-])" + re.escape(option) + r"(?![\w'/-])"  # a word, not part of a path
                 text = re.sub(pattern, lambda _, new=names[option]: new, text)
         return text
 

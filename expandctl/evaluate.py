@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from .errors import UsageError
 from .shapes import backend_message, data_hint
 
-__all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx"]
+__all__ = ["read_batch", "iter_batches", "to_model", "score", "evaluate_torch", "evaluate_onnx", "onnx_session"]
 
 
 def read_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,18 +105,22 @@ def evaluate_torch(
     return {"runtime": "torch", **result}
 
 
-def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256, num_classes: int | None = None) -> dict:
-    """Accuracy/loss of an ONNX classifier under onnxruntime's CPU provider. A file exported
-    with a static batch dimension is fed one image at a time."""
-    import onnxruntime as ort
-
+def onnx_session(path: str | Path) -> ort.InferenceSession:
+    """An onnxruntime CPU session on ``path`` with torch's thread count and its warnings silenced; a
+    file onnxruntime cannot load is a :class:`UsageError`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises untyped errors
         raise UsageError(f"onnxruntime cannot load {str(path)!r}: {backend_message(e)}") from None
+
+
+def evaluate_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256, num_classes: int | None = None) -> dict:
+    """Accuracy/loss of an ONNX classifier under onnxruntime's CPU provider. A file exported
+    with a static batch dimension is fed one image at a time."""
+    session = onnx_session(path)
     inp = session.get_inputs()[0]
     dim0 = inp.shape[0]
     step = batch_size if not isinstance(dim0, int) else dim0

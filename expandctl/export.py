@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
+from .checkpoint import atomic_write
 from .errors import CheckFailed, UnsupportedError, UsageError
 from .shapes import backend_message, fmt_shape, second_size, spatial_names
-from .verify import Report, _check_args, _leaves, compare_onnx
+from .verify import Report, check_args, compare_onnx, output_leaves
 
 __all__ = ["export_onnx", "check_onnx_sizes", "probe_dynamic_size"]
 
@@ -68,12 +69,10 @@ def export_onnx(
     refused with :class:`UnsupportedError` before anything is exported, and the check then runs
     onnxruntime at both sizes.
     """
-    from .checkpoint import atomic_write  # the file-format module owns atomic writes
-
     path = Path(path)
     if not path.parent.is_dir():
         raise UsageError(f"output directory {str(path.parent)!r} does not exist")
-    shape = _check_args(input_shape, 1, 1)
+    shape = check_args(input_shape, 1, 1)
     batches = _DYNAMIC_BATCHES if dynamic_batch else (_STATIC_BATCH,)
     exported = copy.deepcopy(model).eval().float().cpu()
     sizes = [tuple(shape)]
@@ -81,7 +80,7 @@ def export_onnx(
         sizes.append(probe_dynamic_size(exported, shape))
     x = torch.randn(batches[0], *shape, generator=torch.Generator().manual_seed(0))  # caller's RNG untouched
     with torch.no_grad():
-        names = [name for name, _ in _leaves(exported(x))]
+        names = [name for name, _ in output_leaves(exported(x))]
     size = sum(t.numel() * t.element_size() for t in exported.state_dict().values())
     temp: Path | None = None
     try:
@@ -170,7 +169,7 @@ def _export(
     axes = None
     if dynamic:
         with torch.no_grad():
-            outputs = _leaves(model(x))
+            outputs = output_leaves(model(x))
         axes = {n: {0: "batch"} for n, t in [("input", x), *outputs] if t.dim() and t.shape[0] == x.shape[0]}
     if spatial:  # the TorchScript exporter names the outputs' own symbolic sizes
         axes = axes or {}

@@ -1,14 +1,15 @@
 """Folding eval-mode BatchNorm into the convolution before it (``contract --fold-bn``).
 
 The algebra is :func:`expandctl.algebra.fold_bn`; this module finds conv -> BN pairs in a module
-tree and rewrites them, and rebuilds that structure when a folded checkpoint is loaded.
+tree and rewrites them (a folded checkpoint records the pairs; :mod:`expandctl.checkpoint.rebuild`
+rebuilds that structure when it is loaded).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -16,9 +17,9 @@ import torch.nn as nn
 from .algebra import fold_bn
 from .errors import UsageError
 from .graph.trace import Untraceable, trace
-from .rewrite import expanded_layers, set_module
+from .layers.tree import expanded_layers, set_module
 
-__all__ = ["fold_batchnorm", "fold_pairs", "apply_folds", "absorb_shifts", "add_biases"]
+__all__ = ["fold_batchnorm", "fold_pairs", "absorb_shifts"]
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -137,22 +138,6 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, 
     return model, folded
 
 
-def apply_folds(model: nn.Module, folded: Sequence[Mapping[str, str]]) -> None:
-    """Rebuild the structure :func:`fold_batchnorm` left (conv with bias, Identity for BN)."""
-    for pair in folded:
-        try:
-            conv = model.get_submodule(pair["conv"])
-            model.get_submodule(pair["bn"])
-        except (AttributeError, KeyError, TypeError):
-            raise UsageError(
-                f"folded BatchNorm {dict(pair)} does not exist in this architecture (corrupt header)"
-            ) from None
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
-        if not pair.get("neutral"):  # a neutralised BatchNorm stays; its state comes with the weights
-            set_module(model, pair["bn"], nn.Identity())
-
-
 @torch.no_grad()
 def absorb_shifts(model: nn.Module, conv_paths: Sequence[str]) -> list[str]:
     """Move the bias of each conv in ``conv_paths`` into the BatchNorm that alone consumes its output,
@@ -175,17 +160,3 @@ def absorb_shifts(model: nn.Module, conv_paths: Sequence[str]) -> list[str]:
             bn.running_mean.sub_(conv.bias.to(bn.running_mean.dtype))
         conv.bias = None
     return kept
-
-
-def add_biases(model: nn.Module, paths: Sequence[str]) -> None:
-    """Give the layers at ``paths`` a (zero) bias: the structure of a contracted checkpoint whose
-    branch shifts stayed on convs that had none (recorded as ``added_bias``)."""
-    for path in paths:
-        try:
-            layer = model.get_submodule(path)
-        except (AttributeError, KeyError, TypeError):
-            raise UsageError(f"added bias at {path!r} does not exist in this architecture (corrupt header)") from None
-        if getattr(layer, "bias", "missing") is None:
-            layer.bias = nn.Parameter(
-                torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
-            )

@@ -87,7 +87,7 @@ def resolve_arch(spec: str) -> tuple[str, Callable[..., nn.Module]]:
     if spec in ARCHITECTURES:
         factory = ARCHITECTURES[spec]
         return f"{factory.__module__}:{factory.__qualname__}", factory
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # lazy: torchvision.models takes seconds to import; only its specs need it
 
     if spec.lower() in tvm.list_models():
         return f"torchvision.models:{spec.lower()}", tvm.get_model_builder(spec.lower())

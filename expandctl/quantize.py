@@ -5,7 +5,7 @@ The steps the ``quantize`` command calls, each usable on its own:
 1. :func:`check_float_onnx` refuses a file that is already quantized (its QDQ or integer operators
    would be quantized twice);
 2. :func:`calibration_indices` draws the calibration images: ``n`` training images stratified by
-   class with a seeded generator (:func:`expandctl.datasets.stratified_subset`), so a given data
+   class with a seeded generator (:func:`expandctl.data.stratified_subset`), so a given data
    spec, ``n`` and seed always calibrate on the same images;
 3. :func:`quantize_onnx` runs onnxruntime's static quantization: QDQ format, int8 weights
    (per-channel and symmetric by default), uint8 activations whose ranges come from the calibration
@@ -35,10 +35,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import Dataset
 
 from ._version import __version__
+from .data.pipeline import stratified_subset
 from .errors import CheckFailed, UsageError
 from .evaluate import evaluate_onnx, read_batch
 from .shapes import backend_message
@@ -104,8 +110,6 @@ def calibration_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Te
     proportion) and drawn with ``seed``; the whole split when ``n`` is not smaller than it.
     An empty split or ``n < 1`` is a :class:`UsageError`: onnxruntime would otherwise compute
     ranges from nothing and write a model that outputs garbage."""
-    from .datasets import stratified_subset
-
     if n < 1:
         raise UsageError(f"the calibration set is empty (--calib-size {n}); give at least 1 image (e.g. 512)")
     if len(labels) == 0:
@@ -166,8 +170,6 @@ def _silenced() -> Iterator[None]:
 
 
 def _session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -188,9 +190,6 @@ def quantize_onnx(
     ``dataset[indices]`` with ``method``). Returns notes for the report. The float graph is first
     prepared with onnxruntime's ``quant_pre_process`` (shape inference, constant folding), as its
     documentation advises; a graph it cannot prepare is quantized as it is, and a note says so."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in METHODS:
         raise UsageError(f"--calibration must be one of {', '.join(METHODS)}, not {method!r}")
     notes: list[str] = []
@@ -236,9 +235,6 @@ ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
 def _entropy_ranges(source: Path, reader, cache: Path, tmp: Path) -> None:
     """KL-divergence activation ranges (onnxruntime's calibrator, 2048 bins) saved as the tensor-range
     cache that ``quantize_static`` then reads instead of calibrating again."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
     calibrator = create_calibrator(
         source,
         sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),  # the op types quantize_static calibrates
@@ -339,7 +335,7 @@ def quantize(
     min_accuracy: float | None = None,
 ) -> QuantizeResult:
     """Quantize ``float_path`` (a float ONNX classifier) calibrated on ``sets.train`` (a
-    :class:`expandctl.datasets.DataSplits` loaded without augmentation; ``data`` is its spec, for
+    :class:`expandctl.data.DataSplits` loaded without augmentation; ``data`` is its spec, for
     the record), score both files on ``sets.val`` and write the INT8 file to ``out`` atomically.
 
     With ``max_drop`` (percentage points), a larger accuracy drop raises :class:`CheckFailed`
@@ -364,8 +360,6 @@ def quantize(
         x, _ = read_batch(sets.val, range(min(fixed or latency_batch, len(sets.val))))
         latency = measure_latency(float_path, int8, x.float().numpy(), latency_rounds)
         counts = torch.bincount(dataset_labels(sets.train)[indices], minlength=sets.num_classes)
-        import onnxruntime
-
         result = QuantizeResult(
             float_eval=float_eval,
             int8_eval=int8_eval,
@@ -384,7 +378,7 @@ def quantize(
                 "format": "QDQ",
                 "weights": f"int8, symmetric, {'per channel' if per_channel else 'per tensor'}",
                 "activations": "uint8, asymmetric, per tensor",
-                "onnxruntime": onnxruntime.__version__,
+                "onnxruntime": ort.__version__,
             },
             float_bytes=Path(float_path).stat().st_size,
             int8_bytes=0,  # with the metadata, below
@@ -394,22 +388,19 @@ def quantize(
         )
         _set_metadata(int8, result, data)
         result.int8_bytes = int8.stat().st_size
+        refused = None
         if not result.accurate_enough:
-            err = CheckFailed(
+            refused = (
                 f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is below --min-accuracy {min_accuracy:g} "
-                f"(float model: {100 * float_eval['accuracy']:.2f}%, chance: {100 / sets.num_classes:.2f}%); "
-                "nothing was written"
+                f"(float model: {100 * float_eval['accuracy']:.2f}%, chance: {100 / sets.num_classes:.2f}%)"
             )
-            err.details = result.to_dict()
-            raise err
-        if not result.passed:
-            err = CheckFailed(
+        elif not result.passed:
+            refused = (
                 f"INT8 accuracy {100 * int8_eval['accuracy']:.2f}% is {result.drop_points:.2f} points below the "
-                f"float model's {100 * float_eval['accuracy']:.2f}%, more than --max-drop {max_drop:g}; "
-                "nothing was written"
+                f"float model's {100 * float_eval['accuracy']:.2f}%, more than --max-drop {max_drop:g}"
             )
-            err.details = result.to_dict()
-            raise err
+        if refused is not None:
+            raise CheckFailed(f"{refused}; nothing was written", details=result.to_dict())
         with atomic_write(out) as temp:
             shutil.copyfile(int8, temp)
     result.output = str(out)

@@ -1,22 +1,34 @@
 """Plan, expand and contract any module tree, replacing layers by dotted path.
 
 Nothing here mutates the caller's model unless ``inplace=True``. Modules shared by several
-paths stay shared: they are expanded (or contracted) once and put back at every path.
+paths stay shared: they are expanded (or contracted) once and put back at every path. Finding the
+expanded layers and their layout (:func:`expanded_layers`, :func:`layout`, :func:`apply_layout`,
+:func:`set_module`) lives in :mod:`expandctl.layers.tree`, which checkpoints rebuild with; they are
+part of this module's API as well.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
 import torch.nn as nn
 
 from .errors import AlreadyExpandedError, NothingToExpandError, UnsupportedError, UsageError
+from .fold import absorb_shifts
 from .layers import EXPANSIONS, FORWARD_MODES, ExpandedLayer, expansion_for, factor_parameters, fused_only_reason
+from .layers.tree import (
+    apply_layout,
+    describe_layer,
+    expand_at,
+    expanded_layers,
+    is_quantized,
+    layout,
+    set_module,
+    walk,
+)
 
 __all__ = [
     "PlanEntry",
@@ -32,7 +44,6 @@ __all__ = [
     "set_module",
 ]
 
-_CANDIDATE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 #: Methods by which other codebases' blocks merge their own branches (timm, RepVGG, MobileOne, YOLO, DBB).
 REPARAM_METHODS = ("reparameterize", "switch_to_deploy", "fuse", "get_equivalent_kernel_bias", "fuse_reparam")
 
@@ -176,52 +187,6 @@ def _check_rate(rate: float | None) -> float | None:
     return rate
 
 
-def _walk(model: nn.Module) -> list[tuple[nn.Module, list[str], str | None]]:
-    """Every candidate module once, with all its paths and, if it sits inside an expanded layer,
-    that layer's path. Does not descend into expanded layers' factors beyond recording them."""
-    found: dict[int, tuple[nn.Module, list[str], str | None]] = {}
-
-    def visit(module: nn.Module, prefix: str, inside: str | None, seen: set[int]):
-        if isinstance(module, (*_CANDIDATE_TYPES, ExpandedLayer)) or _is_quantized(module):
-            entry = found.setdefault(id(module), (module, [], inside))
-            entry[1].append(prefix)
-        if id(module) in seen:
-            return
-        seen = seen | {id(module)}
-        if isinstance(module, ExpandedLayer) and inside is None:
-            inside = prefix
-        for name, child in module._modules.items():
-            if child is not None:
-                visit(child, f"{prefix}.{name}" if prefix else name, inside, seen)
-
-    visit(model, "", None, set())
-    return list(found.values())
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
-
-
-def _describe(module: nn.Module) -> tuple[str, str]:
-    name = type(module).__name__
-    if isinstance(module, nn.Linear) and not isinstance(module.weight, nn.parameter.UninitializedParameter):
-        return name, f"{module.in_features}->{module.out_features}"
-    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
-        module.weight, nn.parameter.UninitializedParameter
-    ):
-        parts = [f"{module.in_channels}->{module.out_channels}", "x".join(map(str, module.kernel_size))]
-        if max(module.stride) > 1:
-            parts.append(f"s{'x'.join(map(str, module.stride)) if len(set(module.stride)) > 1 else module.stride[0]}")
-        if max(module.dilation) > 1:
-            parts.append(f"d{module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}")
-        if module.groups > 1:
-            parts.append("dw" if module.groups == module.in_channels == module.out_channels else f"g{module.groups}")
-        if module.padding_mode != "zeros":
-            parts.append(module.padding_mode)
-        return name, " ".join(parts)
-    return name, ""
-
-
 def _params(module: nn.Module) -> int:
     return sum(
         p.numel() for p in module.parameters(recurse=False) if not isinstance(p, nn.parameter.UninitializedParameter)
@@ -236,7 +201,7 @@ def _choose(module: nn.Module, kinds: Sequence[str], pointwise: bool) -> tuple[s
     """The highest-priority kind in ``kinds`` that accepts ``module``, else the reason none does."""
     if isinstance(module, ExpandedLayer):
         return None, ALREADY_EXPANDED
-    if _is_quantized(module):
+    if is_quantized(module):
         return None, "quantized layers are not supported"
     relevant = [cls for cls in (expansion_for(k, module) for k in kinds) if cls is not None]
     if not relevant:
@@ -268,11 +233,11 @@ def plan(
         if any(callable(getattr(m, name, None)) for name in REPARAM_METHODS)
     }
     entries = []
-    for module, paths, inside in _walk(model):
+    for module, paths, inside in walk(model):
         if inside is not None:
             continue
         path = paths[0]
-        name, shape = _describe(module)
+        name, shape = describe_layer(module)
         entry = PlanEntry(path or "<root>", name, shape, None, params_before=_params(module), aliases=paths[1:])
         entry.params_after = entry.params_before
         if include and not any(_matches(p, include) for p in paths):
@@ -302,28 +267,8 @@ def _enclosing(path: str, blocks: dict[str, str]) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def set_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at dotted ``path``; returns the new root (``path == ""`` replaces the root)."""
-    if path in ("", "<root>"):
-        return new
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new)
-    return model
-
-
 def _check_already_expanded(model, kinds, include, exclude, pointwise):
-    for module, paths, inside in _walk(model):
+    for module, paths, inside in walk(model):
         if inside is None:
             continue
         if include and not any(_matches(p, include) for p in paths):
@@ -361,43 +306,9 @@ def expand(
     _check_already_expanded(model, kinds, tuple(include), tuple(exclude), pointwise)
     if not p.expanded:
         raise p.nothing_selected("see the plan for the reasons")
-    return _apply(
+    return expand_at(
         model, {e.path: {"kind": e.kind, "hidden": e.hidden} for e in p.expanded}, init, forward, inplace, seed
     )
-
-
-def _apply(model, spec: dict[str, dict], init, forward, inplace, seed) -> nn.Module:
-    if not inplace:
-        model = copy.deepcopy(model)
-    by_path = {paths[0] or "<root>": (module, paths) for module, paths, inside in _walk(model) if inside is None}
-    with _seeded(seed):
-        for path, cfg in spec.items():
-            if path not in by_path:
-                raise UsageError(f"the model has no layer {path!r} to expand")
-            module, paths = by_path[path]
-            if cfg["kind"] not in EXPANSIONS:
-                raise UsageError(f"unknown expansion kind {cfg['kind']!r} for layer {path!r}")
-            cls = expansion_for(cfg["kind"], module)
-            if cls is None:
-                raise UsageError(f"layer {path!r} is a {type(module).__name__}, which {cfg['kind']!r} does not expand")
-            reason = cls.accepts(module, pointwise=True)
-            if reason is not None:
-                raise UsageError(f"layer {path!r} cannot take a {cls.kind} expansion: {reason}")
-            try:
-                new = cls.from_module(module, cfg["hidden"], init=init, forward=forward)
-            except UsageError as e:
-                name, shape = _describe(module)
-                raise UsageError(f"layer {path!r} ({name} {shape}) does not fit its {cls.kind} layout: {e}") from None
-            for q in paths:
-                model = set_module(model, q, new)
-    return model
-
-
-def expanded_layers(model: nn.Module) -> Iterator[tuple[str, ExpandedLayer]]:
-    """``(path, layer)`` for every expanded layer (shared ones once)."""
-    for module, paths, inside in _walk(model):
-        if isinstance(module, ExpandedLayer) and inside is None:
-            yield paths[0] or "<root>", module
 
 
 def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -406,7 +317,7 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     shifted = []
-    for module, paths, inside in _walk(model):
+    for module, paths, inside in walk(model):
         if isinstance(module, ExpandedLayer) and inside is None:
             new = module.contract()
             if getattr(module, "source_bias", True) is False and new.bias is not None and len(paths) == 1:
@@ -414,8 +325,6 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
             for q in paths:
                 model = set_module(model, q, new)
     if shifted:
-        from .fold import absorb_shifts
-
         absorb_shifts(model, shifted)
     return model
 
@@ -427,16 +336,3 @@ def set_forward(model: nn.Module, mode: str) -> nn.Module:
     for _, layer in expanded_layers(model):
         layer.set_forward(mode)
     return model
-
-
-def layout(model: nn.Module) -> dict[str, dict]:
-    """``{path: {"kind", "hidden"}}`` for every expanded layer: with :func:`apply_layout` it rebuilds
-    the same structure on a fresh compact model (how checkpoints are loaded)."""
-    return {path: layer.config() for path, layer in expanded_layers(model)}
-
-
-def apply_layout(
-    model: nn.Module, spec: dict[str, dict], forward: str = "fused", inplace: bool = False, seed: int | None = None
-) -> nn.Module:
-    """Expand exactly the layers named in ``spec`` (from :func:`layout`), with scratch init."""
-    return _apply(model, spec, "scratch", forward, inplace, seed)

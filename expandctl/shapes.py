@@ -51,10 +51,10 @@ def first_layer_channels(model: nn.Module) -> int | None:
     return None
 
 
-def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
-    """The per-sample input shape of an ONNX file's single graph input (batch dimension dropped),
-    or ``None`` when it has symbolic dimensions beyond the batch or several inputs."""
-    import onnx
+def _onnx_input_dims(path: str | Path) -> list | None:
+    """The dimensions of an ONNX file's single graph input (initializers are not inputs), or ``None``
+    when the file cannot be read or has several inputs."""
+    import onnx  # lazy: onnx takes over a second to import; only ONNX files need it
 
     try:
         m = onnx.load(str(path), load_external_data=False)
@@ -63,7 +63,16 @@ def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
     inputs = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
     if len(inputs) != 1:
         return None
-    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    return list(inputs[0].type.tensor_type.shape.dim)
+
+
+def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
+    """The per-sample input shape of an ONNX file's single graph input (batch dimension dropped),
+    or ``None`` when it has symbolic dimensions beyond the batch or several inputs."""
+    dims = _onnx_input_dims(path)
+    if dims is None:
+        return None
+    dims = dims[1:]
     if not dims or any(d.dim_param or d.dim_value < 1 for d in dims):
         return None
     return tuple(int(d.dim_value) for d in dims)
@@ -85,16 +94,10 @@ def second_size(shape: Sequence[int]) -> tuple[int, ...]:
 def onnx_dynamic_size(path: str | Path) -> bool:
     """Whether an ONNX file's single graph input has symbolic dimensions beyond batch and channels
     (exported with ``--dynamic-size``)."""
-    import onnx
-
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception:
+    dims = _onnx_input_dims(path)
+    if dims is None:
         return False
-    inputs = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
-    if len(inputs) != 1:
-        return False
-    dims = inputs[0].type.tensor_type.shape.dim[2:]
+    dims = dims[2:]
     return bool(dims) and any(d.dim_param or d.dim_value < 1 for d in dims)
 
 

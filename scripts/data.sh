@@ -13,7 +13,7 @@ find_set() {
     "$PY" - "$@" <<'PY'
 import sys
 from expandctl.errors import ExpandctlError
-from expandctl.train.data import DataOptions, load_data
+from expandctl.data import DataOptions, load_data
 try:
     load_data(sys.argv[1], options=DataOptions(download=len(sys.argv) > 2))
 except ExpandctlError as e:

@@ -26,7 +26,7 @@ from expandctl.analysis import (
 from expandctl.analysis.confusion import batches_for
 from expandctl.analysis.landscape import grid
 from expandctl.cli import app
-from expandctl.datasets import TensorImages, load_data
+from expandctl.data import TensorImages, load_data
 from expandctl.errors import UsageError
 from expandctl.models import SmallNet
 from expandctl.train import EpochContext, TrainConfig, train

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from expandctl import datasets as D
+from expandctl import data as D
 from expandctl.errors import UsageError
 
 
@@ -277,9 +277,15 @@ def test_random_flip_flips_about_half():
     assert 60 < sum(flipped) < 140
 
 
-def test_train_data_still_names_the_datasets_module():
-    """``expandctl.train.data`` moved to ``expandctl.datasets``; the old import path re-exports it."""
-    import expandctl.train.data as old
+def test_synthetic_prototypes_are_bilinear_upsampling_as_torch_does_it():
+    """The synthetic set is drawn with numpy (its module loads no torch); its smooth prototypes use the
+    interpolation torch's ``interpolate(mode="bilinear", align_corners=False)`` computes."""
+    from expandctl.data.sources.synthetic import _upsample
 
-    assert old.load_data is D.load_data and old.DataOptions is D.DataOptions
-    assert set(D.__all__) <= set(old.__all__)
+    coarse = np.random.default_rng(1).standard_normal((2, 3, 4, 4))
+    for h, w in [(8, 8), (32, 32), (12, 5), (4, 3)]:
+        ours = np.einsum("hk,wl,nckl->nchw", _upsample(4, h), _upsample(4, w), coarse)
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(coarse), size=(h, w), mode="bilinear", align_corners=False
+        )
+        assert np.allclose(ours, ref.numpy(), atol=1e-12)

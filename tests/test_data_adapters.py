@@ -1,13 +1,15 @@
 """Data adapters (--channels, --image-size, --augment, --train-subset) and where the sets are found:
 an explicit folder, Debian's package, the cache ($EXPANDCTL_DATA), or a download that tests never make."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from test_data import _fake_cifar10, _fake_imagefolder, _fake_mnist
 
-from expandctl import datasets as D
+from expandctl import data as D
+from expandctl.data.sources import fashion_mnist
 from expandctl.errors import UsageError
 
 
@@ -81,8 +83,12 @@ def test_imagefolder_channels_and_size(tmp_path):
     ],
 )
 def test_bad_options(options, message):
-    with pytest.raises(UsageError, match=message):
+    """The library names the option (``option=``, its field); the CLI words it as the flag the user reads."""
+    with pytest.raises(UsageError) as e:
         D.load_data("digits", options=options)
+    option = e.value.option
+    assert option and str(e.value).startswith(option)
+    assert re.match(message, e.value.worded({option: "--" + option.replace("_", "-")}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def test_bad_options(options, message):
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("EXPANDCTL_DATA", str(root))
-    monkeypatch.setattr(D, "fashion_mnist_default_dir", lambda: tmp_path / "no-debian-package")
+    monkeypatch.setattr(fashion_mnist, "fashion_mnist_default_dir", lambda: tmp_path / "no-debian-package")
     return root
 
 
@@ -114,7 +120,7 @@ def test_idx_sets_found_in_the_cache(cache, name, layout):
 def test_fashion_mnist_prefers_the_debian_package(cache, tmp_path, monkeypatch):
     _fake_mnist(tmp_path / "debian", gz=False, n_train=30)
     _fake_mnist(cache / "fashion-mnist", gz=False, n_train=20)
-    monkeypatch.setattr(D, "fashion_mnist_default_dir", lambda: tmp_path / "debian")
+    monkeypatch.setattr(fashion_mnist, "fashion_mnist_default_dir", lambda: tmp_path / "debian")
     assert len(D.load_data("fashion-mnist").train) == 30
 
 
@@ -130,7 +136,8 @@ def test_cifar_found_in_the_cache(cache, monkeypatch):
 def test_missing_set_names_where_it_looked_and_what_to_do(cache, name):
     with pytest.raises(UsageError) as e:
         D.load_data(name)
-    msg = str(e.value)
+    assert e.value.option == "download"
+    msg = e.value.worded({"download": "--download"})  # as the CLI words it
     assert "\n" not in msg and str(cache / name) in msg and "--download" in msg and "make data" in msg
     if name == "fashion-mnist":
         assert "no-debian-package" in msg and "dataset-fashion-mnist" in msg

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import expandctl
 from expandctl.cli import app
-from expandctl.datasets import load_data
+from expandctl.data import load_data
 from expandctl.evaluate import evaluate_onnx, evaluate_torch
 from expandctl.export import export_onnx
 from expandctl.models import SmallNet

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expandctl.fit import FitResult, fit_chain
+from expandctl.algebra.fit import FitResult, fit_chain
 
 torch.set_num_threads(1)
 
@@ -124,7 +124,7 @@ def test_zero_target_and_single_factor():
 @pytest.mark.parametrize("hidden", [4, 40])  # wide D (4 * 9 < 3 * 25 rows) and tall D (40 * 9 > 75)
 @pytest.mark.parametrize("groups", [1, 3])
 def test_single_factor_solves_recover_a_realisable_factor(hidden, groups):
-    from expandctl.fit import _solve_first, _solve_last
+    from expandctl.algebra.fit import _solve_first, _solve_last
 
     g = groups
     first = torch.randn(hidden * g, 3, 3, 3, dtype=torch.float64)

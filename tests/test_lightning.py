@@ -114,15 +114,16 @@ def test_resume_with_another_layout_is_refused(tmp_path, digits):
 
 
 def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_path, digits, monkeypatch):
-    import expandctl.rewrite as rewrite
+    import expandctl.workflows.checks as checks
+    from expandctl.rewrite import contract
 
     def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
-        small = expandctl.contract(model, inplace)
+        small = contract(model, inplace)
         with torch.no_grad():
             small.net.classifier.weight.add_(1e-2)
         return small
 
-    monkeypatch.setattr(rewrite, "contract", wrong_contract)  # the contraction the check compares against
+    monkeypatch.setattr(checks, "contract_model", wrong_contract)  # the contraction the check compares against
     module = example.LitDigits()
     with pytest.raises(CheckFailed, match="not written back"):
         _trainer(tmp_path, [ExpandNetsCallback(strategy="ck+cl+fc")], epochs=1, batches=2).fit(module, digits[0])

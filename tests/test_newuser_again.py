@@ -3,6 +3,7 @@ model's ONNX file, expanding an expanded file, the CK fit residual, and the smal
 through CliRunner; point 1 (transposed convolutions saved and reloaded) is tests/test_roundtrip.py."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from expandctl import checkpoint as C
 from expandctl.cli import app
-from expandctl.datasets import DataOptions
+from expandctl.data import DataOptions
 
 runner = CliRunner()
 GRAY = {"kernel_size": 5, "in_channels": 1, "image_size": 8}  # 1x8x8, the digits shape
@@ -179,15 +180,18 @@ def test_preserve_rate_too_small_speaks_cli(tmp_path):
 
 @pytest.mark.parametrize("spec", ["cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"])
 def test_a_missing_data_folder_says_no_such_folder(spec, tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
-    with pytest.raises(UsageError, match=rf"--data {spec}:\S*nowhere: no such folder"):
+    with pytest.raises(UsageError) as e:
         load_data(f"{spec}:{tmp_path / 'nowhere'}")
+    assert e.value.option == "data"
+    cli = e.value.worded({"data": "--data"})  # as the CLI words it
+    assert re.match(rf"--data {spec}:\S*nowhere: no such folder", cli)
 
 
 def test_an_empty_cifar_folder_says_what_it_must_hold(tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
     with pytest.raises(UsageError, match="must hold data_batch_1..5"):
@@ -198,7 +202,7 @@ def test_an_empty_cifar_folder_says_what_it_must_hold(tmp_path):
 def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, cache_exists):
     from torchvision import datasets
 
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
     cache = tmp_path / "cache"
@@ -244,7 +248,7 @@ def _labels(ds):
 
 
 def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
 
     root = _digit_folder(tmp_path / "digits")
     s = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16))
@@ -259,7 +263,7 @@ def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_pa
 
 
 def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
     (tmp_path / "split").mkdir()
@@ -267,14 +271,16 @@ def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
         _digit_folder(tmp_path / "split" / split, classes=2, per_class=2)
     with pytest.raises(UsageError, match="has its own train/ and val/ split"):
         load_data(f"imagefolder:{tmp_path / 'split'}", options=DataOptions(val_fraction=0.3))
-    with pytest.raises(UsageError, match="--val-fraction applies to imagefolder"):
-        load_data("digits", options=DataOptions(val_fraction=0.3))
-    with pytest.raises(UsageError, match="--val-fraction must be between 0 and 1"):
-        load_data("digits", options=DataOptions(val_fraction=1.5))
+    for options, message in [(DataOptions(val_fraction=0.3), "--val-fraction applies to imagefolder"),
+                             (DataOptions(val_fraction=1.5), "--val-fraction must be between 0 and 1")]:  # fmt: skip
+        with pytest.raises(UsageError) as e:
+            load_data("digits", options=options)
+        assert e.value.option == "val_fraction"
+        assert re.match(message, e.value.worded({"val_fraction": "--val-fraction"}))
 
 
 def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
     _digit_folder(tmp_path / "train", classes=2, per_class=2)
@@ -285,7 +291,7 @@ def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
 def test_imagefolder_crop_flip_keeps_the_whole_image(tmp_path):
     """Resize and centre-crop, then CIFAR's pad-crop by 1/8 and flip; validation reads the images as
     training does without augmentation (no random-resized crop, no 8/7 zoom)."""
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
 
     s = load_data(f"imagefolder:{_digit_folder(tmp_path / 'd')}", input_shape=(3, 16, 16))
     steps = s.train.dataset.transform.transforms

@@ -316,7 +316,7 @@ def test_quantize_val_fraction_scores_that_share(tmp_path):
 #    file) in I/O errors, Click's usage errors as one line, --json errors that say where the reasons are
 # --------------------------------------------------------------------------------------------------
 def test_a_class_folder_with_one_image_is_named(tmp_path):
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
     from expandctl.errors import UsageError
 
     root = _digit_folder(tmp_path / "ci", classes=2, per_class=3)

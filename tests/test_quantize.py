@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import expandctl
 from expandctl.cli import app
-from expandctl.datasets import load_data
+from expandctl.data import load_data
 from expandctl.errors import UsageError
 from expandctl.export import export_onnx
 from expandctl.quantize import calibration_indices, quantized_ops

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import expandctl
 from expandctl import checkpoint as C
 from expandctl.cli import app
-from expandctl.datasets import DataOptions
+from expandctl.data import DataOptions
 from expandctl.errors import UsageError
 from expandctl.layers import ExpandedLayer, expansion_for, strategy_names
 from expandctl.rewrite import expanded_layers

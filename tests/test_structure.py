@@ -63,7 +63,7 @@ def test_device_check():
 def test_train_and_analyze_share_the_fit_probe(tmp_path):
     """A 4-class model on the 10-class synthetic set: the same sentence from the library probe, from
     train and from analyze (each naming the model its own way)."""
-    from expandctl.datasets import load_data
+    from expandctl.data import load_data
 
     torch.manual_seed(0)
     model = SmallNet(**TINY)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import expandctl
 from expandctl.checkpoint import load_checkpoint, save
-from expandctl.datasets import DataOptions
+from expandctl.data import DataOptions
 from expandctl.errors import UsageError
 from expandctl.models import SmallNet
 from expandctl.train import Callbacks, TrainConfig, TrainingDiverged, kd_loss, learning_rate, train

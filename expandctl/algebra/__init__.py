@@ -6,7 +6,8 @@ Kernels are in PyTorch's convolution layout ``(out, in / groups, *taps)``; a ``n
 * :mod:`.chain` -- serial chains (ExpandNets): compose factors, BatchNorm folding, CK kernel steps;
 * :mod:`.toom` -- the faster Toom-Cook composition used while training;
 * :mod:`.branch` -- parallel branches (ACNet, RepVGG, DBB, OREPA): embedded, identity and average
-  kernels, per-channel affines, sums.
+  kernels, per-channel affines, sums;
+* :mod:`.fit` -- the least-squares fit of a CK chain to one kernel (``init="preserve"``).
 """
 
 from .branch import (

@@ -13,8 +13,9 @@ An expandctl checkpoint is a plain dict that ``torch.load(path, weights_only=Tru
 
 One module per concern:
 
-* :mod:`.format`: the :class:`Checkpoint` record, :func:`save`, :func:`load_checkpoint` (rebuilds the
-  model from its recipe, never from pickled code);
+* :mod:`.format`: the :class:`Checkpoint` record, :func:`save`, :func:`load_checkpoint`;
+* :mod:`.rebuild`: the model from its recipe (architecture, layout, folded BatchNorm, added biases),
+  never from pickled code, and whether given weights fit it;
 * :mod:`.unpickle`: reading foreign torch files (state dicts, pickled ``nn.Module``) without running
   code from them;
 * :mod:`.infer`: the architecture and input shape of a model whose file does not record them;

@@ -25,7 +25,7 @@ ONNX_PARAMETERS_NOTE = (
 
 def describe_onnx(path: str | Path) -> dict:
     """Format, opset, inputs/outputs, parameter count and ``metadata_props`` of an ONNX file."""
-    import onnx
+    import onnx  # lazy: onnx takes over a second to import; only ONNX files need it
 
     path = _existing(path)
     try:

@@ -1,12 +1,11 @@
 """The expandctl checkpoint format: the :class:`Checkpoint` record, :func:`save` and :func:`load_checkpoint`.
 
-Loading rebuilds the model from its recipe, never from pickled code: ``build_arch(spec, kwargs)``
--> ``apply_layout(model, layout)`` -> BatchNorm folds -> ``load_state_dict(strict=True)``.
+Loading rebuilds the model from its recipe, never from pickled code (:mod:`.rebuild`):
+``build_arch(spec, kwargs)`` -> ``apply_layout(model, layout)`` -> BatchNorm folds -> ``load_state_dict(strict=True)``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import shlex
@@ -19,14 +18,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .._version import __version__
 from ..errors import UnsafeInputError, UsageError
-from ..fold import add_biases, apply_folds
-from ..models import build_arch, resolve_arch
-from ..rewrite import Plan, apply_layout, expanded_layers, layout
+from ..layers.tree import layout
+from ..models import resolve_arch
 from .files import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, _corrupt, _existing, atomic_write, sha256_file, sniff_format
-from .infer import _quiet_rng, infer_arch, infer_input_shape
+from .infer import infer_arch, infer_input_shape
+from .rebuild import check_rebuild, load_into, rebuild
 from .unpickle import find_state_dict, torch_load
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "NeedsArchError", "load", "load_checkpoint", "save"]
@@ -58,7 +59,7 @@ class Checkpoint:
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
     folded_bn: list = field(default_factory=list)
-    #: Layers given a bias the architecture lacks (a contracted branch layer's shift; see fold.add_biases).
+    #: Layers given a bias the architecture lacks (a contracted branch layer's shift; see rebuild.add_biases).
     added_bias: list = field(default_factory=list)
     format_version: int | None = None
     path: Path | None = None
@@ -136,7 +137,7 @@ def save(
     arch: str,
     arch_kwargs: dict | None = None,
     input_shape: Sequence[int] | None,
-    plan: Plan | dict | None = None,
+    plan: Any = None,
     parent_sha256: str | None = None,
     command: str | Sequence[str] | None = None,
     extra: dict | None = None,
@@ -148,6 +149,7 @@ def save(
     so it costs no memory), so a checkpoint that cannot be loaded back is never written.
     ``extra`` (optimizer state, epoch, RNG states...) may hold tensors in ``.pt`` files; values
     must be what ``torch.load(weights_only=True)`` reads (dicts, lists, numbers, strings, tensors).
+    ``plan`` is an :class:`expandctl.rewrite.Plan` (anything with ``to_dict()``) or that dict.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -164,7 +166,7 @@ def save(
     ]
     lay = layout(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    added = _check_rebuild(spec, arch_kwargs, lay, folded, state, model)
+    added = check_rebuild(spec, arch_kwargs, lay, folded, state, model)
     if isinstance(command, (list, tuple)):
         command = shlex.join(command)
     header = {
@@ -173,7 +175,7 @@ def save(
         "arch": {"spec": spec, "kwargs": arch_kwargs},
         "input_shape": [int(s) for s in input_shape] if input_shape else None,
         "layout": lay,
-        "plan": plan.to_dict() if isinstance(plan, Plan) else plan,
+        "plan": plan.to_dict() if hasattr(plan, "to_dict") else plan,
         "folded_bn": folded,
         "added_bias": added,
         "provenance": _provenance(parent_sha256, command),
@@ -182,8 +184,6 @@ def save(
     _check_plain(extra, "extra")
     with atomic_write(path) as tmp:
         if suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
-
             try:
                 header_json = json.dumps({**header, "extra": extra})
             except TypeError:
@@ -200,7 +200,7 @@ def save(
 
 
 def _provenance(parent_sha256: str | None, command: str | None) -> dict:
-    import torchvision
+    import torchvision  # lazy: torchvision takes seconds to import; only its version is recorded
 
     return {
         "expandctl_version": __version__,
@@ -241,9 +241,6 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -278,8 +275,8 @@ def _from_header(header: Mapping, state: Any, path: Path, arch, arch_kwargs, fmt
     lay = dict(header.get("layout") or {})
     folded = list(header.get("folded_bn") or [])
     added = [str(p) for p in header.get("added_bias") or []]
-    model = _rebuild(spec, kwargs, lay, folded, added)
-    _load_into(model, dict(state), path, spec, kwargs)
+    model = rebuild(spec, kwargs, lay, folded, added)
+    load_into(model, dict(state), path, spec, kwargs)
     shape = header.get("input_shape")
     return Checkpoint(
         model=model,
@@ -304,8 +301,8 @@ def _from_state_dict(sd: dict, path: Path, arch, arch_kwargs, fmt: str) -> Check
             "--arch-kwargs '{\"num_classes\": 10}' or --arch mypkg.models:MyNet)"
         )
     kwargs = dict(arch_kwargs or {})
-    model = _rebuild(arch, kwargs, {}, [])
-    _load_into(model, sd, path, arch, kwargs)
+    model = rebuild(arch, kwargs, {}, [])
+    load_into(model, sd, path, arch, kwargs)
     return Checkpoint(model, resolve_arch(arch)[0], kwargs, format=fmt)
 
 
@@ -355,140 +352,9 @@ def _from_module(module: nn.Module, path: Path, arch, arch_kwargs) -> Checkpoint
     lay = layout(module)
     if arch:
         kwargs = dict(arch_kwargs or {})
-        model = _rebuild(arch, kwargs, lay, [])
-        _load_into(model, module.state_dict(), path, arch, kwargs)
+        model = rebuild(arch, kwargs, lay, [])
+        load_into(model, module.state_dict(), path, arch, kwargs)
         return Checkpoint(model, resolve_arch(arch)[0], kwargs, layout=lay, provenance=prov, format="pickled_module")
     inferred = infer_arch(module)
     spec, kwargs = inferred if inferred else (None, {})
     return Checkpoint(module, spec, kwargs, layout=lay, provenance=prov, format="pickled_module")
-
-
-def _rebuild(
-    spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], added: Sequence[str] = (), device: str | None = None
-) -> nn.Module:
-    with _quiet_rng(), torch.device(device) if device else contextlib.nullcontext():
-        model = build_arch(spec, kwargs)
-        if lay:
-            model = apply_layout(model, lay, inplace=True)
-        apply_folds(model, folded)
-        add_biases(model, added)
-    return model
-
-
-def _check_rebuild(
-    spec: str, kwargs: dict, lay: dict, folded: Sequence[Mapping], state: Mapping, model: nn.Module
-) -> list[str]:
-    """Check that ``spec`` rebuilds a model taking ``state``; returns the layers that need a bias the
-    architecture does not give them (contracted branch layers whose shift stayed on the conv)."""
-    try:
-        skeleton = _rebuild(spec, kwargs, lay, folded, device="meta")
-    except (UsageError, UnsafeInputError):
-        raise
-    except Exception:  # some builders compute on tensors in __init__; the meta device cannot
-        skeleton = _rebuild(spec, kwargs, lay, folded)
-    expected = skeleton.state_dict()
-    added = []
-    for key in state:
-        path, _, name = key.rpartition(".")
-        if name == "bias" and key not in expected:
-            with contextlib.suppress(AttributeError):
-                layer = skeleton.get_submodule(path)
-                if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and layer.bias is None:
-                    added.append(path)
-    if added:
-        add_biases(skeleton, added)
-    problem = _mismatch(skeleton.state_dict(), state)
-    if not problem:
-        return added
-    inside, outside = _split_mismatch(skeleton.state_dict(), state, lay)
-    if outside is None and not _arch_changes_expanded_layers(spec, kwargs, folded, model, lay):
-        # The arch rebuilds every compact layer as the model has it; only the expanded layers, rebuilt
-        # from the layout they record, differ: a layer's config() does not describe its own structure.
-        raise RuntimeError(
-            f"the layout recorded for the expanded layers does not rebuild them ({inside}), although --arch "
-            f"{spec} rebuilds the compact model: a bug in expandctl (or in a custom expansion kind's config())"
-        )
-    raise UsageError(
-        f"--arch {spec} {json.dumps(kwargs)} does not rebuild this model ({problem}); pass the right --arch"
-    )
-
-
-def _under(key: str, lay: Mapping) -> bool:
-    return any(key.startswith(f"{path}.") for path in lay)
-
-
-def _split_mismatch(expected: Mapping, given: Mapping, lay: Mapping) -> tuple[str | None, str | None]:
-    """``(mismatch inside the expanded layers of lay, mismatch elsewhere)``."""
-    parts = []
-    for inside in (True, False):
-        parts.append(
-            _mismatch(
-                {k: v for k, v in expected.items() if _under(k, lay) == inside},
-                {k: v for k, v in given.items() if _under(k, lay) == inside},
-            )
-        )
-    return parts[0], parts[1]
-
-
-def _arch_changes_expanded_layers(spec: str, kwargs: dict, folded, model: nn.Module, lay: Mapping) -> bool:
-    """Whether the arch builds any expanded layer's compact layer other than the model's original."""
-    from ..layers.base import TEMPLATE_ATTRIBUTES
-
-    try:
-        compact = _rebuild(spec, kwargs, {}, folded, device="meta")
-    except Exception:  # some builders compute on tensors in __init__; the meta device cannot
-        compact = _rebuild(spec, kwargs, {}, folded)
-    for path in lay:
-        try:
-            built, original = compact.get_submodule(path), model.get_submodule(path)._template
-        except AttributeError:
-            return True
-        if type(built) is not type(original) or any(
-            getattr(built, a, None) != getattr(original, a, None) for a in TEMPLATE_ATTRIBUTES
-        ):
-            return True
-    return False
-
-
-def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    parts = []
-    for label, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", shapes),
-    ):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
-            parts.append(f"{label} {', '.join(items[:3])}{more}")
-    return "; ".join(parts) or None
-
-
-def _load_into(model: nn.Module, state: Mapping[str, Any], path: Path, spec: str, kwargs: dict) -> None:
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"the state dict in {str(path)!r} holds non-tensor values (corrupt)")
-    problem = _mismatch(model.state_dict(), state)
-    lay = {p: None for p, _ in expanded_layers(model)}
-    inside, outside = _split_mismatch(model.state_dict(), state, lay)
-    if problem and lay and outside is None:
-        raise UsageError(
-            f"the expanded layers' weights in {str(path)!r} do not fit the layout its header records "
-            f"({inside}), although every other weight fits --arch {spec} {json.dumps(kwargs)}: the file is "
-            "inconsistent (edited by hand or by another tool) or --arch-kwargs change the size of these layers; "
-            "re-expand the compact model"
-        )
-    if problem:
-        raise UsageError(
-            f"the weights in {str(path)!r} do not fit --arch {spec} {json.dumps(kwargs)}: {problem}; "
-            "check --arch and --arch-kwargs"
-        )
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())  # keep float64 (or half) weights in their own precision
-    model.load_state_dict(state, strict=True)

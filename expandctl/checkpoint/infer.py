@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
+from ..layers.base import ExpandedLayer
+from ..layers.tree import expanded_layers, set_module, walk
 from ..models import SmallNet, build_arch, resolve_arch
-from ..rewrite import contract, layout
 
 __all__ = ["infer_arch", "infer_input_shape"]
 
 
 @contextlib.contextmanager
-def _quiet_rng():
+def quiet_rng():
     """Building a model draws random initial weights; do not move the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         yield
@@ -25,6 +28,22 @@ def _quiet_rng():
 def _base(module: nn.Module) -> nn.Module:
     """The original layer behind an expanded one (its attributes), else the module itself."""
     return getattr(module, "_template", module)
+
+
+def _original(module: nn.Module) -> nn.Module:
+    """``module`` with each expanded layer back to the layer it replaced (class, attributes, bias or
+    none): the structure its builder made. Itself when nothing is expanded."""
+    if not any(True for _ in expanded_layers(module)):
+        return module
+    module = copy.deepcopy(module)
+    for layer, paths, inside in walk(module):
+        if isinstance(layer, ExpandedLayer) and inside is None:
+            original = layer.contract()
+            if getattr(layer, "source_bias", True) is False:
+                original.bias = None  # a branch kind's folded shift, on a layer that had no bias
+            for path in paths:
+                module = set_module(module, path, original)
+    return module
 
 
 def infer_arch(module: nn.Module) -> tuple[str, dict] | None:
@@ -36,13 +55,13 @@ def infer_arch(module: nn.Module) -> tuple[str, dict] | None:
     dict shapes are those of ``module``, so a model built with non-default settings is not
     mistaken for the default one.
     """
-    compact = contract(module) if layout(module) else module
+    compact = _original(module)
     target_repr = repr(compact)
     target_shapes = {k: tuple(v.shape) for k, v in compact.state_dict().items()}
     cls = type(compact)
     for spec, kwargs in _arch_candidates(compact):
         try:
-            with torch.device("meta"), _quiet_rng(), _no_warnings():
+            with torch.device("meta"), quiet_rng(), _no_warnings():
                 candidate = build_arch(spec, kwargs)
         except Exception:
             continue
@@ -55,8 +74,6 @@ def infer_arch(module: nn.Module) -> tuple[str, dict] | None:
 
 @contextlib.contextmanager
 def _no_warnings():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -67,7 +84,7 @@ def _arch_candidates(module: nn.Module) -> Iterator[tuple[str, dict]]:
     if isinstance(module, SmallNet):
         yield "smallnet", _smallnet_kwargs(module)
     if cls.__module__.startswith("torchvision.models"):
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # lazy: torchvision.models takes seconds to import; only its models need it
 
         heads = _head_sizes(module)
         for name in tvm.list_models():
@@ -123,7 +140,7 @@ def infer_input_shape(arch: str | None, arch_kwargs: Mapping | None, model: nn.M
             side = int(kwargs.get("image_size", 32))
             return (int(kwargs.get("in_channels", 3)), side, side)
         if module_name == "torchvision.models":
-            import torchvision.models as tvm
+            import torchvision.models as tvm  # lazy: torchvision.models takes seconds to import; only its specs need it
 
             if name in tvm.list_models(module=tvm):
                 side = int(kwargs.get("image_size", 299 if name == "inception_v3" else 224))

@@ -69,7 +69,7 @@ def _output(output: str | None, src: str, suffix: str) -> Path:
 
 def _model_and_data(ui: UI, src, data, split, arch, arch_kwargs, trust, device, options=None):
     """The checkpoint's model on ``device`` and the split, checked to fit each other."""
-    from ..datasets import load_data
+    from ..data import load_data
 
     if split not in ("train", "val"):
         raise UsageError(f"--split must be train or val (got {split!r})")

@@ -50,7 +50,7 @@ def evaluate(
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy and loss of a model on a data split (the held-out split by default)."""
-    from ..datasets import load_data
+    from ..data import load_data
     from ..evaluate import evaluate_onnx, evaluate_torch
 
     ui = UI("evaluate", as_json, quiet, debug)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from ..data.registry import spec_help
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
@@ -109,12 +111,8 @@ DynamicSizeOpt = Annotated[
 
 
 def data_help(role: str = "Data spec") -> str:
-    """Every ``--data`` help: what the data is for, then the spec forms (one list, docs/train.md)."""
-    forms = (
-        "digits | mnist5k | fashion-mnist[:DIR] | mnist[:DIR] | cifar10[:DIR] | cifar100[:DIR] | imagefolder:DIR | "
-        "synthetic[:CxHxW]"
-    )
-    return f"{role}: {forms} (see docs/train.md)."
+    """Every ``--data`` help: what the data is for, then the registered sources (:mod:`expandctl.data.registry`)."""
+    return f"{role}: {spec_help()}"
 
 
 DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help=data_help())]

@@ -121,7 +121,7 @@ def quantize(
     debug: DebugOpt = False,
 ) -> None:
     """INT8 static quantization (onnxruntime, QDQ), scored against the float model on the validation split."""
-    from ..datasets import load_data
+    from ..data import load_data
     from ..export import export_onnx
     from ..quantize import METHODS, check_float_onnx, check_min_accuracy
     from ..quantize import quantize as run_quantize

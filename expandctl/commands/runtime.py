@@ -178,7 +178,7 @@ def input_shape_of(ckpt, override: str | None, fallback=None) -> tuple[int, ...]
 
 def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
     """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
-    from ..datasets import DataOptions
+    from ..data import DataOptions
 
     augment = augment.lower() if augment else None
     return DataOptions(channels, image_size, augment, train_subset, download, val_fraction).validate()

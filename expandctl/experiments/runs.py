@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write, load_checkpoint, save
-from ..datasets import DataSplits
+from ..data import DataSplits
 from ..errors import CheckFailed, UsageError
 from ..evaluate import evaluate_torch
 from ..rewrite import contract, expanded_layers

@@ -25,7 +25,7 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import save
-from ..datasets import load_data
+from ..data import load_data
 from ..errors import ExpandctlError
 from ..models import build_arch
 from ..rewrite import expand, expanded_layers

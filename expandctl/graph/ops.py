@@ -30,6 +30,8 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _AVG_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+#: Average pooling's settings, in ``F.avg_pool2d``'s order (an ``nn.AvgPool2d`` has each as an attribute).
+_AVG_SETTINGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _PASS_METHODS = {"contiguous", "clone", "detach"}
@@ -198,20 +200,8 @@ def _module_step(node: fx.Node, gm: fx.GraphModule, values, look: _Lookup) -> St
     if isinstance(m, _PASS_MODULES):
         return Step(inputs, _same, "identity", modules=here)
     if type(m) in _AVG_MODULES:
-        nd = _AVG_MODULES.index(type(m)) + 1
-        return _avg_step(
-            inputs,
-            values,
-            x,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.ceil_mode,
-            m.count_include_pad,
-            getattr(m, "divisor_override", None),
-            nd,
-            here,
-        )
+        settings = {k: getattr(m, k, None) for k in _AVG_SETTINGS}  # AvgPool1d has no divisor_override
+        return _avg_step(inputs, values, x, settings, _AVG_MODULES.index(type(m)) + 1, here)
     if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)) or (
         isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and m.value == 0
     ):
@@ -237,8 +227,9 @@ def _bn_step(inputs, values, x, mean, var, gamma, beta, eps, here) -> Step:
     return Step(inputs, apply, "BatchNorm", False, modules=here)
 
 
-def _avg_step(inputs, values, x, kernel, stride, padding, ceil_mode, count_pad, divisor, nd, here) -> Step:
-    if not count_pad:
+def _avg_step(inputs, values, x, settings: dict, nd: int, here) -> Step:
+    """Average pooling with ``settings`` (:data:`_AVG_SETTINGS`, as ``F.avg_pool{nd}d`` takes them)."""
+    if not settings["count_include_pad"]:
         return Step(
             inputs,
             None,
@@ -247,14 +238,14 @@ def _avg_step(inputs, values, x, kernel, stride, padding, ceil_mode, count_pad, 
             "average pooling with count_include_pad=False divides by a border-dependent count",
             here,
         )
-    if divisor:
+    if settings["divisor_override"]:
         return Step(inputs, None, "AvgPool", False, "average pooling with a divisor_override", here)
-    kernel = _tuple(kernel, nd)
-    stride = _tuple(stride if stride else kernel, nd)
-    padding = _tuple(padding, nd)
+    kernel = _tuple(settings["kernel_size"], nd)
+    stride = _tuple(settings["stride"] if settings["stride"] else kernel, nd)
+    padding = _tuple(settings["padding"], nd)
 
     def apply(rep):
-        if ceil_mode:
+        if settings["ceil_mode"]:
             shape = _shape(values, x)
             for L, k, s, p in zip(shape[2:], kernel, stride, padding):
                 if (L + 2 * p - k) % s:
@@ -342,71 +333,13 @@ def _function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
             "neg",
         )
     if t in _CONV_FUNCS:
-        nd = _CONV_FUNCS[t]
-        a = _args(
-            node,
-            ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
-            {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
-        )
-        x = a["input"]
-        if look.tensor_inputs([a["weight"], a["bias"]]):
-            return None  # a kernel computed from the input (dynamic convolution)
-        inputs = look.tensor_inputs([x])
-        w, b = look(a["weight"]), look(a["bias"])
-        names = [n.target for n in (a["weight"], a["bias"]) if isinstance(n, fx.Node) and n.op == "get_attr"]
-        return _conv_step(
-            node, values, inputs, x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"], nd, names
-        )
+        return _conv_function_step(node, values, look, _CONV_FUNCS[t])
     if t is F.linear:
-        a = _args(node, ["input", "weight", "bias"], {"bias": None})
-        if look.tensor_inputs([a["weight"], a["bias"]]):
-            return None
-        x, w, b = a["input"], look(a["weight"]), look(a["bias"])
-        own = w.numel() + (b.numel() if isinstance(b, torch.Tensor) else 0)
-        return Step(
-            look.tensor_inputs([x]),
-            lambda rep: _resolve(rep, values, x, "linear").then_linear(w, b),
-            "Linear",
-            True,
-            own_params=own,
-        )
+        return _linear_function_step(node, values, look)
     if t is F.batch_norm:
-        a = _args(
-            node,
-            ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
-            {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
-        )
-        x = a["input"]
-        params = [a["running_mean"], a["running_var"], a["weight"], a["bias"]]
-        if look.tensor_inputs(params):
-            return None
-        inputs = look.tensor_inputs([x])
-        names = [n.target.rsplit(".", 1)[0] for n in params if isinstance(n, fx.Node) and n.op == "get_attr"][:1]
-        if a["training"] or a["running_mean"] is None:
-            return Step(inputs, None, "BatchNorm", False, "BatchNorm with batch statistics (train mode)", names)
-        mean, var = look(a["running_mean"]), look(a["running_var"])
-        return _bn_step(inputs, values, x, mean, var, look(a["weight"]), look(a["bias"]), float(a["eps"]), names)
+        return _bn_function_step(node, values, look)
     if t in _AVG_FUNCS:
-        nd = _AVG_FUNCS[t]
-        a = _args(
-            node,
-            ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-            {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None},
-        )
-        x = a["input"]
-        return _avg_step(
-            look.tensor_inputs([x]),
-            values,
-            x,
-            a["kernel_size"],
-            a["stride"],
-            a["padding"],
-            a["ceil_mode"],
-            a["count_include_pad"],
-            a["divisor_override"],
-            nd,
-            [],
-        )
+        return _avg_function_step(node, values, look, _AVG_FUNCS[t])
     if t is F.pad:
         a = _args(node, ["input", "pad", "mode", "value"], {"mode": "constant", "value": None})
         x = a["input"]
@@ -417,6 +350,67 @@ def _function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
         x = node.args[0] if node.args else node.kwargs["input"]
         return Step(look.tensor_inputs([x]), _same, "identity")
     return None
+
+
+def _conv_function_step(node: fx.Node, values, look: _Lookup, nd: int) -> Step | None:
+    """``F.conv{1,2,3}d`` with a constant kernel (a kernel computed from the input is no step)."""
+    a = _args(
+        node,
+        ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+        {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+    )
+    x = a["input"]
+    if look.tensor_inputs([a["weight"], a["bias"]]):
+        return None  # a kernel computed from the input (dynamic convolution)
+    inputs = look.tensor_inputs([x])
+    w, b = look(a["weight"]), look(a["bias"])
+    names = [n.target for n in (a["weight"], a["bias"]) if isinstance(n, fx.Node) and n.op == "get_attr"]
+    return _conv_step(node, values, inputs, x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"], nd, names)
+
+
+def _linear_function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
+    """``F.linear`` with a constant weight."""
+    a = _args(node, ["input", "weight", "bias"], {"bias": None})
+    if look.tensor_inputs([a["weight"], a["bias"]]):
+        return None
+    x, w, b = a["input"], look(a["weight"]), look(a["bias"])
+    own = w.numel() + (b.numel() if isinstance(b, torch.Tensor) else 0)
+    return Step(
+        look.tensor_inputs([x]),
+        lambda rep: _resolve(rep, values, x, "linear").then_linear(w, b),
+        "Linear",
+        True,
+        own_params=own,
+    )
+
+
+def _bn_function_step(node: fx.Node, values, look: _Lookup) -> Step | None:
+    """``F.batch_norm`` on constant running statistics (a subclass traced through: timm's BatchNormAct2d)."""
+    a = _args(
+        node,
+        ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+        {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+    )
+    x = a["input"]
+    params = [a["running_mean"], a["running_var"], a["weight"], a["bias"]]
+    if look.tensor_inputs(params):
+        return None
+    inputs = look.tensor_inputs([x])
+    names = [n.target.rsplit(".", 1)[0] for n in params if isinstance(n, fx.Node) and n.op == "get_attr"][:1]
+    if a["training"] or a["running_mean"] is None:
+        return Step(inputs, None, "BatchNorm", False, "BatchNorm with batch statistics (train mode)", names)
+    mean, var = look(a["running_mean"]), look(a["running_var"])
+    return _bn_step(inputs, values, x, mean, var, look(a["weight"]), look(a["bias"]), float(a["eps"]), names)
+
+
+def _avg_function_step(node: fx.Node, values, look: _Lookup, nd: int) -> Step | None:
+    """``F.avg_pool{1,2,3}d``."""
+    a = _args(
+        node,
+        ["input", *_AVG_SETTINGS],
+        {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None},
+    )
+    return _avg_step(look.tensor_inputs([a["input"]]), values, a["input"], a, nd, [])
 
 
 _RESHAPES = {"reshape", "view", "flatten", "reshape_as", "view_as", torch.reshape, torch.flatten}

@@ -21,8 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .affine import Affine, NotOneLayer
-from .ops import ROOT, Step, is_random, linear_step
+from .fixpoint import RegionPass, label, meta_read
 from .trace import Untraceable, run_values, trace
 
 __all__ = ["GraphPlan", "Region", "contract_graph", "plan_graph"]
@@ -30,12 +29,6 @@ __all__ = ["GraphPlan", "Region", "contract_graph", "plan_graph"]
 #: A merge is accepted when, on the region's own input in float64, its output differs from the
 #: region's by at most this much relative to the largest output value.
 REGION_RTOL = 1e-9
-
-#: A layer joins the map before it unless that multiplies the parameters by more than this (a
-#: depthwise kxk before a 1x1 expansion would become a dense kxk); a chain that grows a little on the
-#: way and shrinks at its end (an ExpandNets chain) stays whole. A whole region that would hold
-#: more parameters than its steps is left alone.
-GROWTH_LIMIT = 1.5
 
 
 @dataclass
@@ -97,133 +90,6 @@ class GraphPlan:
 
 def _count(module: nn.Module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
-
-
-def _is_const(graph: fx.Graph) -> dict[fx.Node, bool]:
-    const: dict[fx.Node, bool] = {}
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            const[n] = True
-        elif n.op in ("call_function", "call_method", "call_module"):
-            const[n] = (
-                n.op != "call_module" and not is_random(n) and all(const.get(i, False) for i in n.all_input_nodes)
-            )
-        else:
-            const[n] = False
-    return const
-
-
-_RANK_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
-_SHAPE_ATTRS = {"shape"}
-
-
-def meta_read(user: fx.Node, node: fx.Node | None = None) -> str | None:
-    """``"rank"`` when ``user`` reads only a tensor's rank / dtype / device (the same for every value
-    of a region), ``"shape"`` for its shape, ``None`` when it reads the values (of ``node``, when
-    given: ``y.reshape_as(node)`` reads only its shape)."""
-    if (
-        node is not None
-        and user.op == "call_method"
-        and user.target in ("reshape_as", "view_as", "expand_as", "type_as")
-        and user.args[1:2] == (node,)
-        and user.args[0] is not node
-    ):
-        return "rank" if user.target == "type_as" else "shape"
-    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
-        attr = user.args[1]
-        return "rank" if attr in _RANK_ATTRS else ("shape" if attr in _SHAPE_ATTRS else None)
-    if user.op == "call_method" and user.target in ("dim", "ndimension", "size"):
-        return "shape" if user.target == "size" else "rank"
-    return None
-
-
-def value_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if meta_read(u, node) is None]
-
-
-def _label(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
-
-
-class _Pass:
-    """The fixed point: roots, maps, cuts and reasons of every node."""
-
-    def __init__(self, gm: fx.GraphModule, values: dict) -> None:
-        self.gm, self.values = gm, values
-        self.nodes = list(gm.graph.nodes)
-        self.const = _is_const(gm.graph)
-        self.steps: dict[fx.Node, Step | None] = {
-            n: linear_step(n, gm, values, self.const) if not self.const[n] else None for n in self.nodes
-        }
-        self.cut: set[fx.Node] = set()
-        self.reasons: dict[fx.Node, str] = {}
-        while not self._sweep():
-            pass
-
-    def _sweep(self) -> bool:
-        self.root: dict[fx.Node, fx.Node] = {}
-        self.maps: dict[fx.Node, Affine] = {}
-        new_cuts: set[fx.Node] = set()
-        for n in self.nodes:
-            self.root[n] = n
-            step = self.steps[n]
-            if step is None or step.apply is None:
-                if step is not None and step.refused:
-                    self.reasons[n] = step.refused
-                continue
-            sources = [i if (i in self.cut or self.root[i] is i) else self.root[i] for i in step.inputs]
-            if len(set(sources)) != 1:
-                continue  # adds values of different origins: each is its own region's output
-            r = sources[0]
-            args = [ROOT if (i is r) else self.maps[i] for i in step.inputs]
-            try:
-                self.maps[n] = step.apply(*args)
-                if step.weighted and args[0] is not ROOT:
-                    grown, before = self.maps[n].params(), args[0].params() + step.own_params
-                    if grown > GROWTH_LIMIT * before:
-                        raise NotOneLayer(
-                            f"merging it with what precedes it grows the layer ({grown:,} parameters vs {before:,})"
-                        )
-            except NotOneLayer as e:
-                self.reasons[n] = str(e)
-                new_cuts |= {i for i in step.inputs if i is not r}
-                continue
-            self.root[n] = r
-        for m in self.nodes:
-            if self.root[m] is m or m in self.cut:
-                continue
-            users = value_users(m)
-            folding = [u for u in users if self.root[u] is self.root[m] and u in self.maps]
-            if len(users) > 1 and folding:
-                new_cuts.add(m)
-                self.reasons.setdefault(m, f"its output is read by {len(users)} operations")
-        new_cuts -= self.cut
-        self.cut |= new_cuts
-        return not new_cuts
-
-    def outputs(self) -> list[fx.Node]:
-        """Nodes whose value leaves their region (read by a step outside it, or by a non-linear op)."""
-        out = []
-        for m in self.nodes:
-            if self.root[m] is m:
-                continue
-            users = value_users(m)
-            if m in self.cut or not users or any(self.root[u] is not self.root[m] or u not in self.maps for u in users):
-                out.append(m)
-        return out
-
-    def members(self, out: fx.Node) -> list[fx.Node]:
-        r, seen, stack = self.root[out], [], [out]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.append(n)
-            for i in self.steps[n].inputs:
-                if i is not r and i not in self.cut and self.root[i] is r:
-                    stack.append(i)
-        order = {n: k for k, n in enumerate(self.nodes)}
-        return sorted(seen, key=order.__getitem__)
 
 
 def _constants_of(nodes: list[fx.Node], gm: fx.GraphModule, const) -> list[torch.Tensor]:
@@ -345,83 +211,96 @@ def _contract(model: nn.Module, example_inputs: tuple, apply: bool) -> tuple[fx.
         gm, gm64, opaque, values = _analyse(model, example_inputs)
     except Untraceable as e:
         plan.opaque[type(model).__name__] = str(e)
-        whole = _eval_copy(model)
-        _contract_children(whole, example_inputs, apply, "", plan)
-        plan.params_after = _count(whole) if apply else plan.params_before - _saved(plan)
-        if apply:
-            holder = nn.Module()
-            holder.model = whole
-            gm = fx.GraphModule(holder, _opaque_graph(len(example_inputs)))
-            return gm, plan
-        return None, plan
+        return _contract_untraceable(model, example_inputs, apply, plan), plan
     plan.opaque = dict(opaque)
     _contract_opaque(gm if apply else gm64, gm64, values, opaque, apply, plan)
-    p = _Pass(gm64, values)
+    p = RegionPass(gm64, values)
     dtype = _model_dtype(model)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     by_name = {n.name: n for n in gm.graph.nodes}
     gm64_nodes = {n.name: n for n in gm64.graph.nodes}
     taken: set[str] = set()
-    in_region: set[fx.Node] = set()
     replacements: list[tuple] = []
     for n in gm.graph.nodes:
         v = values.get(gm64_nodes.get(n.name))
         n.meta["shape"] = tuple(v.shape) if isinstance(v, torch.Tensor) else None
     for out in p.outputs():
         nodes = p.members(out)
-        in_region.update(nodes)
-        steps = [p.steps[n] for n in nodes]
-        layers = sum(1 for s in steps if s.weighted)
-        meaningful = [s for s in steps if s.kind not in ("identity", "contiguous", "clone", "detach")]
-        if layers == 0 or len(meaningful) < 2:
+        judged = _judge(p, out, nodes, gm64, values)
+        if judged is None:
             continue
-        rep = p.maps[out]
-        modules = sorted({m for s in steps for m in s.modules})
-        before = sum(t.numel() for t in _constants_of(nodes, gm64, p.const))
-        root = p.root[out]
-        region = Region(
-            name="",
-            root=_label(root),
-            output=_label(out),
-            steps=[f"{_label(n)} ({p.steps[n].kind})" for n in nodes],
-            modules=modules,
-            became=rep.describe(),
-            params_before=before,
-            params_after=rep.params(),
-        )
+        region, rep = judged
         plan.regions.append(region)
-        if rep.params() > before:
-            region.reason = f"the merged layer would hold more parameters ({rep.params():,} vs {before:,})"
+        if not region.merged:
             continue
-        layer64 = rep.module(torch.float64)
-        with torch.no_grad():
-            got = layer64(values[root])
-        want = values[out]
-        if got.shape != want.shape:
-            region.reason = f"the region reshapes its input ({tuple(values[root].shape)} to {tuple(want.shape)})"
-            continue
-        scale = float(want.abs().max()) or 1.0
-        region.error = float((got - want).abs().max()) / scale
-        if not region.error <= REGION_RTOL:
-            region.reason = f"the float64 check failed (relative error {region.error:.2e})"
-            continue
-        region.merged = True
         interior = [by_name[n.name] for n in nodes if n is not out]
-        replacements.append((by_name[root.name], by_name[out.name], rep.module(dtype, device), interior, region))
-        base = _common_prefix(modules)
+        replacements.append((by_name[p.root[out].name], by_name[out.name], rep.module(dtype, device), interior, region))
+        base = _common_prefix(region.modules)
         if base and not _exists(gm, base):
             base = ""
         region.name = _fresh_name(gm, base, taken)
     for n, reason in p.reasons.items():
         if n.op in ("placeholder", "output"):
             continue
-        plan.left_alone.append({"at": _label(n), "kind": p.steps[n].kind if p.steps[n] else n.op, "reason": reason})
+        plan.left_alone.append({"at": label(n), "kind": p.steps[n].kind if p.steps[n] else n.op, "reason": reason})
     if not apply:
         plan.params_after = plan.params_before - _saved(plan)
         return None, plan
     _replace(gm, replacements)
     plan.params_after = _count(gm)
     return gm, plan
+
+
+def _judge(p: RegionPass, out: fx.Node, nodes: list[fx.Node], gm64: fx.GraphModule, values: dict):
+    """``(region, its map)`` for the region ending at ``out``, ``merged`` when its one layer is smaller
+    and passes the float64 check on the region's own input (else ``reason`` says why); ``None`` when
+    the region is not worth reporting (no layer, or fewer than two meaningful steps)."""
+    steps = [p.steps[n] for n in nodes]
+    layers = sum(1 for s in steps if s.weighted)
+    meaningful = [s for s in steps if s.kind not in ("identity", "contiguous", "clone", "detach")]
+    if layers == 0 or len(meaningful) < 2:
+        return None
+    rep = p.maps[out]
+    before = sum(t.numel() for t in _constants_of(nodes, gm64, p.const))
+    root = p.root[out]
+    region = Region(
+        name="",
+        root=label(root),
+        output=label(out),
+        steps=[f"{label(n)} ({p.steps[n].kind})" for n in nodes],
+        modules=sorted({m for s in steps for m in s.modules}),
+        became=rep.describe(),
+        params_before=before,
+        params_after=rep.params(),
+    )
+    if rep.params() > before:
+        region.reason = f"the merged layer would hold more parameters ({rep.params():,} vs {before:,})"
+        return region, rep
+    got = rep.module(torch.float64)(values[root])
+    want = values[out]
+    if got.shape != want.shape:
+        region.reason = f"the region reshapes its input ({tuple(values[root].shape)} to {tuple(want.shape)})"
+        return region, rep
+    scale = float(want.abs().max()) or 1.0
+    region.error = float((got - want).abs().max()) / scale
+    if not region.error <= REGION_RTOL:
+        region.reason = f"the float64 check failed (relative error {region.error:.2e})"
+        return region, rep
+    region.merged = True
+    return region, rep
+
+
+def _contract_untraceable(model: nn.Module, example_inputs: tuple, apply: bool, plan: GraphPlan):
+    """A model fx cannot trace at the top: its children are contracted each on its own input; with
+    ``apply``, a graph calling the whole (contracted) model as one leaf, else ``None``."""
+    whole = _eval_copy(model)
+    _contract_children(whole, example_inputs, apply, "", plan)
+    plan.params_after = _count(whole) if apply else plan.params_before - _saved(plan)
+    if not apply:
+        return None
+    holder = nn.Module()
+    holder.model = whole
+    return fx.GraphModule(holder, _opaque_graph(len(example_inputs)))
 
 
 def _saved(plan: GraphPlan) -> int:

@@ -40,6 +40,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
 
 from ..context import contract_and_check, copy_weights_into
 from ..errors import UsageError
+from ..export import export_onnx
 from ..layers import INIT_MODES
 from ..rewrite import _check_rate, contract, expand, expanded_layers, layout, parse_strategy
 
@@ -189,8 +190,6 @@ class ExpandNetsCallback(pl.Callback):
             contract(pl_module, inplace=True)  # the same algebra as the checked copy, on the module itself
             copy_weights_into(pl_module, compact)  # and exactly the checked weights
             if self.export is not None and trainer.is_global_zero:
-                from ..export import export_onnx
-
                 _, self.export_report = export_onnx(
                     pl_module, self.export, shape, dynamic_size=self.dynamic_size, atol=self.atol, rtol=self.rtol
                 )

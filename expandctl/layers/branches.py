@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import algebra
 from ..errors import UsageError
+from ..kinds import KINDS
 from .base import ExpandedLayer, check_modes, register_expansion, template_of
 from .conv import CONV_FN, CONV_TYPES, conv_reason, input_padding
 from .hosts import fused_only_reason
@@ -340,7 +341,7 @@ class ACBConv(BranchedConv):
     """ACNet: kxk + BN and one line kernel + BN along each axis of the kernel larger than 1."""
 
     kind = "acb"
-    summary = "kxk, 1xk, kx1 branches, each +BN (ACNet)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
 
     @classmethod
     def _own_reason(cls, module, pointwise):
@@ -366,7 +367,7 @@ class RepConv(BranchedConv):
     """RepVGG: kxk + BN, 1x1 + BN (for k > 1), identity + BN (where the layer keeps its input)."""
 
     kind = "rep"
-    summary = "kxk, 1x1, identity branches, each +BN (RepVGG)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
 
     @classmethod
     def _identity_tap(cls, module):
@@ -404,8 +405,7 @@ class DBBConv(BranchedConv):
     DBB; ``--rate`` sets the hidden width of the 1x1 -> kxk branch (default 1: the input's width)."""
 
     kind = "dbb"
-    summary = "kxk, 1x1, 1x1-avg, 1x1-kxk branches, each +BN (DBB)"
-    default_rate = 1.0
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
 
     @classmethod
     def _own_reason(cls, module, pointwise):
@@ -441,7 +441,7 @@ class OREPAConv(DBBConv):
     Scales start at 1 for the kxk branch and 0.5 for the others."""
 
     kind = "orepa"
-    summary = "DBB's branches scaled, one BN, composed every step (OREPA)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
     norm = "scale"
     init_scales = (1.0, 0.5)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import algebra
 from ..errors import UsageError
+from ..kinds import KINDS
 from .base import ChainLayer, check_modes, register_expansion, template_of
 from .hosts import plain_forward_reason
 from .preserve import fit_ck, preserve_exact, set_biases
@@ -118,27 +120,26 @@ def cl_hidden(module: nn.Module, rate: float) -> list[int]:
     return [algebra.hidden_width(module.in_channels, rate, g), algebra.hidden_width(module.out_channels, rate, g)]
 
 
-class ExpandedConv(ChainLayer):
-    """Shared machinery of CL and CK: a chain of ``ConvNd`` factors, padding applied once to the input."""
+class ConvChain(ChainLayer):
+    """A chain of convolution factors, one per spec of :meth:`_factor_specs` (out channels, kernel size,
+    stride...), each built by :meth:`_factor`: what the conv and the transposed-conv chains share."""
 
-    source_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    #: The replaced layer's settings the chain runs with, copied from it.
+    _settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, template, factors, groups, forward):
         super().__init__(template, factors, groups, forward)
-        t = template
-        self.padding = t.padding
-        self.padding_mode = t.padding_mode
-        self.stride = t.stride
-        self.dilation = t.dilation
-        self._pad = input_padding(t)
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return conv_reason(module, cls.source_types)
+        for name in self._settings:
+            setattr(self, name, getattr(template, name))
 
     @classmethod
     def _factor_specs(cls, module, hidden) -> list[dict]:
-        """Per factor: out channels, kernel size, stride."""
+        """Per factor: out channels, kernel size, stride (and what else :meth:`_factor` reads)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _factor(cls, module, c_in: int, spec: dict, **kw) -> nn.Module:
+        """The factor for ``spec`` taking ``c_in`` channels (``kw``: device and dtype)."""
         raise NotImplementedError
 
     @classmethod
@@ -148,31 +149,41 @@ class ExpandedConv(ChainLayer):
     @classmethod
     def from_module(cls, module, hidden, init="scratch", forward="fused"):
         check_modes(init, forward)
-        dims = len(module.kernel_size)
-        conv_t = CONV_TYPES[dims]
-        has_bias = module.bias is not None
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
         factors, c_in = [], module.in_channels
         for spec in cls._factor_specs(module, hidden):
-            dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
-            factors.append(
-                conv_t(
-                    c_in,
-                    spec["out"],
-                    spec["kernel_size"],
-                    stride=spec["stride"],
-                    padding=0,
-                    dilation=dilation,
-                    groups=module.groups,
-                    bias=has_bias,
-                    **kw,
-                )
-            )
+            factors.append(cls._factor(module, c_in, spec, **kw))
             c_in = spec["out"]
         layer = cls(template_of(module), factors, module.groups, forward)
         if init == "preserve":
             layer._preserve(module)
         return layer.train(module.training)
+
+    def _preserve(self, module):
+        raise NotImplementedError
+
+
+class ExpandedConv(ConvChain):
+    """Shared machinery of CL and CK: a chain of ``ConvNd`` factors, padding applied once to the input."""
+
+    source_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    _settings = ("padding", "padding_mode", "stride", "dilation")
+
+    def __init__(self, template, factors, groups, forward):
+        super().__init__(template, factors, groups, forward)
+        self._pad = input_padding(template)
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        return conv_reason(module, cls.source_types)
+
+    @classmethod
+    def _factor(cls, module, c_in, spec, **kw):
+        # Unpadded (the padding is applied once, to the chain's input); a 1x1 factor needs no dilation.
+        dilation = tuple(d if k > 1 else 1 for d, k in zip(module.dilation, spec["kernel_size"]))
+        conv_t = CONV_TYPES[len(module.kernel_size)]
+        return conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=0, dilation=dilation,
+                      groups=module.groups, bias=module.bias is not None, **kw)  # fmt: skip
 
     def _preserve(self, module):
         preserve_exact(self.factors, self.groups, module.weight, module.bias)
@@ -200,16 +211,12 @@ class ExpandedConv(ChainLayer):
         return f"{self.kind} [{factors_repr(self.factors)}], groups={self.groups}, forward={self.forward_mode}"
 
 
-@register_expansion
-class ExpandedConvCL(ExpandedConv):
-    """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
-
-    The stride sits on the k-kernel factor (a 1x1 conv commutes with subsampling). Contraction
-    multiplies the channel matrices at every kernel tap (DiverseBranchBlock's 1x1-kxk merge).
-    """
+class CLKind:
+    """What CL is, for a conv and a transposed conv alike: its registry entry, which layers it takes
+    (:func:`cl_reason` on top of the chain's own checks) and its widths (:func:`cl_hidden`)."""
 
     kind = "cl"
-    summary = "conv -> 1x1, kxk, 1x1 chain (ExpandNets CL)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
     priority = 1
 
     @classmethod
@@ -219,6 +226,32 @@ class ExpandedConvCL(ExpandedConv):
     @classmethod
     def hidden_for(cls, module, rate):
         return cl_hidden(module, rate)
+
+
+class CKKind:
+    """What CK is, for a conv and a transposed conv alike: its registry entry, which layers it takes
+    (:func:`ck_reason`) and its widths (:func:`ck_hidden`); it runs before CL on the layers both take."""
+
+    kind = "ck"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
+    priority = 2
+
+    @classmethod
+    def accepts(cls, module, pointwise=False):
+        return ck_reason(super().accepts(module, pointwise), module)
+
+    @classmethod
+    def hidden_for(cls, module, rate):
+        return ck_hidden(module, rate)
+
+
+@register_expansion
+class ExpandedConvCL(CLKind, ExpandedConv):
+    """CL expansion: ``ConvNd k`` -> ``1x..x1 (m -> h1)``, ``k (h1 -> h2)``, ``1x..x1 (h2 -> n)``.
+
+    The stride sits on the k-kernel factor (a 1x1 conv commutes with subsampling). Contraction
+    multiplies the channel matrices at every kernel tap (DiverseBranchBlock's 1x1-kxk merge).
+    """
 
     @classmethod
     def _factor_specs(cls, module, hidden):
@@ -232,24 +265,12 @@ class ExpandedConvCL(ExpandedConv):
 
 
 @register_expansion
-class ExpandedConvCK(ExpandedConv):
+class ExpandedConvCK(CKKind, ExpandedConv):
     """CK expansion: a ``ConvNd`` with a kernel dimension > 3 -> a chain of small kernels
     (3-tap steps, a 2-tap step for even sizes) whose sizes add up to the original, widths
     ``m -> h1 -> ... -> n``. Kernels compose by full convolution; the stride sits on the last
     factor; ``preserve`` initialisation is a least-squares fit that reports its residual.
     """
-
-    kind = "ck"
-    summary = "conv k>3 -> chain of 3x3 convs (ExpandNets CK)"
-    priority = 2
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return ck_reason(super().accepts(module, pointwise), module)
-
-    @classmethod
-    def hidden_for(cls, module, rate):
-        return ck_hidden(module, rate)
 
     @classmethod
     def _factor_specs(cls, module, hidden):

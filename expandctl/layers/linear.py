@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
+from ..kinds import KINDS
 from .base import ChainLayer, check_modes, register_expansion, template_of
 from .hosts import plain_forward_reason
 from .preserve import preserve_exact
@@ -19,7 +20,7 @@ class ExpandedLinear(ChainLayer):
     with ``h1 = ceil(r m)``, ``h2 = ceil(r n)``; ``W = W3 W2 W1``, ``b = W3 (W2 b1 + b2) + b3``."""
 
     kind = "fc"
-    summary = "Linear -> 3 Linears (ExpandNets FC)"
+    summary, default_rate = KINDS[kind].summary, KINDS[kind].default_rate
     source_types = (nn.Linear,)
 
     @classmethod

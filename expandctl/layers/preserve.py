@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..algebra.fit import fit_chain
 from ..errors import PreserveFitError
 from .base import PRESERVE_TOL
 
@@ -64,8 +65,6 @@ def fit_ck(target: torch.Tensor, weights: Sequence[torch.Tensor], groups: int, w
     from ``weights``; ``(factor weights, relative residual)``. Refused (:class:`PreserveFitError`)
     when the residual is above :data:`PRESERVE_TOL` for the dtype: no exact start at these widths.
     ``what`` names the kernel in the message (e.g. ``"7x7 kernel"``)."""
-    from ..fit import fit_chain
-
     result = fit_chain(target, list(weights), groups)
     tol = PRESERVE_TOL.get(target.dtype, 1e-2)
     if result.residual > tol:

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
-from .base import ChainLayer, check_modes, register_expansion, template_of
-from .conv import ck_hidden, ck_reason, ck_steps, cl_hidden, cl_reason, describe_specs, factors_repr
+from .base import register_expansion
+from .conv import CKKind, CLKind, ConvChain, ck_steps, factors_repr
 from .hosts import qualname
 from .preserve import fit_ck, preserve_exact
 
@@ -28,7 +28,7 @@ def _conv_layout_shape(weight_shape: Sequence[int], groups: int) -> tuple[int, .
     return (c_out_g * groups, c_in // groups, *weight_shape[2:])
 
 
-class ExpandedConvTranspose(ChainLayer):
+class ExpandedConvTranspose(ConvChain):
     """Shared machinery of transposed CL and CK: a chain of ``ConvTransposeNd`` factors.
 
     A transposed conv upsamples its input by the stride, fully convolves it with the kernel, then
@@ -43,13 +43,10 @@ class ExpandedConvTranspose(ChainLayer):
     #: Index of the factor that upsamples (carries the stride and output_padding).
     _upsampling: ClassVar[int] = 0
 
+    _settings = ("stride", "padding", "output_padding", "dilation")
+
     def __init__(self, template, factors, groups, forward):
         super().__init__(template, factors, groups, forward)
-        t = template
-        self.stride = t.stride
-        self.padding = t.padding
-        self.output_padding = t.output_padding
-        self.dilation = t.dilation
         self._order = algebra.chain_order(tuple(_conv_layout_shape(f.weight.shape, groups) for f in self.factors))
 
     @classmethod
@@ -63,35 +60,11 @@ class ExpandedConvTranspose(ChainLayer):
         return None
 
     @classmethod
-    def describe(cls, module, hidden):
-        return describe_specs(module, cls._factor_specs(module, hidden))
-
-    @classmethod
-    def from_module(cls, module, hidden, init="scratch", forward="fused"):
-        check_modes(init, forward)
+    def _factor(cls, module, c_in, spec, **kw):
         conv_t = TRANSPOSED_TYPES[len(module.kernel_size)]
-        kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-        factors, c_in = [], module.in_channels
-        for spec in cls._factor_specs(module, hidden):
-            factors.append(
-                conv_t(
-                    c_in,
-                    spec["out"],
-                    spec["kernel_size"],
-                    stride=spec["stride"],
-                    padding=spec["padding"],
-                    output_padding=spec["output_padding"],
-                    groups=module.groups,
-                    bias=spec["bias"],
-                    dilation=module.dilation,
-                    **kw,
-                )
-            )
-            c_in = spec["out"]
-        layer = cls(template_of(module), factors, module.groups, forward)
-        if init == "preserve":
-            layer._preserve(module)
-        return layer.train(module.training)
+        return conv_t(c_in, spec["out"], spec["kernel_size"], stride=spec["stride"], padding=spec["padding"],
+                      output_padding=spec["output_padding"], groups=module.groups, bias=spec["bias"],
+                      dilation=module.dilation, **kw)  # fmt: skip
 
     def _compose(self, fast: bool = False):
         weights = [f.weight for f in self.factors]
@@ -146,19 +119,13 @@ class ExpandedConvTranspose(ChainLayer):
 
 
 @register_expansion
-class ExpandedConvTransposeCL(ExpandedConvTranspose):
+class ExpandedConvTransposeCL(CLKind, ExpandedConvTranspose):
     """CL for ``ConvTransposeNd k``: ``1x..x1 (m -> h1, no bias)``, ``k transposed (h1 -> h2)`` with
     the stride, padding and output_padding, ``1x..x1 (h2 -> n)``. The 1x1 factors commute with the
     upsampling and the crop, so the chain is exact; the first has no bias (see the class above)."""
 
-    kind = "cl"
-    priority = 1
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     _upsampling = 1
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return cl_reason(super().accepts(module, pointwise), module, pointwise)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
@@ -179,10 +146,6 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
             {"out": module.out_channels, "kernel_size": ones, "bias": bias, **plain},
         ]
 
-    @classmethod
-    def hidden_for(cls, module, rate):
-        return cl_hidden(module, rate)
-
     def _fit(self, module, target, weights):
         shims = [types.SimpleNamespace(weight=w, bias=None) for w in weights]
         preserve_exact(shims, self.groups, target, None)
@@ -190,18 +153,12 @@ class ExpandedConvTransposeCL(ExpandedConvTranspose):
 
 
 @register_expansion
-class ExpandedConvTransposeCK(ExpandedConvTranspose):
+class ExpandedConvTransposeCK(CKKind, ExpandedConvTranspose):
     """CK for ``ConvTransposeNd`` with a kernel dimension > 3: small transposed kernels (3-tap
     steps, a 2-tap one for even sizes) whose full convolutions add up to the original; the first
     factor upsamples (stride, output_padding), the last crops (padding) and alone has a bias."""
 
-    kind = "ck"
-    priority = 2
     source_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-    @classmethod
-    def accepts(cls, module, pointwise=False):
-        return ck_reason(super().accepts(module, pointwise), module)
 
     @classmethod
     def _factor_specs(cls, module, hidden):
@@ -218,10 +175,6 @@ class ExpandedConvTransposeCK(ExpandedConvTranspose):
             }
             for j, (o, k) in enumerate(zip(outs, steps))
         ]
-
-    @classmethod
-    def hidden_for(cls, module, rate):
-        return ck_hidden(module, rate)
 
     def _fit(self, module, target, weights):
         what = f"transposed {'x'.join(map(str, module.kernel_size))} kernel"

@@ -7,7 +7,7 @@ Modules, one concept each: :mod:`.options` (:class:`TrainConfig`), :mod:`.loop` 
 epochs), :mod:`.epoch` (one training pass, validation), :mod:`.state` (the run folder, resume,
 checkpoints), :mod:`.rng` (random streams), :mod:`.distributed` (torchrun), :mod:`.loaders`,
 :mod:`.distill` (teacher, KD), :mod:`.warmup` (nonlinear warm-up), :mod:`.callbacks` (what callers plug
-in), :mod:`.losses`, :mod:`.precise_bn`, :mod:`.curves`. Data sets are read by :mod:`expandctl.datasets`.
+in), :mod:`.losses`, :mod:`.precise_bn`, :mod:`.curves`. Data sets are read by :mod:`expandctl.data`.
 The ``expandctl train`` command is :mod:`expandctl.commands.train` (the CLI imports it, not the library).
 """
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from ..datasets import DataSplits
+from ..data import DataSplits
 from .distributed import Dist, shard
 from .options import TrainConfig
 

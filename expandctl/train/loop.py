@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import Checkpoint
-from ..datasets import DataSplits, load_data
+from ..data import DataSplits, load_data
 from ..errors import UsageError
 from ..probe import check_fits, device_kind
 from ..rewrite import expanded_layers, set_forward

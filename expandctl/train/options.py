@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..datasets import DataOptions
+from ..data import DataOptions
 from ..errors import UsageError
 from ..layers import FORWARD_MODES
 from ..probe import DEVICES
@@ -71,7 +71,7 @@ class TrainConfig:
     #: (``grad_confusion_min``/``_mean`` in metrics.jsonl; :mod:`expandctl.analysis.confusion`).
     grad_confusion: bool = False
     grad_confusion_pairs: int = 100
-    #: How ``data`` is adapted to the model (:class:`expandctl.datasets.DataOptions`).
+    #: How ``data`` is adapted to the model (:class:`expandctl.data.DataOptions`).
     data_options: DataOptions = DataOptions()
     #: After the last epoch, recompute every BatchNorm's running statistics over this many training
     #: batches with the final weights (:mod:`expandctl.train.precise_bn`); 0: off.

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
-from ..datasets import DataOptions, load_data
+from ..data import DataOptions, load_data
 from ..errors import UnsupportedError, UsageError
 from ..fold import fold_batchnorm
 from ..rewrite import expanded_layers

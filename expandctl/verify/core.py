@@ -1,20 +1,6 @@
-"""Equivalence checks: torch vs torch (expanded vs contracted) and torch vs onnxruntime.
-
-Every check follows the traps listed in PAPER.md:
-
-* models run on eval-mode deep copies (BatchNorm in train mode is the usual "outputs differ after
-  conversion"); the caller's model is never touched;
-* expanded layers run their factors one after the other (``"explicit"``), so a contracted model is
-  checked against the chain itself, never against the same composition (``"fused"``) twice;
-* the metric is the largest absolute difference, judged against ``atol + rtol * max|reference|``;
-  never a signed sum of differences, which lets errors cancel;
-* float64 separates algebra from rounding: a wrong padding or a dropped ``groups`` shows up as an
-  error of order 1 there, rounding as one of order 1e-15;
-* a contraction also passes when its error is within :data:`FLOOR_MULTIPLE` times the contracted
-  model's own rounding floor (:func:`rounding_floor`): an ill-conditioned network (random BatchNorm
-  statistics, deep stacks) can amplify float64 rounding a millionfold, so that an exact contraction
-  misses a fixed ``rtol``; an algebra error stays many orders of magnitude above the floor.
-"""
+"""What every equivalence check shares: the :class:`Report`, the default tolerances and the rounding-floor
+margin, the random inputs, the eval-mode explicit copies, the output leaves and their running error;
+:func:`compare_models` (torch vs torch) and :func:`check_finite`."""
 
 from __future__ import annotations
 
@@ -22,26 +8,23 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
-from .rewrite import contract, expanded_layers, set_forward
-from .shapes import backend_message, fmt_shape
+from ..errors import UsageError
+from ..rewrite import set_forward
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "FLOOR_MULTIPLE",
+    "FLOOR_DRAWS",
     "OutputCheck",
     "Report",
     "compare_models",
-    "check_contraction",
-    "rounding_floor",
-    "FLOOR_MULTIPLE",
-    "FLOOR_DRAWS",
-    "compare_onnx",
     "check_finite",
+    "check_args",
+    "output_leaves",
 ]
 
 #: ``{dtype: (atol, rtol)}``; an output passes iff ``max|a - b| <= atol + rtol * max|a|``.
@@ -183,7 +166,7 @@ def _ratio(error: float, floor: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-def _check_args(input_shape: Sequence[int], samples: int, batch: int) -> list[int]:
+def check_args(input_shape: Sequence[int], samples: int, batch: int) -> list[int]:
     try:
         shape = [int(s) for s in input_shape]
     except (TypeError, ValueError):
@@ -234,17 +217,17 @@ def _inputs(shape: list[int], samples: int, batch: int, seed: int) -> list[torch
     return [torch.randn((batch, *shape), generator=g, dtype=torch.float64) for _ in range(samples)]
 
 
-def _leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:
+def output_leaves(out, name: str = "output") -> list[tuple[str, torch.Tensor]]:
     """``[("output", t)]``, ``[("output.0", t0), ...]`` or ``[("output.logits", t), ...]``."""
     if isinstance(out, torch.Tensor):
         return [(name, out)]
     if out is None:
         return []
     if isinstance(out, dict):
-        return [leaf for k, v in out.items() for leaf in _leaves(v, f"{name}.{k}")]
+        return [leaf for k, v in out.items() for leaf in output_leaves(v, f"{name}.{k}")]
     if isinstance(out, (tuple, list)):
         keys = getattr(out, "_fields", range(len(out)))  # a namedtuple's fields name its leaves
-        return [leaf for k, v in zip(keys, out, strict=True) for leaf in _leaves(v, f"{name}.{k}")]
+        return [leaf for k, v in zip(keys, out, strict=True) for leaf in output_leaves(v, f"{name}.{k}")]
     raise UsageError(f"{name} is a {type(out).__name__}; only tensors (in tuples, lists, dicts) compare")
 
 
@@ -292,9 +275,6 @@ class _Accumulator:
         return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Public checks
-# --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compare_models(
     a: nn.Module,
@@ -315,250 +295,15 @@ def compare_models(
     tolerances come from :data:`DEFAULT_TOLERANCES` for ``dtype``, or for the parameters' storage
     dtype when that is coarser (float32 weights cast to float64 still carry float32 rounding).
     """
-    shape = _check_args(input_shape, samples, batch)
+    shape = check_args(input_shape, samples, batch)
     atol, rtol, notes = _tolerances(dtype, (a, b), atol, rtol)
     ma, mb = _prepare(a, dtype), _prepare(b, dtype)
     da, db = _device(ma), _device(mb)
     acc = _Accumulator()
     for x in _inputs(shape, samples, batch, seed):
         x = x.to(dtype)
-        acc.add_all(_leaves(ma(x.to(da))), _leaves(mb(x.to(db))))
+        acc.add_all(output_leaves(ma(x.to(da))), output_leaves(mb(x.to(db))))
     return Report(kind, _name(dtype), atol, rtol, seed, samples, batch, shape, acc.checks(atol, rtol), notes)
-
-
-def check_contraction(
-    expanded: nn.Module,
-    contracted: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
-    samples: int = 2,
-    batch: int = 2,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-) -> list[Report]:
-    """One ``"expanded-vs-contracted"`` report per dtype: the explicit chain is the reference.
-
-    When the factors are stored in a coarser dtype than a check's dtype (the usual float32
-    checkpoint checked in float64), that check contracts a copy of the factors in its own dtype:
-    otherwise the float32 rounding of the stored product would hide an algebra error behind
-    float32 tolerances. The check in the storage dtype covers the weights that are written.
-
-    Each report also carries the contracted model's rounding floor in its dtype (:func:`rounding_floor`,
-    per output); with the default tolerances an output whose error exceeds them but stays within
-    :data:`FLOOR_MULTIPLE` times its floor passes (``within_floor``, and a note says so). Explicit
-    ``atol``/``rtol`` are kept as given.
-    """
-    left = [path for path, _ in expanded_layers(contracted)]
-    if left:
-        paths = ", ".join(left[:5])
-        raise UsageError(f"the contracted model still has expanded layers ({paths}); contract it first")
-    settings = {"samples": samples, "batch": batch, "seed": seed, "atol": atol, "rtol": rtol}
-    reports = []
-    for d in dtypes:
-        coarser = [p for p in expanded.parameters() if torch.finfo(p.dtype).eps > torch.finfo(d).eps]
-        source = expanded
-        if coarser:
-            source = widened = copy.deepcopy(expanded).to(d)
-            report = compare_models(
-                widened, contract(widened), input_shape, dtype=d, kind="expanded-vs-contracted", **settings
-            )
-            report.notes.append(f"algebra check: factors widened to {_name(d)} and contracted in {_name(d)}")
-        else:
-            report = compare_models(
-                expanded, contracted, input_shape, dtype=d, kind="expanded-vs-contracted", **settings
-            )
-        _apply_floor(report, contract(widened) if coarser else contracted, d, accept=atol is None and rtol is None)
-        linear = _check_linear_parts(source, report)
-        if linear is not None:
-            report.outputs.append(linear)
-            report.notes.append(
-                "fused-only layers run their own forward on the composed kernel in both models; "
-                f"{linear.name} compares that kernel with the chain run on the layers' inputs"
-            )
-        reports.append(report)
-    return reports
-
-
-@torch.no_grad()
-def rounding_floor(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    dtype: torch.dtype = torch.float64,
-    samples: int = 2,
-    batch: int = 2,
-    seed: int = 0,
-    draws: int = FLOOR_DRAWS,
-) -> dict[str, float]:
-    """The model's own rounding floor in ``dtype``, per output: the largest ``max|y' - y| / max|y|``
-    over ``draws`` copies whose every floating parameter and buffer is multiplied by
-    ``1 + eps * N(0, 1)`` (``eps`` of ``dtype``: one rounding of every stored number), on the inputs
-    :func:`compare_models` draws with ``seed``. A contraction cannot be asked to be closer than this:
-    the merged tensors are rounded at least once."""
-    shape = _check_args(input_shape, samples, batch)
-    eps = torch.finfo(dtype).eps
-    clean = _prepare(model, dtype)
-    device = _device(clean)
-    inputs = [x.to(dtype).to(device) for x in _inputs(shape, samples, batch, seed)]
-    refs = [_leaves(clean(x)) for x in inputs]
-    floor: dict[str, float] = {}
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(draws):
-        noisy = copy.deepcopy(clean)
-        for t in [*noisy.parameters(), *noisy.buffers()]:
-            if t.is_floating_point():
-                t.mul_(1 + eps * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t))
-        acc = _Accumulator()
-        for x, ref in zip(inputs, refs, strict=True):
-            acc.add_all(ref, _leaves(noisy(x)))
-        for check in acc.checks(0.0, 0.0):
-            if math.isfinite(check.max_rel):
-                floor[check.name] = max(floor.get(check.name, 0.0), check.max_rel)
-    return floor
-
-
-def _apply_floor(report: Report, contracted: nn.Module, dtype: torch.dtype, accept: bool = True) -> None:
-    """Measure the contracted model's rounding floor on the report's inputs; with ``accept`` (the default
-    tolerances: explicit ones are the caller's to keep), an output above ``atol + rtol * max|a|`` passes
-    when its error is within :data:`FLOOR_MULTIPLE` times its floor."""
-    floor = rounding_floor(contracted, report.input_shape, dtype=dtype, samples=report.samples, batch=report.batch,
-                           seed=report.seed)  # fmt: skip
-    for o in report.outputs:
-        o.floor = floor.get(o.name)
-        within = o.floor is not None and o.max_rel <= FLOOR_MULTIPLE * o.floor
-        if accept and within and not o.passed and o.reason is None:
-            o.passed = o.within_floor = True
-            report.notes.append(
-                f"{o.name} ({_name(dtype)}): error {o.max_rel:.3g} is above rtol but {_ratio(o.max_rel, o.floor):.3g}x "
-                f"the contracted model's rounding floor {o.floor:.3g} (its output's movement under {_name(dtype)} "
-                f"rounding-sized noise on every tensor), within the accepted {FLOOR_MULTIPLE:g}x"
-            )
-
-
-@torch.no_grad()
-def _check_linear_parts(expanded: nn.Module, report: Report) -> OutputCheck | None:
-    """For fused-only layers (subclasses running their own forward on the composed kernel): the
-    composed kernel as one plain layer against the chain run on the activations, at the inputs each
-    layer sees in the model, with the report's inputs and tolerances. ``None`` if there are none."""
-    model = _prepare(expanded, getattr(torch, report.dtype))
-    layers = [(path, layer) for path, layer in expanded_layers(model) if layer.fused_only is not None]
-    if not layers:
-        return None
-    accs = {path: _Accumulator() for path, _ in layers}
-
-    def hook(path):
-        def check(layer, args):
-            composed, chain = layer.linear_part(args[0])
-            accs[path].add("linear", chain, composed)
-
-        return check
-
-    handles = [layer.register_forward_pre_hook(hook(path)) for path, layer in layers]
-    try:
-        device = _device(model)
-        for x in _inputs(report.input_shape, report.samples, report.batch, report.seed):
-            model(x.to(getattr(torch, report.dtype)).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    checks = {path: acc.checks(report.atol, report.rtol) for path, acc in accs.items()}
-    checks = {path: c[0] for path, c in checks.items() if c}
-    name = f"linear part of {len(layers)} fused-only layers"
-    if not checks:
-        return OutputCheck(name, math.nan, math.nan, False, "no fused-only layer ran on the inputs")
-    worst = max(checks, key=lambda p: _nan_last(checks[p].max_rel))
-    failed = [p for p, c in checks.items() if not c.passed]
-    reason = f"worst {worst}" + (f"; failed: {', '.join(failed[:5])}" if failed else "")
-    return OutputCheck(
-        name,
-        max(c.max_abs for c in checks.values()),
-        checks[worst].max_rel,
-        not failed and len(checks) == len(layers),
-        None if not failed else reason,
-    )
-
-
-@torch.no_grad()
-def compare_onnx(
-    model: nn.Module,
-    onnx_path: str | Path,
-    input_shape: Sequence[int],
-    *,
-    samples: int = 4,
-    batch: int = 2,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-) -> Report:
-    """``model`` (float32, eval, explicit chains) against onnxruntime's CPU provider on ``onnx_path``.
-
-    ONNX outputs are matched to the model's output leaves by name (``export_onnx`` names them
-    ``output``, ``output.0``, ...), else by position. A runtime error on an input (a static batch
-    dimension given another batch size, say) is a failed check, not an exception.
-    """
-    import onnxruntime as ort
-
-    shape = _check_args(input_shape, samples, batch)
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise UsageError(f"ONNX file {str(path)!r} does not exist")
-    atol, rtol, notes = _tolerances(torch.float32, (), atol, rtol)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = torch.get_num_threads()
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors on bad files
-        raise UsageError(f"onnxruntime cannot load {str(path)!r}: {backend_message(e)}") from None
-    if len(session.get_inputs()) != 1:
-        raise UsageError(f"{path.name} has {len(session.get_inputs())} inputs; only one input is supported")
-    input_name = session.get_inputs()[0].name
-    _check_onnx_input(session.get_inputs()[0].shape, [batch, *shape], path)
-    onnx_names = [o.name for o in session.get_outputs()]
-    ref = _prepare(model, torch.float32)
-    dev = _device(ref)
-    acc = _Accumulator()
-    for x in _inputs(shape, samples, batch, seed):
-        x = x.float()
-        expected = _leaves(ref(x.to(dev)))
-        try:
-            got = session.run(None, {input_name: x.numpy()})
-        except Exception as e:
-            if "INVALID_ARGUMENT" in str(e) or "InvalidArgument" in type(e).__name__:  # the input it was fed
-                raise UsageError(
-                    f"{path.name} cannot take inputs of shape {fmt_shape([batch, *shape])}: {backend_message(e)}; "
-                    "pass the shape it was exported with as --input-shape"
-                ) from None
-            reason = f"onnxruntime failed on input {(batch, *shape)}: {backend_message(e)}"
-            acc.fail([n for n, _ in expected], reason)
-            break
-        names = [n for n, _ in expected]
-        if set(names) != set(onnx_names) and len(names) == len(onnx_names):
-            onnx_names = names  # same count, other names: match by position
-        acc.add_all(expected, [(n, torch.from_numpy(v)) for n, v in zip(onnx_names, got, strict=False)])
-    checks = acc.checks(atol, rtol)
-    return Report("torch-vs-onnxruntime", "float32", atol, rtol, seed, samples, batch, shape, checks, notes)
-
-
-def _check_onnx_input(declared: Sequence, given: Sequence[int], path: Path) -> None:
-    """Compare the graph's declared input dimensions (ints are fixed, strings symbolic) with the
-    check's input before running: a mismatch is a wrong shape (exit 2), not a numeric failure."""
-    fixed = [(i, d, g) for i, (d, g) in enumerate(zip(declared, given, strict=False)) if isinstance(d, int) and d > 0]
-    wrong = [(i, d, g) for i, d, g in fixed if d != g]
-    if len(declared) != len(given) or wrong:
-        want = "x".join(
-            str(d) if (isinstance(d, int) and d > 0) or (isinstance(d, str) and d) else "?" for d in declared
-        )
-        hint = (
-            "pass --batch 1 (the file has a static batch dimension)"
-            if [i for i, _, _ in wrong] == [0]
-            else "pass the shape it was exported with as --input-shape"
-        )
-        raise UsageError(
-            f"{path.name} takes inputs of shape {want} but the check feeds {fmt_shape(given)} (batch first); {hint}"
-        )
 
 
 def check_finite(model: nn.Module) -> None:
