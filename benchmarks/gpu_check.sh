@@ -111,7 +111,7 @@ echo "== 3. step benchmark on $DEVICE (ratios to the compact model of the same r
 
 if [ "$GPUS" -gt 1 ]; then
     echo "== 4. DDP with nccl on $GPUS GPUs"
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" -m expandctl.train.command \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" -m expandctl.commands.train \
         "$WORK/src.pt" --data synthetic:3x32x32 --epochs 1 --batch-size 64 --accumulate 2 --device cuda \
         --out "$WORK/ddp" --json \
         | "$PY" -c "import json,sys; s=json.load(sys.stdin); print('  ddp:', {k: s.get(k) for k in ('ok','world_size','epochs_run','best_val_acc')})"

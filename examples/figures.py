@@ -70,13 +70,13 @@ from expandctl import CheckFailed, ExpandctlError
 from expandctl.analysis.confusion import grad_confusion_hook, gradient_confusion
 from expandctl.analysis.landscape import loss_landscape
 from expandctl.checkpoint import atomic_write, load_checkpoint, save
-from expandctl.data import random_crop, random_flip, resize, to_channels
+from expandctl.data import DataSplits, TensorImages, load_data, random_crop, random_flip, resize, to_channels
 from expandctl.experiments.markdown import update_marked
 from expandctl.experiments.runs import Lock, finish_run, read_runs, train_contracted
 from expandctl.experiments.runs import claim as claim_lock
 from expandctl.experiments.stats import mean_std, std_error_of_difference, welch_p
 from expandctl.models import SmallNet
-from expandctl.train import DataSplits, TensorImages, TrainConfig, load_data
+from expandctl.train import TrainConfig
 from expandctl.train.losses import product_l2, split_decay_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,13 +38,12 @@ import torch
 import expandctl
 from expandctl import CheckFailed, ExpandctlError
 from expandctl.checkpoint import atomic_write, save
-from expandctl.data import stratified_subset
+from expandctl.data import DataSplits, TensorImages, load_data, stratified_subset
 from expandctl.experiments.runs import check_settings as check_run_settings
 from expandctl.experiments.runs import finish_run, train_contracted
 from expandctl.experiments.stats import mean_std, welch_p
 from expandctl.models import SmallNet
-from expandctl.train import Callbacks, DataSplits, TensorImages, TrainConfig, load_data
-from expandctl.train import loop as train_loop
+from expandctl.train import DEVICES, SCHEDULES, Callbacks, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smallnet import VARIANTS as SMALLNET_VARIANTS  # noqa: E402
@@ -386,13 +385,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val-subset", type=int, default=None, help="per-epoch validation on N images (final: all)")
     ap.add_argument("--subset-seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--schedule", default="paper", choices=train_loop.SCHEDULES)
+    ap.add_argument("--schedule", default="paper", choices=SCHEDULES)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--rate", type=float, default=4)
     ap.add_argument("--kd-alpha", type=float, default=0.9)
     ap.add_argument("--kd-temperature", type=float, default=4.0)
-    ap.add_argument("--device", default="auto", choices=train_loop.DEVICES)
+    ap.add_argument("--device", default="auto", choices=DEVICES)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report-only", action="store_true", help="only regenerate the tables and figures")

@@ -17,7 +17,7 @@ from expandctl.checkpoint import load_checkpoint
 from expandctl.errors import UsageError
 from expandctl.layers import ComposeOnce
 from expandctl.models import SmallNet
-from expandctl.train import loop as loop_module
+from expandctl.train import epoch as epoch_module
 from expandctl.train import train
 
 
@@ -83,7 +83,7 @@ def test_train_accumulate_equals_plain_accumulation(src, tmp_path, monkeypatch, 
     # 512 synthetic training images at batch 64: 8 mini-batches per epoch, steps of 3, 3 and 2.
     train(config(src, tmp_path / "once", accumulate=3, **options))
     with monkeypatch.context() as m:
-        m.setattr(loop_module, "_compose_once", lambda run: None)  # compose and backpropagate per batch
+        m.setattr(epoch_module, "compose_once", lambda run: None)  # compose and backpropagate per batch
         train(config(src, tmp_path / "plain", accumulate=3, **options))
     train(config(src, tmp_path / "none", accumulate=1, **options))
     once, plain, none = (state_of(tmp_path / name / "last.pt") for name in ("once", "plain", "none"))
@@ -92,8 +92,9 @@ def test_train_accumulate_equals_plain_accumulation(src, tmp_path, monkeypatch, 
 
 
 def test_accumulate_validation_and_cli(src, tmp_path):
-    with pytest.raises(UsageError, match="--accumulate must be at least 1"):
+    with pytest.raises(UsageError, match="^accumulate must be at least 1") as e:
         train(config(src, tmp_path / "bad", accumulate=0))
+    assert e.value.options == ("accumulate",)
     r = invoke(src, tmp_path / "cli", "--accumulate", "2", "--epochs", "1")
     assert r.exit_code == 0, r.output
     assert load_checkpoint(tmp_path / "cli" / "last.pt").extra["train"]["config"]["accumulate"] == 2

@@ -26,10 +26,10 @@ from expandctl.analysis import (
 from expandctl.analysis.confusion import batches_for
 from expandctl.analysis.landscape import grid
 from expandctl.cli import app
+from expandctl.data import TensorImages, load_data
 from expandctl.errors import UsageError
 from expandctl.models import SmallNet
-from expandctl.train import TensorImages, TrainConfig, load_data, train
-from expandctl.train.loop import EpochContext
+from expandctl.train import EpochContext, TrainConfig, train
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

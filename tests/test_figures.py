@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import load_script
 
-from expandctl.train import DataSplits, TensorImages
+from expandctl.data import DataSplits, TensorImages
 
 ROOT = Path(__file__).resolve().parents[1]
 

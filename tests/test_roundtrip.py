@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import expandctl
 from expandctl import checkpoint as C
 from expandctl.cli import app
+from expandctl.data import DataOptions
 from expandctl.errors import UsageError
 from expandctl.layers import ExpandedLayer, expansion_for, strategy_names
 from expandctl.rewrite import expanded_layers
@@ -67,9 +68,9 @@ def test_every_kind_survives_save_load_resume_contract(kind, tmp_path):
 
     # Interrupted after epoch 1 (last.pt written by the training loop), resumed through the CLI.
     run = tmp_path / "run"
-    base = {"data": "synthetic:1x8x8", "epochs": 2, "batch_size": 32, "train_subset": 64, "lr": 0.01}
+    base = {"data": "synthetic:1x8x8", "epochs": 2, "batch_size": 32, "lr": 0.01}
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(src=str(src), out=str(run), **base), StopAfter(1))
+        train(TrainConfig(src=str(src), out=str(run), data_options=DataOptions(train_subset=64), **base), StopAfter(1))
     assert C.load_checkpoint(run / "last.pt").extra["train"]["epoch"] == 1
     args = ["--data", base["data"], "--epochs", 2, "--batch-size", 32, "--train-subset", 64, "--lr", 0.01]
     data = json.loads(cli("train", src, *args, "--out", run, "--resume", "--json").stdout)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,12 @@ import torch.nn as nn
 
 import expandctl
 from expandctl.checkpoint import load_checkpoint, save
+from expandctl.data import DataOptions
 from expandctl.errors import UsageError
 from expandctl.models import SmallNet
 from expandctl.train import Callbacks, TrainConfig, TrainingDiverged, kd_loss, learning_rate, train
-from expandctl.train.loop import _NonlinearWarmup
 from expandctl.train.losses import product_l2, split_decay_parameters
+from expandctl.train.warmup import NonlinearWarmup
 
 TINY = {"in_channels": 1, "image_size": 8, "kernel_size": 5, "channels": [4, 8], "hidden": 16}
 
@@ -67,29 +69,52 @@ def test_step_and_cosine_schedules():
     assert cos[0] == 1 and math.isclose(cos[2], 0.5) and cos == sorted(cos, reverse=True)
 
 
+def flags(error: UsageError) -> dict[str, str]:
+    """What the CLI calls the options an error names (``--`` and dashes, as Typer names the flags)."""
+    return {name: "--" + name.replace("_", "-") for name in error.options}
+
+
 @pytest.mark.parametrize(
-    "field, value, message",
+    "field, value, option, message",
     [
-        ("optimizer", "rmsprop", "--optimizer must be one of sgd, adamw"),
-        ("schedule", "linear", "--schedule"),
-        ("decay_on", "both", "--decay-on"),
-        ("forward", "fast", "--forward"),
-        ("device", "tpu", "--device"),
-        ("epochs", 0, "--epochs"),
-        ("lr", -1.0, "--lr"),
-        ("kd_alpha", 1.5, "--kd-alpha"),
-        ("kd_temperature", 0.0, "--kd-temperature"),
-        ("nonlinear_warmup", 2, "smaller than --epochs"),
-        ("weight_decay", -0.1, "--weight-decay"),
-        ("nesterov", True, "--nesterov needs"),
+        ("optimizer", "rmsprop", "optimizer", "--optimizer must be one of sgd, adamw"),
+        ("schedule", "linear", "schedule", "--schedule"),
+        ("decay_on", "both", "decay_on", "--decay-on"),
+        ("forward", "fast", "forward", "--forward"),
+        ("device", "tpu", "device", "--device"),
+        ("epochs", 0, "epochs", "--epochs"),
+        ("lr", -1.0, "lr", "--lr"),
+        ("kd_alpha", 1.5, "kd_alpha", "--kd-alpha"),
+        ("kd_temperature", 0.0, "kd_temperature", "--kd-temperature"),
+        ("nonlinear_warmup", 2, "nonlinear_warmup", r"--nonlinear-warmup \(2\) must be smaller than --epochs \(2\)"),
+        ("weight_decay", -0.1, "weight_decay", "--weight-decay"),
+        ("nesterov", True, "nesterov", "--nesterov needs a non-zero --momentum"),
     ],
 )
-def test_config_validation(field, value, message):
+def test_config_validation(field, value, option, message):
+    """The library names the option by its field (``option=``); the CLI words it as the flag."""
     kw = {field: value}
     if field == "nesterov":
         kw["momentum"] = 0.0
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError) as e:
         config("x.pt", "out", **kw).validate()
+    assert e.value.options[0] == option and option in str(e.value) and "--" not in str(e.value)
+    assert re.search(message, e.value.worded(flags(e.value)))
+
+
+def test_config_composes_the_data_options_and_records_them_flat():
+    """``TrainConfig.data_options`` holds the adapters; checkpoints and recipes keep one flat dict."""
+    c = TrainConfig("x.pt", "digits", data_options=DataOptions(channels=3, train_subset=100), precise_bn=2)
+    flat = c.to_dict()
+    assert "data_options" not in flat and (flat["channels"], flat["train_subset"], flat["precise_bn"]) == (3, 100, 2)
+    keys = list(flat)
+    assert keys[keys.index("grad_confusion_pairs") + 1 : keys.index("precise_bn")] == [
+        "channels", "image_size", "augment", "train_subset", "download", "val_fraction",
+    ]  # fmt: skip
+    assert TrainConfig.from_dict(flat) == c
+    assert TrainConfig.from_dict({"data": "digits", "augment": "none"}, src="y.pt").data_options.augment == "none"
+    with pytest.raises(UsageError, match="channels"):
+        TrainConfig("x.pt", "digits", data_options=DataOptions(channels=2)).validate()
 
 
 def test_kd_loss_matches_definition():
@@ -123,7 +148,7 @@ def test_nonlinear_warmup_hooks_are_temporary():
     model = expandctl.expand(SmallNet(**TINY), "ck+fc", rate=2, seed=0).eval()
     x = torch.randn(4, 1, 8, 8)
     linear = model(x)
-    warm = _NonlinearWarmup(model)
+    warm = NonlinearWarmup(model)
     warm.attach()
     assert all(layer.forward_mode == "explicit" for _, layer in expandctl.expanded_layers(model))
     assert not torch.allclose(model(x), linear, atol=1e-4)
@@ -344,13 +369,18 @@ def test_resume_in_process_is_exact(src, tmp_path):
 
 def test_resume_guards(src, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(UsageError, match="does not exist; start the run without --resume"):
+    with pytest.raises(UsageError, match="does not exist; start the run without resume$") as e:
         train(config(src, out, resume=True))
+    assert e.value.worded(flags(e.value)).endswith("does not exist; start the run without --resume")
     train(config(src, out, epochs=1))
-    with pytest.raises(UsageError, match="already holds a run.*--resume"):
+    with pytest.raises(UsageError, match="already holds a run.*resume") as e:
         train(config(src, out, epochs=1))
-    with pytest.raises(UsageError, match=r"these differ: --lr 0\.5 \(the run has 0\.1\)"):
+    assert "continue it with --resume" in e.value.worded(flags(e.value))
+    with pytest.raises(UsageError, match=r"these differ: lr 0\.5 \(the run has 0\.1\)") as e:
         train(config(src, out, epochs=1, lr=0.5, resume=True))
+    assert e.value.options == ("resume", "lr")
+    worded = e.value.worded(flags(e.value))
+    assert re.search(r"^--resume continues .*these differ: --lr 0\.5 \(the run has 0\.1\)$", worded)
     # Finished runs resume to a no-op; a compact checkpoint without training state is refused.
     assert train(config(src, out, epochs=1, resume=True))["epochs_run"] == 0
     (tmp_path / "other").mkdir()

@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import typer
@@ -9,11 +11,12 @@ from rich.console import Console
 from test_train import make_src
 from typer.testing import CliRunner
 
+from expandctl.commands.runtime import Command
 from expandctl.commands.train import ConsoleReporter, epoch_line, train
 from expandctl.console import UI
 
 app = typer.Typer()
-app.command("train")(train)
+app.command("train", cls=Command)(train)  # as expandctl.cli registers it (flags in errors)
 
 
 @app.callback()
@@ -132,3 +135,10 @@ def test_epoch_line_format():
     assert epoch_line(row, 150, True) == (
         "epoch   7/150  lr 0.001  train loss 0.5210 acc 84.10%  val loss 0.4000 acc 87.25%  4.1s  5120 img/s  best"
     )
+
+
+def test_help_loads_no_torch():
+    """``expandctl train --help`` answers without torch: the command imports the library only when it runs."""
+    code = "import sys; from expandctl.commands import train; assert 'torch' not in sys.modules, 'torch loaded'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

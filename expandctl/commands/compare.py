@@ -27,12 +27,18 @@ from .options import (
     DownloadOpt,
     ImageSizeOpt,
     JsonOpt,
+    KdTemperatureOpt,
+    LrOpt,
+    MomentumOpt,
+    NesterovOpt,
+    OptimizerOpt,
     PreciseBnOpt,
     QuietOpt,
     ShapeOpt,
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
+    WeightDecayOpt,
 )
 from .runtime import guard, load_for_cli, parse_json_object, parse_shape
 
@@ -169,16 +175,16 @@ def compare(
     pointwise: Annotated[bool, typer.Option("--pointwise", help="Also expand 1x1 convolutions with cl.")] = False,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     accumulate: Annotated[int, typer.Option(metavar="N", help="Mini-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Base learning rate.")] = 0.01,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")] = False,
+    lr: LrOpt = 0.01,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    nesterov: NesterovOpt = False,
     schedule: Annotated[str, typer.Option(help="paper, step or cosine (see expandctl train).")] = "paper",
-    weight_decay: Annotated[float, typer.Option(help="L2 strength.")] = 0.0,
+    weight_decay: WeightDecayOpt = 0.0,
     decay_on: Annotated[str, typer.Option(help="factors or product (see expandctl train).")] = "factors",
     teacher: Annotated[Path | None, typer.Option(help="Distil every run from this checkpoint (Hinton KD).")] = None,
     kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
-    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    kd_temperature: KdTemperatureOpt = 4.0,
     nonlinear_warmup: Annotated[int, typer.Option(metavar="EPOCHS", help="Epochs with ReLUs between factors.")] = 0,
     precise_bn: PreciseBnOpt = 0,
     forward: Annotated[str, typer.Option(help="fused or explicit (see expandctl train).")] = "fused",
@@ -230,7 +236,7 @@ def compare(
             }  # fmt: skip
             if val_fraction is not None:  # only when given: folders made before the option keep their settings
                 recipe["val_fraction"] = val_fraction
-            TrainConfig(src="", data=data, **recipe).validate()  # bad options fail here, before any run starts
+            TrainConfig.from_dict(recipe, src="", data=data).validate()  # bad options fail here, before any run starts
             if precise_bn:  # only then: a folder made before the option existed keeps its recipe
                 recipe["precise_bn"] = precise_bn
             study = _study(model, arch, arch_kwargs, input_shape, trust_pickle, ui, data=data, train=recipe,

@@ -135,6 +135,13 @@ DATA_ADAPTER_OPTIONS = {
 
 
 # --- options of train (add here) ---
+# The optimizer options train and compare share (compare passes them to each run's training).
+LrOpt = Annotated[float, typer.Option("--lr", help="Base learning rate.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")]
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum.")]
+NesterovOpt = Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="L2 strength.")]
+KdTemperatureOpt = Annotated[float, typer.Option("--kd-temperature", help="Distillation temperature.")]
 
 
 # --- options of quantize, compare, analyze, plot (add here) ---

@@ -1,4 +1,6 @@
-"""``expandctl train``: parse the options, run :func:`expandctl.train.loop.train`, print progress.
+"""``expandctl train``: the flags as a :class:`~expandctl.train.TrainConfig`, :func:`expandctl.train.train`, progress.
+
+The library is imported inside the command function, so that ``expandctl train --help`` loads no torch.
 
 The main app registers it with ``app.command("train")(train)``; ``python -m expandctl.commands.train``
 runs it standalone (e.g. under ``torchrun``). Output follows the other commands (:mod:`expandctl.console`):
@@ -27,20 +29,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..console import UI, fmt_count, kv_table
 from ..errors import ExpandctlError, UsageError
-from ..train.loop import Callbacks, TrainConfig
-from ..train.loop import train as run_training
 from .options import (
     ArchKwOpt,
     ArchOpt,
     AugmentOpt,
     ChannelsOpt,
+    DataOpt,
     DebugOpt,
     DownloadOpt,
     ImageSizeOpt,
+    KdTemperatureOpt,
+    LrOpt,
+    MomentumOpt,
+    NesterovOpt,
+    OptimizerOpt,
     PreciseBnOpt,
     TrainSubsetOpt,
     TrustOpt,
     ValFractionOpt,
+    WeightDecayOpt,
 )
 from .runtime import Command, guard, parse_json_object
 
@@ -88,8 +95,9 @@ def small_set_advice(info: dict) -> str | None:
     )
 
 
-class ConsoleReporter(Callbacks):
-    """Turns the loop's callbacks into output on a :class:`~expandctl.console.UI`."""
+class ConsoleReporter:
+    """Turns the loop's callbacks into output on a :class:`~expandctl.console.UI`: it implements every
+    method of :class:`expandctl.train.Callbacks` (not subclassed: that would import torch for ``--help``)."""
 
     def __init__(self, ui: UI):
         self.ui = ui
@@ -184,14 +192,7 @@ def train(
     src: Annotated[
         Path, typer.Argument(metavar="SRC", help="Checkpoint to train (expanded or compact), any file expandctl loads.")
     ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            help="digits | mnist5k | fashion-mnist[:DIR] | mnist[:DIR] | cifar10[:DIR] | cifar100[:DIR] | "
-            "imagefolder:DIR | synthetic[:CxHxW] (see docs/train.md).",
-        ),
-    ],
+    data: DataOpt,
     channels: ChannelsOpt = None,
     image_size: ImageSizeOpt = None,
     augment: AugmentOpt = None,
@@ -212,15 +213,15 @@ def train(
             "fused layers compose their kernels once per step.",
         ),
     ] = 1,
-    lr: Annotated[float, typer.Option(help="Base learning rate.")] = 0.01,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    nesterov: Annotated[bool, typer.Option("--nesterov", help="Nesterov momentum (SGD).")] = False,
+    lr: LrOpt = 0.01,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    nesterov: NesterovOpt = False,
     schedule: Annotated[
         str,
         typer.Option(help="paper (lr, lr/10, lr/100 for a third each), step (/10 at 50% and 75%), cosine."),
     ] = "paper",
-    weight_decay: Annotated[float, typer.Option(help="L2 strength.")] = 0.0,
+    weight_decay: WeightDecayOpt = 0.0,
     decay_on: Annotated[
         str,
         typer.Option(
@@ -230,7 +231,7 @@ def train(
     ] = "factors",
     teacher: Annotated[Path | None, typer.Option(help="Distil from this checkpoint (Hinton KD).")] = None,
     kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term (1 - alpha: labels).")] = 0.9,
-    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    kd_temperature: KdTemperatureOpt = 4.0,
     nonlinear_warmup: Annotated[
         int,
         typer.Option(metavar="EPOCHS", help="First EPOCHS epochs with a ReLU between factors (nonlinear init)."),
@@ -273,59 +274,23 @@ def train(
     debug: DebugOpt = False,
 ) -> None:
     """Train an expanded (or compact) model; checkpoints stay contractible. Under torchrun: DDP."""
+    flags = dict(locals())  # first: the parsed flags, named as TrainConfig's fields
     ui = UI("train", as_json, quiet, debug)
     if os.environ.get("RANK", "0") != "0":  # other torchrun ranks stay silent; rank 0 reports
         ui.json = ui.progress = False
         ui.out.quiet = ui.err.quiet = True
     reporter = ConsoleReporter(ui)
     with guard(ui):
+        import torch
+
+        from ..train import train as run_training
+
         if threads is not None:
             if threads < 1:
                 raise UsageError("--threads must be at least 1")
-            import torch
-
             torch.set_num_threads(threads)
         try:
-            config = TrainConfig(
-                src=str(src),
-                data=data,
-                out=str(out),
-                epochs=epochs,
-                batch_size=batch_size,
-                accumulate=accumulate,
-                lr=lr,
-                optimizer=optimizer.lower(),
-                momentum=momentum,
-                nesterov=nesterov,
-                schedule=schedule.lower(),
-                weight_decay=weight_decay,
-                decay_on=decay_on.lower(),
-                teacher=str(teacher) if teacher else None,
-                arch=arch,
-                arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-                teacher_arch=teacher_arch,
-                teacher_arch_kwargs=parse_json_object(teacher_arch_kwargs, "--teacher-arch-kwargs"),
-                kd_alpha=kd_alpha,
-                kd_temperature=kd_temperature,
-                nonlinear_warmup=nonlinear_warmup,
-                forward=forward.lower(),
-                device=device.lower(),
-                workers=workers,
-                seed=seed,
-                resume=resume,
-                trust_pickle=trust_pickle,
-                grad_confusion=grad_confusion,
-                grad_confusion_pairs=grad_confusion_pairs,
-                channels=channels,
-                image_size=image_size,
-                augment=augment.lower() if augment else None,
-                train_subset=train_subset,
-                download=download,
-                val_fraction=val_fraction,
-                precise_bn=precise_bn,
-                command=shlex.join(["expandctl", *sys.argv[1:]]),
-            )
-            summary = run_training(config, reporter)
+            summary = run_training(_config(flags), reporter)
         except KeyboardInterrupt:
             reporter.stop()
             raise TrainingInterrupted(
@@ -334,6 +299,29 @@ def train(
         finally:
             reporter.stop()  # a live progress bar would swallow the error line
         ui.emit(summary)
+
+
+#: The command's parameters that are not training options.
+_CLI_ONLY = ("threads", "as_json", "quiet", "debug")
+
+
+def _config(flags: dict):
+    """The parsed flags as a :class:`~expandctl.train.TrainConfig` (its fields are named as the flags;
+    the data adapters' flags go into its ``data_options``)."""
+    from ..train import TrainConfig
+
+    text = {name: flags[name].lower() for name in ("optimizer", "schedule", "decay_on", "forward", "device")}
+    return TrainConfig.from_dict(
+        {name: value for name, value in flags.items() if name not in _CLI_ONLY},
+        **text,
+        src=str(flags["src"]),
+        out=str(flags["out"]),
+        teacher=str(flags["teacher"]) if flags["teacher"] else None,
+        augment=flags["augment"].lower() if flags["augment"] else None,
+        arch_kwargs=parse_json_object(flags["arch_kwargs"], "--arch-kwargs"),
+        teacher_arch_kwargs=parse_json_object(flags["teacher_arch_kwargs"], "--teacher-arch-kwargs"),
+        command=shlex.join(["expandctl", *sys.argv[1:]]),
+    )
 
 
 if __name__ == "__main__":  # python -m expandctl.commands.train: what torchrun starts on each process

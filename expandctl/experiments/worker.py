@@ -54,8 +54,8 @@ def run(out: Path, strategy: str, seed: int) -> dict:
     """Train, contract, check and score one run of the study in ``out``; write and return its record."""
     study = Study.load(out)
     name = run_name(strategy, seed)
-    config = TrainConfig(src="", data=study.data, seed=seed, command=shlex.join(sys.argv), **study.train)
-    data = load_data(study.data, input_shape=study.input_shape, options=config.data_options())
+    config = TrainConfig.from_dict(study.train, src="", data=study.data, seed=seed, command=shlex.join(sys.argv))
+    data = load_data(study.data, input_shape=study.input_shape, options=config.data_options)
     plan: list[str] = []
 
     def build():

@@ -14,7 +14,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str | None = N
     Uses ``matplotlib.figure.Figure`` directly: the Agg canvas, no global pyplot figure, so it is safe
     on headless machines and from any thread.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib takes a second to import; only when plotting
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4), layout="constrained")

@@ -1,4 +1,4 @@
-"""Training objectives: Hinton distillation and the product L2 penalty of expanded layers."""
+"""Training objectives: cross-entropy, Hinton distillation and the product L2 penalty of expanded layers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from ..rewrite import expanded_layers
 
-__all__ = ["kd_loss", "product_l2", "split_decay_parameters"]
+__all__ = ["cross_entropy", "kd_loss", "product_l2", "split_decay_parameters"]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain objective, in float32 whatever the autocast dtype of ``logits``."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def kd_loss(

@@ -46,14 +46,16 @@ def precise_batchnorm(
     A model without BatchNorm is left alone (``layers`` 0). Raises :class:`UsageError` for ``count < 1``
     or an empty ``batches``."""
     if count < 1:
-        raise UsageError(f"--precise-bn needs at least 1 batch (got {count})")
+        raise UsageError(f"precise_bn needs at least 1 batch (got {count})", option="precise_bn")
     layers = batchnorm_layers(model)
     if not layers:
         return {"layers": 0, "batches": 0, "images": 0}
     items = iter(batches)
     first = next(items, None)
     if first is None:  # before update_bn resets the statistics
-        raise UsageError("--precise-bn: the training data gave no batch to recompute the BatchNorm statistics on")
+        raise UsageError(
+            "precise_bn: the training data gave no batch to recompute the BatchNorm statistics on", option="precise_bn"
+        )
     seen = {"batches": 0, "images": 0}
 
     def counted():
