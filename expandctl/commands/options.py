@@ -5,6 +5,8 @@ Torch-free: ``--help`` reads these without loading the library.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -127,3 +129,32 @@ DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help=data_help()
 
 
 # --- options of quantize, compare, analyze, plot (add here) ---
+SplitOpt = Annotated[str, typer.Option(metavar="train|val", help="Which split to measure on.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where to run (auto: CUDA when visible).")]
+
+#: Option groups that several commands take as a whole, in their --help order: name -> (annotation, default).
+LOAD_OPTIONS = {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwOpt, None), "trust_pickle": (TrustOpt, False)}
+OUTPUT_OPTIONS = {"as_json": (JsonOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False)}
+ADAPTER_OPTIONS = {
+    "channels": (ChannelsOpt, None), "image_size": (ImageSizeOpt, None), "augment": (AugmentOpt, None),
+    "train_subset": (TrainSubsetOpt, None), "download": (DownloadOpt, False), "val_fraction": (ValFractionOpt, None),
+}  # fmt: skip
+
+
+def with_options(*groups: dict[str, tuple]) -> Callable[[Callable], Callable]:
+    """Append each group's options to a command's parameters (Typer reads ``__signature__``), so that a
+    group is declared once here rather than in every command's parameter list. The command takes them as
+    ``**opts`` (keyword arguments named like the flags, e.g. ``opts["as_json"]``)."""
+
+    def add(func: Callable) -> Callable:
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for group in groups
+            for name, (annotation, default) in group.items()
+        ]
+        func.__signature__ = sig.replace(parameters=[*own, *extra])
+        return func
+
+    return add
