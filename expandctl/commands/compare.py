@@ -182,6 +182,7 @@ def compare(
 ) -> None:
     """Train compact and each expansion with several seeds, same recipe; report what helps, at what cost."""
     flags = {k: v for k, v in {**locals(), **opts}.items() if k != "opts" and k not in OUTPUT_OPTIONS}
+    from ..experiments.compare import RECIPE_FIELDS
     from ..workflows.compare import CompareOptions
     from ..workflows.compare import compare as run_compare
 
@@ -191,7 +192,8 @@ def compare(
                      include=tuple(include or ()), exclude=tuple(exclude or ()),
                      input_shape=parse_shape(opts["input_shape"]),
                      arch_kwargs=parse_json_object(opts["arch_kwargs"]) if model is None else None)  # fmt: skip
-        options = CompareOptions(**flags)  # every flag is a field of the same name
+        recipe = {k: flags.pop(k) for k in RECIPE_FIELDS}
+        options = CompareOptions(**flags, train=recipe)  # every other flag is a field of the same name
         if not (report_only and model is None and opts["arch"] is None and data is None) and not data:
             raise UsageError("--data is required: the data set to train and score on (e.g. --data digits)")
 

@@ -26,9 +26,8 @@ from .checks import Progress, Silent
 
 __all__ = [
     "GradConfusionOptions",
-    "GradConfusionResult",
     "LandscapeOptions",
-    "LandscapeResult",
+    "AnalysisResult",
     "grad_confusion",
     "landscape",
 ]
@@ -67,32 +66,19 @@ class LandscapeOptions(_AnalysisOptions):
 
 
 @dataclass
-class GradConfusionResult:
-    """The measurement (:func:`expandctl.analysis.gradient_confusion`'s dict) and the figure written."""
+class AnalysisResult:
+    """An analysis of the checkpoint ``source``: what it measured (:func:`expandctl.analysis.gradient_confusion`'s
+    or :func:`expandctl.analysis.loss_landscape`'s dict) and the figure it wrote."""
 
     source: str
-    options: GradConfusionOptions
+    options: GradConfusionOptions | LandscapeOptions
     measured: dict
     output: Path
 
     def to_dict(self) -> dict:
         o = self.options
-        return {"source": self.source, "data": o.data, "split": o.split, "seed": o.seed, **self.measured,
-                "output": str(self.output)}  # fmt: skip
-
-
-@dataclass
-class LandscapeResult:
-    """The measurement (:func:`expandctl.analysis.loss_landscape`'s dict) and the figure written."""
-
-    source: str
-    options: LandscapeOptions
-    measured: dict
-    output: Path
-
-    def to_dict(self) -> dict:
-        o = self.options
-        return {"source": self.source, "data": o.data, "split": o.split, **self.measured, "output": str(self.output)}
+        given = {"data": o.data, "split": o.split, **({"seed": o.seed} if isinstance(o, GradConfusionOptions) else {})}
+        return {"source": self.source, **given, **self.measured, "output": str(self.output)}
 
 
 def output_path(output: str | None, src: str, suffix: str) -> Path:
@@ -130,7 +116,7 @@ def _write(path: Path, draw: Callable[[Path], None]) -> None:
 
 def grad_confusion(
     src: str, options: GradConfusionOptions, *, load: Loader | None = None, progress: Progress | None = None
-) -> GradConfusionResult:
+) -> AnalysisResult:
     """Cosine similarity of the gradients of random mini-batch pairs of the checkpoint ``src`` (``load``
     reads it; default :func:`expandctl.load_checkpoint`), and their density plot written atomically."""
     o, progress = options, progress or Silent()
@@ -141,12 +127,12 @@ def grad_confusion(
                                wrt=o.wrt.lower(), mode=o.mode.lower())  # fmt: skip
     title = f"{Path(src).name} on {o.data} ({o.split}), {r['pairs']} pairs of {o.batch_size}"
     _write(out, lambda tmp: plot_confusion({Path(src).name: r["similarities"]}, tmp, title))
-    return GradConfusionResult(src, o, r, out)
+    return AnalysisResult(src, o, r, out)
 
 
 def landscape(
     src: str, options: LandscapeOptions, *, load: Loader | None = None, progress: Progress | None = None
-) -> LandscapeResult:
+) -> AnalysisResult:
     """Loss and error of the checkpoint ``src`` along filter-normalised random directions around its weights
     (Li et al. 2018), and the curve (1D) or contour (2D) plot written atomically."""
     o, progress = options, progress or Silent()
@@ -159,4 +145,4 @@ def landscape(
         r = loss_landscape(model, dataset, **grid, space=o.space.lower())
     title = f"{Path(src).name} on {o.data} ({o.split}, {r['samples']} images), {r['space']} weights"
     _write(out, lambda tmp: plot_landscape(r, tmp, title))
-    return LandscapeResult(src, o, r, out)
+    return AnalysisResult(src, o, r, out)

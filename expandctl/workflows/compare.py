@@ -3,14 +3,13 @@ seeds, same recipe, in a study folder, and report what helps at what cost (:mod:
 Never prints: ``progress`` gets the warnings and notes, ``on_event`` each run as it starts and finishes.
 
 >>> from expandctl.workflows.compare import CompareOptions, compare
->>> r = compare(CompareOptions(arch="smallnet", data="digits", strategies="compact,ck", seeds=3, epochs=5))
+>>> r = compare(CompareOptions(arch="smallnet", data="digits", strategies="compact,ck", train={"epochs": 5}))
 >>> r.to_dict()["report"]["verdict"]
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ from ..experiments.report import summarize, write_report
 from ..experiments.runs import check_settings
 from ..models import build_arch, resolve_arch
 from ..train import TrainConfig
-from .checks import Progress
+from .checks import Progress, Silent
 
 __all__ = ["CompareOptions", "ComparePlan", "CompareResult", "compare"]
 
@@ -34,14 +33,7 @@ class CompareProgress(Progress, Protocol):
     def note(self, text: str) -> None: ...
 
 
-class _Silent:
-    @contextlib.contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        yield
-
-    def warn(self, text: str) -> None:
-        pass
-
+class _Silent(Silent):
     def note(self, text: str) -> None:
         pass
 
@@ -49,8 +41,9 @@ class _Silent:
 @dataclass(frozen=True)
 class CompareOptions:
     """The options of ``expandctl compare`` (fields named like its flags). ``model`` (a checkpoint) or
-    ``arch`` gives the compact model; ``data`` and the recipe fields (``epochs`` ... ``precise_bn``) are
-    :class:`expandctl.train.TrainConfig`'s; with ``report_only`` and none of them, the folder's own recipe."""
+    ``arch`` gives the compact model; ``data`` and ``train`` (the recipe) are
+    :class:`expandctl.train.TrainConfig`'s; with ``report_only`` and none of them, the folder's own recipe.
+    Checked when made."""
 
     model: str | None = None
     data: str | None = None
@@ -70,45 +63,28 @@ class CompareOptions:
     arch: str | None = None
     arch_kwargs: dict | None = None
     input_shape: tuple[int, ...] | None = None
-    epochs: int = 30
-    batch_size: int = 128
-    accumulate: int = 1
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "paper"
-    weight_decay: float = 0.0
-    decay_on: str = "factors"
-    teacher: str | None = None
-    kd_alpha: float = 0.9
-    kd_temperature: float = 4.0
-    nonlinear_warmup: int = 0
-    precise_bn: int = 0
-    forward: str = "fused"
-    device: str = "auto"
-    workers: int = 0
-    channels: int | None = None
-    image_size: int | None = None
-    augment: str | None = None
-    train_subset: int | None = None
-    download: bool = False
-    val_fraction: float | None = None
-    trust_pickle: bool = False
+    #: The training options every run shares (:data:`expandctl.experiments.compare.RECIPE_FIELDS` of
+    #: :class:`expandctl.train.TrainConfig`: epochs, lr, ..., channels, trust_pickle); those left out take
+    #: TrainConfig's defaults.
+    train: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, least in (("seeds", 1), ("jobs", 1), ("nproc_per_run", 1), ("threads", 1)):
             if getattr(self, name) < least:
                 raise UsageError(f"{name} must be at least 1", option=name)
-        if self.precise_bn < 0:
+        if self.train.get("precise_bn", 0) < 0:
             raise UsageError("precise_bn must be >= 0 (0: off)", option="precise_bn")
 
     def recipe(self) -> dict[str, Any]:
         """The training recipe every run shares (the options of a folder made before ``val_fraction`` or
         ``precise_bn`` existed are left out when not given, so that such a folder keeps its settings)."""
-        recipe = {k: getattr(self, k) for k in study_lib.RECIPE_FIELDS}
+        unknown = sorted(set(self.train) - set(study_lib.RECIPE_FIELDS))
+        if unknown:
+            raise UsageError(f"train takes only training options, not {', '.join(unknown)}", option="train")
+        defaults = TrainConfig(src="", data=self.data or "")
+        recipe = {k: self.train[k] if k in self.train else getattr(defaults, k) for k in study_lib.RECIPE_FIELDS}
         recipe.update({k: recipe[k].lower() for k in _LOWERED if recipe[k]})
-        recipe["teacher"] = str(Path(self.teacher).resolve()) if self.teacher else None
+        recipe["teacher"] = str(Path(recipe["teacher"]).resolve()) if recipe["teacher"] else None
         if recipe["val_fraction"] is None:
             recipe.pop("val_fraction")
         if not recipe["precise_bn"]:
