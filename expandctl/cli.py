@@ -17,7 +17,20 @@ from typing import Annotated
 import typer
 
 from ._version import __version__
-from .commands import analyze, compare, contract, evaluate, expand, export, inspect, quantize, runtime, train, verify
+from .commands import (
+    analyze,
+    compare,
+    contract,
+    evaluate,
+    expand,
+    export,
+    inspect,
+    plot,
+    quantize,
+    runtime,
+    train,
+    verify,
+)
 from .commands.runtime import EXIT_INTERRUPTED, Command
 
 app = typer.Typer(
@@ -57,7 +70,7 @@ COMMANDS = [
     ("evaluate", evaluate.evaluate),
     ("train", train.train),
     ("analyze", analyze.analyze_app),
-    ("plot", analyze.plot),
+    ("plot", plot.plot),
     ("compare", compare.compare),
     ("quantize", quantize.quantize),
 ]

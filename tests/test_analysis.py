@@ -351,3 +351,80 @@ def test_hook_is_silent_off_rank_zero(data, expanded):
     ctx.rank = 0
     got = grad_confusion_hook(pairs=2, batch_size=16)(ctx)
     assert set(got) == {"grad_confusion_min", "grad_confusion_mean"} and not math.isnan(got["grad_confusion_min"])
+
+
+# --- the library verbs behind analyze and plot (issue 28) ----------------------------------------
+def _payload(args: list[str]) -> dict:
+    """A command's --json object without the console's envelope (ok, command)."""
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    return {k: v for k, v in json.loads(r.stdout).items() if k not in ("ok", "command")}
+
+
+def test_analysis_verbs_return_the_commands_json_object(src, tmp_path):
+    from expandctl.workflows.analyze import GradConfusionOptions, LandscapeOptions, grad_confusion, landscape
+
+    conf, land = str(tmp_path / "conf.png"), str(tmp_path / "land.png")
+    cli = _payload(["analyze", "grad-confusion", str(src), "--data", "synthetic", "--pairs", "3", "--batch-size",
+                    "16", "-o", conf])  # fmt: skip
+    lib = grad_confusion(str(src), GradConfusionOptions(data="synthetic", pairs=3, batch_size=16, output=conf))
+    assert json.loads(json.dumps(lib.to_dict())) == cli
+    cli = _payload(["analyze", "landscape", str(src), "--data", "synthetic", "--steps", "3", "--max-batches", "1",
+                    "--split", "val", "-o", land])  # fmt: skip
+    lib = landscape(str(src), LandscapeOptions(data="synthetic", steps=3, max_batches=1, split="val", output=land))
+    assert json.loads(json.dumps(lib.to_dict())) == cli
+
+
+def test_plot_verb_returns_the_commands_json_object(tmp_path):
+    from expandctl.workflows.plot import plot_runs
+
+    a = _fake_run(tmp_path / "compact", [2.0, 1.5])
+    b = _fake_run(tmp_path / "expanded", [1.8, 1.0], confusion=True)
+    out = str(tmp_path / "runs.png")
+    cli = _payload(["plot", str(a), str(b), "-o", out, "--labels", "c,e"])
+    assert json.loads(json.dumps(plot_runs([str(a), str(b)], out, ["c", "e"]).to_dict())) == cli
+
+
+@pytest.mark.parametrize(
+    "call, option, message, flag_message",
+    [
+        ({"dims": 3}, "dims", "dims must be 1 or 2 (got 3)", "--dims must be 1 or 2 (got 3)"),
+        ({"split": "test"}, "split", "split must be train or val (got 'test')", "--split must be train or val"),
+    ],
+)
+def test_analysis_errors_name_the_parameter_and_the_cli_its_flag(src, tmp_path, call, option, message, flag_message):
+    from expandctl.workflows.analyze import LandscapeOptions, landscape
+
+    with pytest.raises(UsageError) as e:
+        landscape(str(src), LandscapeOptions(data="synthetic", output=str(tmp_path / "l.png"), **call))
+    assert e.value.option == option and str(e.value) == message
+    flag = "--" + option
+    r = runner.invoke(app, ["analyze", "landscape", str(src), "--data", "synthetic", flag, str(call[option]), "--json"])
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"].startswith(flag_message)
+
+
+@pytest.mark.parametrize(
+    "module, command, args",
+    [("quantize", "quantize", []), ("compare", "compare", []), ("analyze", "analyze_app", ["grad-confusion"]),
+     ("analyze", "analyze_app", ["landscape"]), ("plot", "plot", [])],
+)  # fmt: skip
+def test_help_of_these_commands_loads_no_torch(module, command, args):
+    """The command module alone (as cli.py registers it) answers --help without importing torch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, typer
+from typer.testing import CliRunner
+from expandctl.commands import {module} as m
+from expandctl.commands.runtime import Command
+app = typer.Typer()
+command = getattr(m, {command!r})
+app.add_typer(command, name="c") if isinstance(command, typer.Typer) else app.command("c", cls=Command)(command)
+app.command("other")(lambda: None)  # two commands: "c" stays a subcommand
+r = CliRunner().invoke(app, ["c", *{args!r}, "--help"])
+assert r.exit_code == 0 and "Usage:" in r.output, r.output
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr

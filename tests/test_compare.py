@@ -385,3 +385,31 @@ def test_each_run_can_be_data_parallel_under_torchrun(model, tmp_path):
     for name in ("compact-s0", "cl-s0"):
         record = json.loads((out / "runs" / f"{name}.json").read_text())
         assert record["processes"] == 2 and 0.0 <= record["final_acc"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The library verb behind the command (issue 28)
+# --------------------------------------------------------------------------------------------------
+def test_the_compare_verb_returns_the_commands_json_object(model, tmp_path):
+    from expandctl.workflows.compare import CompareOptions
+    from expandctl.workflows.compare import compare as run_compare
+
+    out = tmp_path / "study"
+    cli = run_json(options(model, out, "--dry-run"))
+    recipe = {"epochs": 3, "batch_size": 32, "lr": 0.002}
+    lib = run_compare(CompareOptions(model=str(model), data="synthetic:1x8x8", strategies="compact,cl,ck", seeds=2,
+                                     out=out, dry_run=True, train=recipe))  # fmt: skip
+    assert {"ok": True, "command": "compare", **json.loads(json.dumps(lib.to_dict()))} == cli
+    assert not out.exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("option, flag", [("seeds", "--seeds"), ("nproc_per_run", "--nproc-per-run")])
+def test_compare_errors_name_the_parameter_and_the_cli_its_flag(model, tmp_path, option, flag):
+    from expandctl.errors import UsageError
+    from expandctl.workflows.compare import CompareOptions
+
+    with pytest.raises(UsageError) as e:
+        CompareOptions(data="synthetic:1x8x8", **{option: 0})
+    assert e.value.option == option and str(e.value) == f"{option} must be at least 1"
+    error = cli_error("compare", model, "--data", "synthetic:1x8x8", "--out", tmp_path, flag, "0", code=2)["error"]
+    assert error == f"{flag} must be at least 1"

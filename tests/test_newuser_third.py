@@ -192,7 +192,7 @@ def test_gain_legends_cover_no_bar_or_seed_dot_and_cost_shows_its_spread():
 
 
 def test_a_wide_cost_spread_gets_a_note_in_the_report():
-    from expandctl.experiments import compare
+    from expandctl.experiments import report as compare
 
     wide = compare._cost_notes(_gain_summary()["strategies"])
     assert len(wide) == 1 and wide[0].startswith("ck: seconds per epoch ranges 0.90-1.60x compact's mean")

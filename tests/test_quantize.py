@@ -214,3 +214,41 @@ def test_the_ci_gate_script_passes_a_good_model_and_refuses_one_below_the_bar(tm
     assert not (tmp_path / "gate" / "strict.int8.onnx").exists()
     refused = json.loads((tmp_path / "gate" / "strict.json").read_text())
     assert refused["exit_code"] == 1 and "--min-accuracy" in refused["error"]
+
+
+# --- the library verb behind the command (issue 28) -----------------------------------------------
+def test_the_quantize_verb_returns_the_commands_json_object(models, tmp_path):
+    from expandctl.workflows.quantize import QuantizeOptions, quantize_model
+
+    cli, _ = cli_json("quantize", models / "good.onnx", "--data", DATA, "-o", tmp_path / "a.onnx", "--calib-size", 32,
+                      "--latency-rounds", 1)  # fmt: skip
+    lib = quantize_model(
+        str(models / "good.onnx"),
+        QuantizeOptions(data=DATA, output=str(tmp_path / "b.onnx"), calib_size=32, latency_rounds=1),
+    ).to_dict()
+    timing = ("latency", "output")  # measured each time; the file names differ
+    assert {k: v for k, v in lib.items() if k not in timing} == {
+        k: v for k, v in cli.items() if k not in (*timing, "ok", "command")
+    }
+    assert lib.keys() == cli.keys() - {"ok", "command"} and lib["output"] == str(tmp_path / "b.onnx")
+
+
+@pytest.mark.parametrize(
+    "kw, option, flag_message",
+    [
+        ({"calibration": "x"}, "calibration", "--calibration must be one of minmax, entropy, percentile, not 'x'"),
+        ({"calib_size": 0}, "calib_size", "the calibration set is empty (--calib-size 0); give at least 1 image"),
+        ({"max_drop": -1.0}, "max_drop", "--max-drop must be a number of percentage points >= 0, not -1"),
+        ({"latency_batch": 0}, "latency_batch", "--latency-batch must be at least 1"),
+    ],
+)
+def test_quantize_errors_name_the_parameter_and_the_cli_its_flag(models, tmp_path, kw, option, flag_message):
+    from expandctl.workflows.quantize import QuantizeOptions
+
+    with pytest.raises(UsageError) as e:
+        QuantizeOptions(data=DATA, output=str(tmp_path / "x.onnx"), **kw)
+    assert e.value.option == option and "--" not in str(e.value)
+    flag = "--" + option.replace("_", "-")
+    data, _ = cli_json("quantize", models / "good.onnx", "--data", DATA, "-o", tmp_path / "x.onnx", flag,
+                       next(iter(kw.values())), code=2)  # fmt: skip
+    assert data["error"] == flag_message

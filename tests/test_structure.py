@@ -92,3 +92,13 @@ def test_every_command_lives_in_its_own_module():
         for sub in subcommands.values():
             assert sub.callback.__module__ != "expandctl.cli", f"{name} is defined inline in cli.py"
     assert len((PACKAGE / "cli.py").read_text().splitlines()) < 150
+
+
+def test_each_command_is_defined_in_the_module_named_after_it():
+    """``expandctl plot`` in commands/plot.py, ``analyze grad-confusion`` in commands/analyze.py: one module
+    per command, found by its name."""
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for sub in (getattr(command, "commands", None) or {name: command}).values():
+            assert sub.callback.__module__ == f"expandctl.commands.{name}", (name, sub.callback.__module__)

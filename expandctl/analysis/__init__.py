@@ -10,8 +10,9 @@
 >>> gradient_confusion(model, data.train, pairs=100)["min"]
 >>> loss_landscape(model, data.train, dims=1, steps=21)["loss"]
 
-Pure functions: they never print, and never change the model they are given. The Typer commands
-(``expandctl analyze``, ``expandctl plot``) live in :mod:`expandctl.commands.analyze`.
+Pure functions: they never print, and never change the model they are given. The verbs that load a
+checkpoint and write the figures are :mod:`expandctl.workflows.analyze` and :mod:`expandctl.workflows.plot`
+(the commands ``expandctl analyze`` and ``expandctl plot``).
 """
 
 from .confusion import MODES, WRT, cosine_similarities, grad_confusion_hook, gradient_confusion

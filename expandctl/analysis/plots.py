@@ -49,7 +49,7 @@ def gaussian_kde(samples: Sequence[float], points: Sequence[float], bandwidth: f
 
 
 def _figure(size):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only when a figure is drawn
 
     return Figure(figsize=size, layout="constrained")
 
@@ -145,7 +145,7 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[Mapping]]], path: str | Path, t
     """Runs overlaid, one colour each: loss and error (%) per epoch, training solid and validation
     (test) dashed, plus the minimum gradient confusion when a run recorded it (``train
     --grad-confusion``): the curves of the paper's figures, compact vs expanded, product vs normal L2."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: as _figure
 
     confusion = any("grad_confusion_min" in row for _, h in runs for row in h)
     fig = _figure((15 if confusion else 10, 4))

@@ -37,9 +37,7 @@ def export(
     """Write a single-file ONNX model, checked against torch with onnxruntime, with provenance metadata."""
     from ..workflows import ExportOptions, export_checkpoint
 
-    options = ExportOptions(
-        opset, dynamic_batch, dynamic_size, atol, rtol, parse_shape(input_shape), **model.library()
-    )
+    options = ExportOptions(opset, dynamic_batch, dynamic_size, atol, rtol, parse_shape(input_shape), **model.library())
     with reports_on_failure(ui):
         result = export_checkpoint(src, output, options, command=command_line(ctx), progress=ui)
     show_reports(ui, result.reports, "checks")

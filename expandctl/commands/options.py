@@ -5,6 +5,8 @@ Torch-free: ``--help`` reads these without loading the library.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -124,14 +126,13 @@ DataOpt = Annotated[str, typer.Option("--data", metavar="SPEC", help=data_help()
 #: (declaration, default). How the command loads its model (``load=True``), then how it prints (always).
 LOAD_OPTIONS = {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwOpt, None), "trust_pickle": (TrustOpt, False)}
 OUTPUT_OPTIONS = {"as_json": (JsonOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False)}
-#: The data adapters of a command that scores a model (``--augment`` aside): ``command(data_adapters=True)``.
-DATA_ADAPTER_OPTIONS = {
-    "channels": (ChannelsOpt, None),
-    "image_size": (ImageSizeOpt, None),
-    "train_subset": (TrainSubsetOpt, None),
-    "download": (DownloadOpt, False),
-    "val_fraction": (ValFractionOpt, None),
-}
+#: The data adapters (``--augment`` included), declared once: train, compare, analyze take them all.
+ADAPTER_OPTIONS = {
+    "channels": (ChannelsOpt, None), "image_size": (ImageSizeOpt, None), "augment": (AugmentOpt, None),
+    "train_subset": (TrainSubsetOpt, None), "download": (DownloadOpt, False), "val_fraction": (ValFractionOpt, None),
+}  # fmt: skip
+#: The data adapters of a command that scores a model (never augmented): ``command(data_adapters=True)``.
+DATA_ADAPTER_OPTIONS = {k: v for k, v in ADAPTER_OPTIONS.items() if k != "augment"}
 
 
 # --- options of train (add here) ---
@@ -145,3 +146,29 @@ KdTemperatureOpt = Annotated[float, typer.Option("--kd-temperature", help="Disti
 
 
 # --- options of quantize, compare, analyze, plot (add here) ---
+SplitOpt = Annotated[str, typer.Option(metavar="train|val", help="Which split to measure on.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where to run (auto: CUDA when visible).")]
+
+
+def extended_signature(func: Callable, *groups: dict[str, tuple], drop: tuple[str, ...] = ()) -> inspect.Signature:
+    """``func``'s signature with each group's options appended as keyword-only parameters (Typer reads
+    ``__signature__``), less ``**kwargs`` and the names in ``drop``: a group is declared once, here."""
+    sig = inspect.signature(func, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in drop]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for group in groups
+        for name, (annotation, default) in group.items()
+    ]
+    return sig.replace(parameters=[*own, *extra])
+
+
+def with_options(*groups: dict[str, tuple]) -> Callable[[Callable], Callable]:
+    """Append each group's options to a command's parameters; the command takes them as ``**opts``
+    (keyword arguments named like the flags, e.g. ``opts["as_json"]``)."""
+
+    def add(func: Callable) -> Callable:
+        func.__signature__ = extended_signature(func, *groups)
+        return func
+
+    return add

@@ -1,49 +1,38 @@
 """``expandctl quantize``: INT8 static quantization with the accuracy cost measured, and a gate on it.
 
 MODEL is an ONNX file, or a checkpoint that is first exported as ``export`` does (an expanded one is
-contracted and checked first); the steps are :mod:`expandctl.quantize`'s. The main app registers
-the command with ``app.command("quantize")``.
+contracted and checked first); the steps are :func:`expandctl.workflows.quantize.quantize_model`'s.
+
+Torch-free at import: the library is imported inside the command, so that ``--help`` loads no torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .. import checkpoint as ckpt_io
 from ..console import UI, kv_table
-from ..errors import CheckFailed, UsageError
-from ..shapes import data_mismatch, first_layer_channels, fmt_shape, onnx_dynamic_size, running_model
+from ..errors import CheckFailed
 from .options import (
-    ArchKwOpt,
-    ArchOpt,
+    ADAPTER_OPTIONS,
+    LOAD_OPTIONS,
+    OUTPUT_OPTIONS,
     AtolOpt,
-    ChannelsOpt,
-    DebugOpt,
-    DownloadOpt,
-    ImageSizeOpt,
-    JsonOpt,
-    QuietOpt,
     RtolOpt,
     ShapeOpt,
-    TrustOpt,
-    ValFractionOpt,
+    data_help,
+    with_options,
 )
-from .runtime import (
-    contract_checked_cli,
-    data_options,
-    guard,
-    input_shape_of,
-    load_for_cli,
-    onnx_metadata_of,
-    onnx_shape,
-)
+from .runtime import command_line, data_options, guard, load_for_cli, parse_shape, reports_on_failure
 
 __all__ = ["quantize", "result_rows"]
+
+
+#: The data adapter options quantize takes (no augmentation or subset: calibration and scoring see the data as is).
+QUANTIZE_ADAPTERS = {k: ADAPTER_OPTIONS[k] for k in ("channels", "image_size", "download", "val_fraction")}
+#: How a checkpoint is read and checked before it is exported.
+CHECK_OPTIONS = {"input_shape": (ShapeOpt, None), "atol": (AtolOpt, None), "rtol": (RtolOpt, None)}
 
 
 def _pct(x: float) -> str:
@@ -71,11 +60,12 @@ def result_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+@with_options(QUANTIZE_ADAPTERS, CHECK_OPTIONS, LOAD_OPTIONS, OUTPUT_OPTIONS)
 def quantize(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(metavar="MODEL", help="Float ONNX file, or a checkpoint (exported first).")],
     data: Annotated[
-        str, typer.Option("--data", metavar="SPEC", help="Data spec: calibration (train) and scoring (val).")
+        str, typer.Option("--data", metavar="SPEC", help=data_help("Calibration (train split) and scoring (val split)"))
     ],
     output: Annotated[str, typer.Option("-o", "--output", metavar="OUT", help="Output INT8 .onnx file.")],
     calib_size: Annotated[
@@ -106,102 +96,33 @@ def quantize(
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per scoring batch.")] = 256,
     latency_batch: Annotated[int, typer.Option(metavar="N", help="Batch size of the latency measurement.")] = 32,
     latency_rounds: Annotated[int, typer.Option(metavar="N", help="Interleaved timing rounds.")] = 30,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
-    download: DownloadOpt = False,
-    val_fraction: ValFractionOpt = None,
-    input_shape: ShapeOpt = None,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwOpt = None,
-    trust_pickle: TrustOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    **opts,
 ) -> None:
     """INT8 static quantization (onnxruntime, QDQ), scored against the float model on the validation split."""
-    from ..data import load_data
-    from ..export import export_onnx
-    from ..quantize import METHODS, check_float_onnx, check_min_accuracy
-    from ..quantize import quantize as run_quantize
-    from ..rewrite import expanded_layers
+    from ..shapes import fmt_shape
+    from ..workflows.quantize import QuantizeOptions, quantize_model
 
-    ui = UI("quantize", as_json, quiet, debug)
+    ui = UI("quantize", opts["as_json"], opts["quiet"], opts["debug"])
     with guard(ui):
-        if calibration not in METHODS:
-            raise UsageError(f"--calibration must be one of {', '.join(METHODS)}, not {calibration!r}")
-        if calib_size < 1:
-            raise UsageError(f"the calibration set is empty (--calib-size {calib_size}); give at least 1 image")
-        if max_drop is not None and max_drop < 0:
-            raise UsageError(f"--max-drop must be a number of percentage points >= 0, not {max_drop:g}")
-        check_min_accuracy(min_accuracy)
-        for flag, value in (("--batch-size", batch_size), ("--latency-batch", latency_batch)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1")
-        if latency_rounds < 1:
-            raise UsageError("--latency-rounds must be at least 1")
-        out = ckpt_io.check_output_path(output, [src], (".onnx",))
-        opts = data_options(channels, image_size, None, None, download, val_fraction)
-        with contextlib.ExitStack() as stack:
-            if ckpt_io.sniff_format(src) == "onnx":
-                check_float_onnx(src)
-                shape = onnx_shape(src)
-                sets = load_data(data, shape, augment=False, options=opts)
-                given = tuple(sets.input_shape)
-                if onnx_dynamic_size(src) and shape and len(shape) == len(given):  # any size, same channels
-                    shape = (shape[0], *given[1:])
-                if shape and tuple(shape) != given:
-                    raise data_mismatch(None, src, shape, data, given)
-                float_path = Path(src)
-            else:
-                ckpt = load_for_cli(ui, src, arch, arch_kwargs, trust_pickle)
-                shape = input_shape_of(ckpt, input_shape)
-                sets = load_data(data, shape, augment=False, options=opts)
-                if tuple(shape) != tuple(sets.input_shape):  # before contracting and exporting
-                    channels_in = first_layer_channels(ckpt.model)
-                    raise data_mismatch(None, src, shape, data, sets.input_shape, channels_in)
-                model = ckpt.model
-                if list(expanded_layers(model)):
-                    model, _ = contract_checked_cli(ui, ckpt, shape, atol, rtol)
-                float_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="expandctl-"))) / "float.onnx"
-                with ui.step("exporting the float model and checking it with onnxruntime"), running_model(shape):
-                    try:
-                        export_onnx(
-                            model,
-                            float_path,
-                            shape,
-                            metadata=onnx_metadata_of(ctx, ckpt, shape, ckpt.folded_bn),
-                            atol=atol,
-                            rtol=rtol,
-                        )
-                    except CheckFailed as e:
-                        raise CheckFailed(f"{e}; nothing was written") from None
-            step = f"calibrating on {calib_size} {data} images ({calibration}), scoring float and INT8"
-            with ui.step(step):
-                try:
-                    result = run_quantize(
-                        float_path,
-                        out,
-                        sets,
-                        data,
-                        calib_size=calib_size,
-                        method=calibration,
-                        seed=seed,
-                        per_channel=per_channel,
-                        max_drop=max_drop,
-                        min_accuracy=min_accuracy,
-                        batch_size=batch_size,
-                        latency_batch=latency_batch,
-                        latency_rounds=latency_rounds,
-                    )
-                except CheckFailed as e:
-                    if getattr(e, "details", None):
-                        ui.print(kv_table(result_rows(e.details), title=f"{src} -> INT8 (not written)"))
-                    raise
-        report = result.to_dict()
-        ui.print(kv_table(result_rows(report), title=f"{src} -> {out}"))
-        for note in result.notes:
+        options = QuantizeOptions(
+            data, output, calib_size, calibration, seed, max_drop, min_accuracy, per_channel, batch_size,
+            latency_batch, latency_rounds, data_options(**{k: opts[k] for k in QUANTIZE_ADAPTERS}),
+            parse_shape(opts["input_shape"]), opts["atol"], opts["rtol"],
+        )  # fmt: skip
+
+        def load(path: str):
+            return load_for_cli(ui, path, opts["arch"], opts["arch_kwargs"], opts["trust_pickle"])
+
+        try:
+            with reports_on_failure(ui):
+                report = quantize_model(src, options, load=load, command=command_line(ctx), progress=ui)
+        except CheckFailed as e:
+            if getattr(e, "details", None) and "float_eval" in e.details:  # the gate: the result, not written
+                ui.print(kv_table(result_rows(e.details), title=f"{src} -> INT8 (not written)"))
+            raise
+        result = report.to_dict()
+        ui.print(kv_table(result_rows(result), title=f"{src} -> {report.output}"))
+        for note in report.notes:
             ui.note(f"note: {note}")
-        ui.print(f"wrote {out} (input {fmt_shape(shape)})")
-        ui.emit({"source": src, "data": data, "input_shape": list(shape) if shape else None, **report})
+        ui.print(f"wrote {report.output} (input {fmt_shape(report.input_shape)})")
+        ui.emit(result)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import json
 import re
 import shlex
@@ -21,7 +20,7 @@ import typer.core
 
 from ..console import UI, report_settings, report_table
 from ..errors import CheckFailed, ExpandctlError, UsageError
-from .options import DATA_ADAPTER_OPTIONS, LOAD_OPTIONS, OUTPUT_OPTIONS
+from .options import DATA_ADAPTER_OPTIONS, LOAD_OPTIONS, OUTPUT_OPTIONS, extended_signature
 
 #: Exit codes (documented in docs/cli.md). 1-4 come from the error classes' ``exit_code``.
 EXIT_CODES = {
@@ -154,10 +153,7 @@ def command(name: str, *, load: bool = False, data_adapters: bool = False) -> Ca
     groups = {"adapters": DATA_ADAPTER_OPTIONS if data_adapters else {}, "model": LOAD_OPTIONS if load else {}}
 
     def wrap(fn: Callable) -> Callable:
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("ui", *groups)]
-        added = {n: spec for group in (*groups.values(), OUTPUT_OPTIONS) for n, spec in group.items()}
-        params = own + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
-                        for n, (a, d) in added.items()]  # fmt: skip
+        sig = extended_signature(fn, *groups.values(), OUTPUT_OPTIONS, drop=("ui", *groups))
 
         @functools.wraps(fn)
         def run(**kwargs):
@@ -169,8 +165,8 @@ def command(name: str, *, load: bool = False, data_adapters: bool = False) -> Ca
             with guard(ui):
                 return fn(ui=ui, **kwargs)
 
-        run.__signature__ = inspect.Signature(params)
-        run.__annotations__ = {p.name: p.annotation for p in params}
+        run.__signature__ = sig
+        run.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
         return run
 
     return wrap

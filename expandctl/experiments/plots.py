@@ -10,7 +10,7 @@ from ..checkpoint import atomic_write
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: only when a report is drawn; the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -35,7 +35,7 @@ def _save(fig, path: Path) -> None:
 def plot_curves(path: Path, runs: dict[str, list[dict]], title: str) -> None:
     """Validation error after each epoch (log scale: late differences of a point or less stay
     visible), mean over seeds, band from the lowest to the highest seed."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # lazy: as _plt
 
     plt = _plt()
     colors = _colors(list(runs))

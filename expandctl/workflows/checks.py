@@ -37,7 +37,10 @@ class Silent:
 
 
 def load_checked(
-    path: str | Path, arch: str | None = None, arch_kwargs: dict | None = None, trust_pickle: bool = False,
+    path: str | Path,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    trust_pickle: bool = False,
     progress: Progress | None = None,
 ) -> ckpt_io.Checkpoint:
     """:func:`expandctl.checkpoint.load_checkpoint`, refusing a model with NaN or inf weights (named by path)."""
@@ -76,7 +79,13 @@ def onnx_file_shape(path: str | Path) -> tuple[int, ...] | None:
 
 
 def save_derived(
-    model: nn.Module, out: Path, ckpt: ckpt_io.Checkpoint, shape, plan, command: str | None, folded_bn: Sequence,
+    model: nn.Module,
+    out: Path,
+    ckpt: ckpt_io.Checkpoint,
+    shape,
+    plan,
+    command: str | None,
+    folded_bn: Sequence,
     progress: Progress,
 ) -> None:
     """Save ``model``, made from ``ckpt`` (its architecture and parent hash), as an expandctl checkpoint."""

@@ -46,9 +46,7 @@ def _has_files(name: str, root: Path) -> bool:
 
 def read_cifar(name: str, arg: str | None, download_ok: bool) -> ArraySplits:
     """The set found in ``arg`` or the cache (or downloaded), its official test set as validation."""
-    root = locate(
-        name, arg, download_ok, lambda p: _has_files(name, p), lambda p: download(name, p, _CLASSES[name])
-    )
+    root = locate(name, arg, download_ok, lambda p: _has_files(name, p), lambda p: download(name, p, _CLASSES[name]))
     root = cifar_root(name, root)
     cls = _dataset_class(name)
     try:
