@@ -25,6 +25,7 @@ import torch.nn as nn
 from .errors import UnsupportedError, UsageError
 from .rewrite import expand, expanded_layers
 from .shapes import fmt_shape
+from .verify import contract_model_checked
 
 __all__ = ["expanded", "ExpandedTraining", "contract_and_check", "copy_weights_into"]
 
@@ -32,8 +33,6 @@ __all__ = ["expanded", "ExpandedTraining", "contract_and_check", "copy_weights_i
 def contract_and_check(big: nn.Module, input_shape: Sequence[int], atol=None, rtol=None) -> tuple[nn.Module, list]:
     """``(a contracted copy of big, the expanded-vs-contracted reports)``; raises
     :class:`~expandctl.errors.CheckFailed` (carrying the reports) when the check fails."""
-    from .workflows import contract_model_checked
-
     return contract_model_checked(
         big, input_shape, atol, rtol, what="the expanded model", written="the compact weights were not written back"
     )

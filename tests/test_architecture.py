@@ -24,6 +24,7 @@ LAYERS = {
     "": 0,  # expandctl/__init__.py: a lazy facade (PEP 562), imports only _version and errors at its top
     "_version": 0,
     "errors": 0,
+    "progress": 0,
     "console": 1,
     "kinds": 1,
     "data": 2,
@@ -35,7 +36,6 @@ LAYERS = {
     "sizes": 2,
     "rewrite": 3,
     "fold": 3,
-    "fit": 3,
     "probe": 3,
     "graph": 3,
     "verify": 3,
@@ -64,7 +64,18 @@ SUBMODULE_LAYERS = {
     "data.idx": 1,
 }
 #: Modules that must import no torch at module top (the CLI's --help path).
-TORCH_FREE = ["cli", "commands", "console", "kinds", "data.registry", "data.sources", "_version", "errors", ""]
+TORCH_FREE = [
+    "cli",
+    "commands",
+    "console",
+    "kinds",
+    "data.registry",
+    "data.sources",
+    "_version",
+    "errors",
+    "progress",
+    "",
+]
 
 
 def modules() -> dict[str, Path]:

@@ -110,7 +110,7 @@ def test_an_exception_inside_the_block_leaves_the_model_untouched(exc):
 
 
 def test_a_failed_check_raises_and_leaves_the_model_untouched(monkeypatch):
-    import expandctl.workflows.checks as checks
+    import expandctl.rewrite as rewrite_module
     from expandctl.rewrite import contract
 
     def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
@@ -119,7 +119,7 @@ def test_a_failed_check_raises_and_leaves_the_model_untouched(monkeypatch):
             small.c2.weight.add_(1e-2)
         return small
 
-    monkeypatch.setattr(checks, "contract_model", wrong_contract)  # the contraction the check compares against
+    monkeypatch.setattr(rewrite_module, "contract", wrong_contract)  # the contraction the check compares against
     model = Net()
     snap = _snapshot(model)
     with pytest.raises(CheckFailed) as info:

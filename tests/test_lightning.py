@@ -114,7 +114,7 @@ def test_resume_with_another_layout_is_refused(tmp_path, digits):
 
 
 def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_path, digits, monkeypatch):
-    import expandctl.workflows.checks as checks
+    import expandctl.rewrite as rewrite_module
     from expandctl.rewrite import contract
 
     def wrong_contract(model, inplace=False):  # a contraction bug: one weight off by far more than rounding
@@ -123,7 +123,7 @@ def test_a_failed_check_at_fit_end_raises_and_leaves_the_module_expanded(tmp_pat
             small.net.classifier.weight.add_(1e-2)
         return small
 
-    monkeypatch.setattr(checks, "contract_model", wrong_contract)  # the contraction the check compares against
+    monkeypatch.setattr(rewrite_module, "contract", wrong_contract)  # the contraction the check compares against
     module = example.LitDigits()
     with pytest.raises(CheckFailed, match="not written back"):
         _trainer(tmp_path, [ExpandNetsCallback(strategy="ck+cl+fc")], epochs=1, batches=2).fit(module, digits[0])

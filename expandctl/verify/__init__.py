@@ -20,7 +20,7 @@ Every check follows the traps listed in PAPER.md:
   misses a fixed ``rtol``; an algebra error stays many orders of magnitude above the floor.
 """
 
-from .contraction import check_contraction, rounding_floor
+from .contraction import check_contraction, check_failed, contract_model_checked, failed_reports, rounding_floor
 from .core import (
     DEFAULT_TOLERANCES,
     FLOOR_DRAWS,
@@ -35,6 +35,9 @@ from .core import (
 from .onnx_check import compare_onnx
 
 __all__ = [
+    "check_failed",
+    "contract_model_checked",
+    "failed_reports",
     "DEFAULT_TOLERANCES",
     "OutputCheck",
     "Report",

@@ -10,8 +10,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import UsageError
+from .. import rewrite
+from ..errors import CheckFailed, UsageError
+from ..progress import Progress, Silent
 from ..rewrite import contract, expanded_layers
+from ..shapes import running_model
 from .core import (
     FLOOR_DRAWS,
     FLOOR_MULTIPLE,
@@ -184,3 +187,53 @@ def _check_linear_parts(expanded: nn.Module, report: Report) -> OutputCheck | No
         not failed and len(checks) == len(layers),
         None if not failed else reason,
     )
+
+
+def failed_reports(reports: Sequence) -> list:
+    return [r for r in reports if not r.passed]
+
+
+def check_failed(message: str, reports: Sequence, title: str = "checks", **details) -> CheckFailed:
+    """A :class:`CheckFailed` that carries its reports: ``.reports`` (objects, ``title`` names the table)
+    and ``.details`` (what ``--json`` prints)."""
+    err = CheckFailed(message)
+    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
+    err.reports = list(reports)
+    err.reports_title = title
+    return err
+
+
+def contract_model_checked(
+    model: nn.Module,
+    shape,
+    atol=None,
+    rtol=None,
+    progress: Progress | None = None,
+    *,
+    recorded=None,
+    what: str = "the model",
+    written: str = "nothing was written",
+    tolerances: str = "atol/rtol",
+    **check_kw,
+) -> tuple[nn.Module, list]:
+    """A contracted copy of ``model`` and its expanded-vs-contracted reports (float64, float32); a
+    mismatch raises :class:`CheckFailed` carrying them, its message ending with ``written`` (what the
+    caller did not write) and the ``tolerances`` to loosen."""
+
+    progress = progress or Silent()
+    with progress.step("contracting expanded layers"):
+        compact = rewrite.contract(model)  # looked up when called: tests patch rewrite.contract
+    with (
+        progress.step("checking the contracted model against the expanded one (float64, float32)"),
+        running_model(shape, recorded, what),
+    ):
+        reports = check_contraction(model, compact, shape, atol=atol, rtol=rtol, **check_kw)
+    if failed_reports(reports):
+        raise check_failed(
+            "the contracted model does not match the expanded one "
+            f"({'; '.join(r.summary() for r in failed_reports(reports))}); "
+            f"{written}. Loosen {tolerances} only if the errors are rounding",
+            reports,
+            "expanded (explicit) vs contracted",
+        )
+    return compact, reports

@@ -11,17 +11,9 @@ it never prints (``progress=`` receives its steps and warnings) and raises the t
 >>> verify_files("run/best.pt", "compact.onnx").passed
 """
 
-from .checks import (
-    Progress,
-    check_failed,
-    contract_checked,
-    contract_model_checked,
-    failed_reports,
-    input_shape_for,
-    load_checked,
-    onnx_file_shape,
-    onnx_metadata,
-)
+from ..progress import Progress
+from ..verify import check_failed, contract_model_checked, failed_reports
+from .checks import contract_checked, input_shape_for, load_checked, onnx_file_shape, onnx_metadata
 from .contract import ContractResult, contract_checkpoint, recompute_batchnorm
 from .evaluate import EvaluateOptions, EvaluateResult, evaluate_file
 from .expand import ExpandResult, expand_checkpoint, fresh_checkpoint

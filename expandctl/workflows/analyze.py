@@ -22,7 +22,7 @@ from ..analysis.plots import plot_confusion, plot_landscape
 from ..data import DataOptions, load_data
 from ..errors import UsageError
 from ..probe import check_fits, resolve_device
-from .checks import Progress, Silent
+from ..progress import Progress, Silent
 
 __all__ = [
     "GradConfusionOptions",

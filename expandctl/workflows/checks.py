@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
-from .. import rewrite
 from ..errors import CheckFailed, UsageError
 from ..export import export_onnx
-from ..shapes import onnx_input_shape, running_model
-from ..verify import check_contraction, check_finite
-
-
-class Progress(Protocol):
-    """What the workflows report on their way: slow steps and warnings (the CLI's console is one)."""
-
-    def step(self, text: str) -> contextlib.AbstractContextManager: ...
-
-    def warn(self, text: str) -> None: ...
-
-
-class Silent:
-    @contextlib.contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        yield
-
-    def warn(self, text: str) -> None:
-        pass
+from ..progress import Progress, Silent
+from ..shapes import onnx_input_shape
+from ..verify import check_failed, check_finite, contract_model_checked
 
 
 def load_checked(
@@ -103,20 +85,6 @@ def save_derived(
         )
 
 
-def failed_reports(reports: Sequence) -> list:
-    return [r for r in reports if not r.passed]
-
-
-def check_failed(message: str, reports: Sequence, title: str = "checks", **details) -> CheckFailed:
-    """A :class:`CheckFailed` that carries its reports: ``.reports`` (objects, ``title`` names the table)
-    and ``.details`` (what ``--json`` prints)."""
-    err = CheckFailed(message)
-    err.details = {"passed": False, "checks": [r.to_dict() for r in reports], **details}
-    err.reports = list(reports)
-    err.reports_title = title
-    return err
-
-
 def onnx_metadata(ckpt: ckpt_io.Checkpoint, shape, folded: Sequence, command: str | None = None) -> dict[str, str]:
     """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
     return {
@@ -154,39 +122,3 @@ def contract_checked(
         ckpt.model, shape, atol, rtol, progress, recorded=ckpt.input_shape, written="nothing was written",
         tolerances="--atol/--rtol", **check_kw,
     )  # fmt: skip
-
-
-def contract_model_checked(
-    model: nn.Module,
-    shape,
-    atol=None,
-    rtol=None,
-    progress: Progress | None = None,
-    *,
-    recorded=None,
-    what: str = "the model",
-    written: str = "nothing was written",
-    tolerances: str = "atol/rtol",
-    **check_kw,
-) -> tuple[nn.Module, list]:
-    """A contracted copy of ``model`` and its expanded-vs-contracted reports (float64, float32); a
-    mismatch raises :class:`CheckFailed` carrying them, its message ending with ``written`` (what the
-    caller did not write) and the ``tolerances`` to loosen."""
-
-    progress = progress or Silent()
-    with progress.step("contracting expanded layers"):
-        compact = rewrite.contract(model)  # looked up when called: tests patch rewrite.contract
-    with (
-        progress.step("checking the contracted model against the expanded one (float64, float32)"),
-        running_model(shape, recorded, what),
-    ):
-        reports = check_contraction(model, compact, shape, atol=atol, rtol=rtol, **check_kw)
-    if failed_reports(reports):
-        raise check_failed(
-            "the contracted model does not match the expanded one "
-            f"({'; '.join(r.summary() for r in failed_reports(reports))}); "
-            f"{written}. Loosen {tolerances} only if the errors are rounding",
-            reports,
-            "expanded (explicit) vs contracted",
-        )
-    return compact, reports

@@ -20,8 +20,8 @@ from ..experiments import compare as study_lib
 from ..experiments.report import summarize, write_report
 from ..experiments.runs import check_settings
 from ..models import build_arch, resolve_arch
+from ..progress import Progress, Silent
 from ..train import TrainConfig
-from .checks import Progress, Silent
 
 __all__ = ["CompareOptions", "ComparePlan", "CompareResult", "compare"]
 

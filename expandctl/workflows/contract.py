@@ -23,22 +23,13 @@ from .. import checkpoint as ckpt_io
 from ..data import DataOptions, load_data
 from ..errors import UnsupportedError, UsageError
 from ..fold import fold_batchnorm
+from ..progress import Progress, Silent
 from ..rewrite import expanded_layers
 from ..shapes import running_model
 from ..sizes import count_params
 from ..train.precise_bn import precise_batchnorm, shuffled_batches
-from ..verify import compare_models
-from .checks import (
-    Progress,
-    Silent,
-    check_failed,
-    contract_checked,
-    export_checked,
-    failed_reports,
-    input_shape_for,
-    onnx_metadata,
-    save_derived,
-)
+from ..verify import check_failed, compare_models, failed_reports
+from .checks import contract_checked, export_checked, input_shape_for, onnx_metadata, save_derived
 
 
 @dataclass

@@ -16,8 +16,9 @@ from .. import checkpoint as ckpt_io
 from ..data import DataOptions, load_data
 from ..errors import CheckFailed, UsageError
 from ..evaluate import evaluate_onnx, evaluate_torch
+from ..progress import Progress, Silent
 from ..shapes import data_mismatch, first_layer_channels
-from .checks import Progress, Silent, load_checked, onnx_file_shape
+from .checks import load_checked, onnx_file_shape
 
 __all__ = ["EvaluateOptions", "EvaluateResult", "evaluate_file"]
 

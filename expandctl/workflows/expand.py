@@ -21,12 +21,13 @@ from ..console import fmt_rate
 from ..errors import UsageError
 from ..layers import INIT_MODES
 from ..models import build_arch, resolve_arch
+from ..progress import Progress, Silent
 from ..rewrite import expand as expand_model
 from ..rewrite import expanded_layers
 from ..rewrite import plan as make_plan
 from ..shapes import fmt_shape, run_once
 from ..sizes import check_expanded_size, count_params
-from .checks import Progress, Silent, save_derived
+from .checks import save_derived
 
 
 @dataclass

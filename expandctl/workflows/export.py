@@ -12,17 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
+from ..progress import Progress, Silent
 from ..rewrite import expanded_layers
 from ..shapes import running_model
-from .checks import (
-    Progress,
-    Silent,
-    contract_checked,
-    export_checked,
-    input_shape_for,
-    load_checked,
-    onnx_metadata,
-)
+from .checks import contract_checked, export_checked, input_shape_for, load_checked, onnx_metadata
 
 __all__ = ["ExportOptions", "ExportResult", "export_checkpoint"]
 

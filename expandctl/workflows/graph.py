@@ -27,10 +27,11 @@ from .. import checkpoint as ckpt_io
 from ..checkpoint import atomic_write
 from ..errors import UnsupportedError, UsageError
 from ..graph.regions import GraphPlan, contract_graph, plan_graph
+from ..progress import Progress, Silent
 from ..rewrite import expanded_layers
 from ..shapes import running_model
-from ..verify import compare_models
-from .checks import Progress, Silent, check_failed, contract_checked, export_checked, failed_reports, onnx_metadata
+from ..verify import check_failed, compare_models, failed_reports
+from .checks import contract_checked, export_checked, onnx_metadata
 
 __all__ = ["GRAPH_SUFFIXES", "GraphContractResult", "contract_graph_checkpoint"]
 

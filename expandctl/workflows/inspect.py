@@ -14,10 +14,11 @@ from typing import Literal
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint.describe import ONNX_PARAMETERS_NOTE
+from ..progress import Progress
 from ..rewrite import contract as contract_model
 from ..rewrite import expanded_layers
 from ..sizes import count_params
-from .checks import Progress, load_checked
+from .checks import load_checked
 
 __all__ = ["InspectResult", "inspect_file"]
 

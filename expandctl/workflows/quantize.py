@@ -20,10 +20,11 @@ from .. import checkpoint as ckpt_io
 from ..data import DataOptions, DataSplits, load_data
 from ..errors import CheckFailed, UsageError
 from ..export import export_onnx
+from ..progress import Progress, Silent
 from ..quantize import METHODS, QuantizeResult, check_float_onnx, check_min_accuracy, quantize
 from ..rewrite import expanded_layers
 from ..shapes import data_mismatch, first_layer_channels, onnx_dynamic_size, onnx_input_shape, running_model
-from .checks import Progress, Silent, contract_checked, onnx_metadata
+from .checks import contract_checked, onnx_metadata
 
 __all__ = ["QuantizeOptions", "QuantizeReport", "quantize_model"]
 

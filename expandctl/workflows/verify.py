@@ -15,11 +15,12 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..errors import UsageError
 from ..export import check_onnx_sizes
+from ..progress import Progress, Silent
 from ..rewrite import contract as contract_model
 from ..rewrite import expanded_layers
 from ..shapes import backend_message, fmt_shape, onnx_dynamic_size, run_once, running_model, second_size
-from ..verify import check_contraction, compare_models
-from .checks import Progress, Silent, check_failed, failed_reports, input_shape_for, load_checked, onnx_file_shape
+from ..verify import check_contraction, check_failed, compare_models, failed_reports
+from .checks import input_shape_for, load_checked, onnx_file_shape
 
 __all__ = ["DTYPES", "VerifyOptions", "VerifyResult", "verify_files"]
 
