@@ -1037,7 +1037,8 @@ def plot_landscapes(out: Path, runs: list[dict]) -> None:
     for row, (key, label, scale) in enumerate((("loss", "training loss (log10 CE)", None),
                                                 ("error", "training error (%)", 100))):  # fmt: skip
         grids = [np.array(select(runs, variant=v)[0]["landscape_2d"][key], dtype=float) for v in order]
-        grids = [np.log10(g) if scale is None else scale * g for g in grids]
+        # rounded: a last-bit difference in log10 between machines must not move a contour pixel
+        grids = [np.round(np.log10(g) if scale is None else scale * g, 9) for g in grids]
         lo, hi = min(g.min() for g in grids), max(g.max() for g in grids)
         hi = max(hi, lo + 1e-6)  # a flat grid still needs increasing levels
         levels = np.linspace(lo, hi, 15)

@@ -10,7 +10,6 @@ expanded one contracted and checked before), quantized to INT8 and scored agains
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from ..export import export_onnx
 from ..progress import Progress, Silent
 from ..quantize import METHODS, QuantizeResult, check_float_onnx, check_min_accuracy, quantize
 from ..rewrite import expanded_layers
-from ..shapes import data_mismatch, first_layer_channels, onnx_dynamic_size, onnx_input_shape, running_model
-from .checks import contract_checked, onnx_metadata
+from ..shapes import data_mismatch, first_layer_channels, onnx_dynamic_size, running_model
+from .checks import contract_checked, onnx_file_shape, onnx_metadata
 
 __all__ = ["QuantizeOptions", "QuantizeReport", "quantize_model"]
 
@@ -121,7 +120,7 @@ def quantize_model(
 def _onnx_input(src: str, o: QuantizeOptions) -> tuple[tuple[int, ...] | None, DataSplits]:
     """A float ONNX file's input shape and the data, checked to fit it."""
     check_float_onnx(src)
-    shape = onnx_input_shape(src) or _recorded_shape(src)
+    shape = onnx_file_shape(src)
     sets = load_data(o.data, shape, augment=False, options=o.data_options)
     given = tuple(sets.input_shape)
     if onnx_dynamic_size(src) and shape and len(shape) == len(given):  # any size, same channels
@@ -129,17 +128,6 @@ def _onnx_input(src: str, o: QuantizeOptions) -> tuple[tuple[int, ...] | None, D
     if shape and tuple(shape) != given:
         raise data_mismatch(None, src, shape, o.data, given)
     return shape, sets
-
-
-def _recorded_shape(path: str) -> tuple[int, ...] | None:
-    """The ``expandctl.input_shape`` metadata of an ONNX file exported with dynamic height and width.
-    (A copy of the CLI's ``runtime.onnx_shape`` tail: one library home for both is due, see issue 28.)"""
-    meta = ckpt_io.describe_onnx(path)["metadata"]
-    with contextlib.suppress(ValueError, TypeError):
-        recorded = json.loads(meta.get("expandctl.input_shape", "null"))
-        if isinstance(recorded, list) and recorded and all(isinstance(d, int) and d > 0 for d in recorded):
-            return tuple(recorded)
-    return None
 
 
 def _export_float(src, o: QuantizeOptions, float_path: Path, load, command, progress) -> tuple:
