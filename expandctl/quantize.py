@@ -44,6 +44,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import Dataset
 
 from ._version import __version__
+from .checkpoint import atomic_write
 from .data.pipeline import stratified_subset
 from .errors import CheckFailed, UsageError
 from .evaluate import evaluate_onnx, read_batch
@@ -343,7 +344,6 @@ def quantize(
     ``min_accuracy`` (percent: a model that never learned passes any drop gate). An already-quantized input, an
     empty calibration set or a model that does not fit the data raise :class:`UsageError` first.
     """
-    from .checkpoint import atomic_write
 
     out = Path(out)
     check_float_onnx(float_path)
