@@ -57,10 +57,10 @@ trained compact or trained CK-expanded and contracted back: the same 34,682-para
 test time, only the training parametrisation differs. Each row is mean +- std over the seeds
 above; one image is 0.28 points. Seed to seed, the same training moves by up to 1.7 points here,
 more than the gap, so one run of each can land either way (compact seed 0, 98.61%, beats CK seed
-2, 98.33%): that is why the comparison is over seeds. Measured when this demo was written (5
-seeds): compact 97.67 +- 0.67, CK 98.83 +- 0.36, +1.17 points, Welch p = 0.013; with 10 seeds
-+0.94, p = 0.0006, CK ahead or level on every seed. It agrees with the committed 5-seed
-Fashion-MNIST runs (CK at 7x7: +0.73; README.md "Results", docs/paper.md, results/), where
-CK+FC and FC show no reliable effect. Step 4's one number (the best epoch of one run) shows the
+2, 98.33%): that is why the comparison is over seeds. Measured on an idle 2-core machine (5
+seeds): compact 97.72 +- 0.63, CK 98.78 +- 0.32, +1.06 points, Welch p = 0.016; with 10 seeds
++0.92, p = 0.0005, CK ahead on every seed. It agrees with the committed 5-seed Fashion-MNIST
+runs (CK at 7x7: +0.88, p = 0.014; README.md "Results", results/figures), where CK+FC and FC
+show no reliable effect. Step 4's one number (the best epoch of one run) shows the
 pipeline working end to end, not evidence either way.
 TXT
