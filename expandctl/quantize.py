@@ -344,7 +344,6 @@ def quantize(
     ``min_accuracy`` (percent: a model that never learned passes any drop gate). An already-quantized input, an
     empty calibration set or a model that does not fit the data raise :class:`UsageError` first.
     """
-
     out = Path(out)
     check_float_onnx(float_path)
     if max_drop is not None and max_drop < 0:

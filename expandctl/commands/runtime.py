@@ -205,12 +205,6 @@ def load_for_cli(ui: UI, path: str, arch, arch_kwargs, trust: bool):
     return load_checked(path, arch, parse_json_object(arch_kwargs), trust, ui)
 
 
-def input_shape_of(ckpt, override: str | None, fallback=None) -> tuple[int, ...]:
-    from ..workflows import input_shape_for
-
-    return input_shape_for(ckpt, parse_shape(override), fallback)
-
-
 def data_options(channels=None, image_size=None, augment=None, train_subset=None, download=False, val_fraction=None):
     """The data adapter options of ``train``, ``evaluate`` and ``analyze``, validated."""
     from ..data import DataOptions
@@ -262,25 +256,3 @@ def reports_on_failure(ui: UI) -> Iterator[None]:
         if getattr(e, "reports", None) is not None:
             show_reports(ui, e.reports, e.reports_title)
         raise
-
-
-def onnx_metadata_of(ctx: typer.Context, ckpt, shape, folded: Sequence) -> dict[str, str]:
-    """Provenance carried into the ONNX file's metadata_props (see docs/cli.md)."""
-    from ..workflows import onnx_metadata
-
-    return onnx_metadata(ckpt, shape, folded, command_line(ctx))
-
-
-def contract_checked_cli(ui: UI, ckpt, shape, atol, rtol, **check_kw) -> tuple:
-    """The compact model and the expanded-vs-contracted reports; raises CheckFailed on a mismatch."""
-    from ..workflows import contract_checked
-
-    with reports_on_failure(ui):
-        return contract_checked(ckpt, shape, atol, rtol, ui, **check_kw)
-
-
-def onnx_shape(path: str) -> tuple[int, ...] | None:
-    """The per-sample input shape an ONNX file was exported with (:func:`expandctl.workflows.onnx_file_shape`)."""
-    from ..workflows import onnx_file_shape
-
-    return onnx_file_shape(path)

@@ -219,7 +219,6 @@ def contract_model_checked(
     """A contracted copy of ``model`` and its expanded-vs-contracted reports (float64, float32); a
     mismatch raises :class:`CheckFailed` carrying them, its message ending with ``written`` (what the
     caller did not write) and the ``tolerances`` to loosen."""
-
     progress = progress or Silent()
     with progress.step("contracting expanded layers"):
         compact = rewrite.contract(model)  # looked up when called: tests patch rewrite.contract

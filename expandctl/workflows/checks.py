@@ -102,7 +102,6 @@ def onnx_metadata(ckpt: ckpt_io.Checkpoint, shape, folded: Sequence, command: st
 def export_checked(model: nn.Module, out: Path, shape, reports: list, **export_kw) -> None:
     """Export ``model`` to ONNX and append onnxruntime's report to ``reports``; a mismatch raises the
     :class:`CheckFailed` of :func:`check_failed` carrying every report so far (nothing is written)."""
-
     try:
         _, report = export_onnx(model, out, shape, **export_kw)
     except CheckFailed as e:

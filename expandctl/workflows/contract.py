@@ -75,7 +75,6 @@ def recompute_batchnorm(ckpt: ckpt_io.Checkpoint, data: str, batches: int) -> di
     BatchNorm's running statistics recomputed over ``batches`` batches of ``data``'s training split
     (:mod:`expandctl.train.precise_bn`). The data adapters, batch size and seed are those the run
     recorded (``expandctl train`` checkpoints), else no adapter, batch 128, seed 0."""
-
     recorded = ((ckpt.extra or {}).get("train") or {}).get("config") or {}
     options = DataOptions(
         recorded.get("channels"), recorded.get("image_size"), recorded.get("augment"),
@@ -108,7 +107,6 @@ def contract_checkpoint(
     against PyTorch with onnxruntime. A model without expanded layers is written as it is (with a
     warning), unless ``require_expanded``. ``precise_bn`` > 0 first recomputes every BatchNorm's
     running statistics over that many batches of ``data`` (:func:`recompute_batchnorm`)."""
-
     progress = progress or Silent()
     out = Path(output)
     source = source if source is not None else str(ckpt.path)

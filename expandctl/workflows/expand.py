@@ -85,7 +85,6 @@ def fresh_checkpoint(
     arch: str, arch_kwargs: dict | None = None, seed: int | None = None, progress: Progress | None = None
 ) -> ckpt_io.Checkpoint:
     """A freshly built ``arch`` model (seeded by ``seed`` without touching the global generator)."""
-
     progress = progress or Silent()
     spec = resolve_arch(arch)[0]
     with progress.step(f"building {spec}"), torch.random.fork_rng(devices=[]):
@@ -117,7 +116,6 @@ def expand_checkpoint(
     """Plan ``ckpt``'s expansion, expand it and save it to ``output`` (``dry_run``: plan only; the
     result's plan then says what would be expanded, possibly nothing). The model is run once on
     ``input_shape`` (default: the one ``ckpt`` records) first, so a wrong shape fails before any work."""
-
     progress = progress or Silent()
     if init not in INIT_MODES:
         raise UsageError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}", option="init")

@@ -159,7 +159,6 @@ def _write_onnx(merged, out, shape, ckpt, plan, command, atol, rtol, reports, pr
 def _write_pt2(merged: nn.Module, out: Path, shape, atol, rtol):
     """torch.export's program archive, batch dimension dynamic (``torch.export.load`` reads it), checked
     by loading it back and running it against the merged model."""
-
     model = copy.deepcopy(merged).eval().float()
     x = _example(shape)
     try:
