@@ -1,5 +1,7 @@
 """Shared test helpers (import as `from helpers import ...`; pytest puts tests/ on sys.path)."""
 
+from pathlib import Path
+
 import torch
 
 
@@ -144,3 +146,18 @@ def fit_prototypes(model: ProtoNet, images: torch.Tensor, labels: torch.Tensor) 
         model.hidden.weight[: len(means)] = means
         model.hidden.bias[: len(means)] = -(means**2).sum(1) / 2
     return model
+
+
+def digit_folder(root: Path, classes: int = 3, per_class: int = 10, size: int = 16) -> Path:
+    """Real digits (scikit-learn's 8x8 set) as ``size`` x ``size`` PNGs in ``root/CLASS/``."""
+    import numpy as np  # lazy: only the image-folder tests need PIL and scikit-learn
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for j in np.nonzero(d.target == c)[0][:per_class]:
+            img = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
+            img.save(root / str(c) / f"{j}.png")
+    return root

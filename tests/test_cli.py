@@ -43,28 +43,28 @@ def cli_json(*args, code=0, env=None):
     return data
 
 
+#: How the files fixture expands its SmallNet state dict (the pipeline test repeats it).
+EXPAND_SMALLNET = (
+    "--arch",
+    "smallnet",
+    "--arch-kwargs",
+    SMALL_JSON,
+    "--strategy",
+    "ck+fc",
+    "--rate",
+    "2",
+    "--seed",
+    "0",
+)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A compact SmallNet state dict and its expanded checkpoint (written by the CLI)."""
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     torch.save(randomize_batchnorm(SmallNet(**SMALL)).state_dict(), d / "sn.pt")
-    result = cli(
-        "expand",
-        d / "sn.pt",
-        "--arch",
-        "smallnet",
-        "--arch-kwargs",
-        SMALL_JSON,
-        "--strategy",
-        "ck+fc",
-        "--rate",
-        "2",
-        "--seed",
-        "0",
-        "-o",
-        d / "x.pt",
-    )
+    result = cli("expand", d / "sn.pt", *EXPAND_SMALLNET, "-o", d / "x.pt")
     assert result.exit_code == 0, result.output
     return d
 
@@ -79,22 +79,7 @@ def test_version():
 
 def test_smallnet_pipeline_json(files, tmp_path):
     x = files / "x.pt"
-    data = cli_json(
-        "expand",
-        files / "sn.pt",
-        "--arch",
-        "smallnet",
-        "--arch-kwargs",
-        SMALL_JSON,
-        "--strategy",
-        "ck+fc",
-        "--rate",
-        "2",
-        "--seed",
-        "0",
-        "-o",
-        tmp_path / "again.pt",
-    )
+    data = cli_json("expand", files / "sn.pt", *EXPAND_SMALLNET, "-o", tmp_path / "again.pt")
     assert data["command"] == "expand" and data["output"] == str(tmp_path / "again.pt")
     assert data["arch"] == {"spec": "expandctl.models:SmallNet", "kwargs": SMALL}
     assert data["input_shape"] == [3, 8, 8] and data["strategy"] == "ck+fc" and data["rate"] == 2

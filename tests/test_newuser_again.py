@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import digit_folder
 from typer.testing import CliRunner
 
 from expandctl import checkpoint as C
@@ -228,19 +229,6 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, cache
 # 5. Image folders: class folders directly under DIR, a seeded per-class split, augmentation that keeps
 #    the image, and advice when the batch size leaves a few steps per epoch
 # --------------------------------------------------------------------------------------------------
-def _digit_folder(root: Path, classes=3, per_class=10, size=16) -> Path:
-    """Real digits (scikit-learn's 8x8 set) upscaled to ``size`` x ``size`` PNGs in ``root/CLASS/``."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for j in np.nonzero(d.target == c)[0][:per_class]:
-            img = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
-            img.save(root / str(c) / f"{j}.png")
-    return root
 
 
 def _labels(ds):
@@ -250,7 +238,7 @@ def _labels(ds):
 def test_class_folders_directly_under_dir_are_split_per_class_with_a_seed(tmp_path):
     from expandctl.data import load_data
 
-    root = _digit_folder(tmp_path / "digits")
+    root = digit_folder(tmp_path / "digits")
     s = load_data(f"imagefolder:{root}", input_shape=(3, 16, 16))
     assert (s.num_classes, s.input_shape, len(s.train), len(s.val)) == (3, (3, 16, 16), 24, 6)
     assert _labels(s.val) == [0, 0, 1, 1, 2, 2] and _labels(s.train) == [0] * 8 + [1] * 8 + [2] * 8
@@ -268,7 +256,7 @@ def test_val_fraction_where_it_does_not_apply_is_refused(tmp_path):
 
     (tmp_path / "split").mkdir()
     for split in ("train", "val"):
-        _digit_folder(tmp_path / "split" / split, classes=2, per_class=2)
+        digit_folder(tmp_path / "split" / split, classes=2, per_class=2)
     with pytest.raises(UsageError, match="has its own train/ and val/ split"):
         load_data(f"imagefolder:{tmp_path / 'split'}", options=DataOptions(val_fraction=0.3))
     for options, message in [(DataOptions(val_fraction=0.3), "--val-fraction applies to imagefolder"),
@@ -283,7 +271,7 @@ def test_a_folder_with_train_but_no_val_names_both_layouts(tmp_path):
     from expandctl.data import load_data
     from expandctl.errors import UsageError
 
-    _digit_folder(tmp_path / "train", classes=2, per_class=2)
+    digit_folder(tmp_path / "train", classes=2, per_class=2)
     with pytest.raises(UsageError, match="lacks val/.*or class folders directly under it"):
         load_data(f"imagefolder:{tmp_path}")
 
@@ -293,7 +281,7 @@ def test_imagefolder_crop_flip_keeps_the_whole_image(tmp_path):
     training does without augmentation (no random-resized crop, no 8/7 zoom)."""
     from expandctl.data import load_data
 
-    s = load_data(f"imagefolder:{_digit_folder(tmp_path / 'd')}", input_shape=(3, 16, 16))
+    s = load_data(f"imagefolder:{digit_folder(tmp_path / 'd')}", input_shape=(3, 16, 16))
     steps = s.train.dataset.transform.transforms
     assert [type(t).__name__ for t in steps[:4]] == ["Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip"]
     assert steps[2].padding == 2
@@ -302,7 +290,7 @@ def test_imagefolder_crop_flip_keeps_the_whole_image(tmp_path):
 
 
 def test_train_on_a_small_folder_says_which_batch_size_learns(tmp_path):
-    root = _digit_folder(tmp_path / "d")
+    root = digit_folder(tmp_path / "d")
     src = tmp_path / "m.pt"
     kw = {"kernel_size": 3, "num_classes": 3, "image_size": 16}
     assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(kw), "-o", src, "-q").exit_code == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import digit_folder
 from typer.testing import CliRunner
 
 from expandctl import sizes
@@ -31,21 +32,6 @@ def cli_json(*args, code=0):
     data = json.loads(lines[0])
     assert data["ok"] is (code == 0)
     return data
-
-
-def _digit_folder(root: Path, classes=3, per_class=10, size=8) -> Path:
-    """Real digits (scikit-learn's 8x8 set) as ``size`` x ``size`` PNGs in ``root/CLASS/``."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for j in np.nonzero(d.target == c)[0][:per_class]:
-            img = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
-            img.save(root / str(c) / f"{j}.png")
-    return root
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +107,7 @@ def test_compare_dry_run_lists_runs_rates_params_and_skips(tmp_path):
 def study(tmp_path_factory):
     """A real two-seed study of compact and orepa at the default rates on a folder of PNGs, half held out."""
     d = tmp_path_factory.mktemp("third")
-    root = _digit_folder(d / "pngs")
+    root = digit_folder(d / "pngs", size=8)
     out = d / "study"
     kw = json.dumps({**TINY, "num_classes": 3})
     result = runner.invoke(app, ["compare", "--arch", "smallnet", "--arch-kwargs", kw,
@@ -302,7 +288,7 @@ def test_evaluate_min_accuracy_is_a_check(chance_onnx):
 
 
 def test_quantize_val_fraction_scores_that_share(tmp_path):
-    root = _digit_folder(tmp_path / "pngs")
+    root = digit_folder(tmp_path / "pngs", size=8)
     src = tmp_path / "m.pt"
     kw = {**GRAY, "num_classes": 3}
     assert cli("expand", "--arch", "smallnet", "--arch-kwargs", json.dumps(kw), "-o", src, "-q").exit_code == 0
@@ -319,7 +305,7 @@ def test_a_class_folder_with_one_image_is_named(tmp_path):
     from expandctl.data import load_data
     from expandctl.errors import UsageError
 
-    root = _digit_folder(tmp_path / "ci", classes=2, per_class=3)
+    root = digit_folder(tmp_path / "ci", classes=2, per_class=3, size=8)
     (root / "1").rename(root / "run")
     for extra in sorted((root / "run").iterdir())[1:]:
         extra.unlink()

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import digit_folder
 from typer.testing import CliRunner
 
 import expandctl
@@ -267,23 +268,8 @@ def test_compare_refuses_impossible_counts_as_usage_errors(option, message, tmp_
     assert not (tmp_path / "s").exists()
 
 
-def _digit_folder(root, classes=3, per_class=10, size=16):
-    """Real digits (scikit-learn's 8x8 set) upscaled to ``size`` x ``size`` PNGs in ``root/CLASS/``."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for j in np.nonzero(d.target == c)[0][:per_class]:
-            image = Image.fromarray((d.images[j] * 255 / 16).astype(np.uint8)).resize((size, size))
-            image.save(root / str(c) / f"{j}.png")
-    return root
-
-
 def test_evaluate_on_a_run_reads_the_val_fraction_it_was_trained_with(tmp_path):
-    root = _digit_folder(tmp_path / "digits")
+    root = digit_folder(tmp_path / "digits")
     kw = {"kernel_size": 3, "in_channels": 3, "image_size": 16, "num_classes": 3}
     save(SmallNet(**kw), tmp_path / "src.pt", arch="smallnet", arch_kwargs=kw, input_shape=(3, 16, 16))
     code, out = cli("train", str(tmp_path / "src.pt"), "--data", f"imagefolder:{root}", "--val-fraction", "0.5",
