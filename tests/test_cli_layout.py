@@ -77,3 +77,17 @@ def test_expandctl_help_loads_no_torch(argv):
     )
     assert "Usage: expandctl" in shown
     assert not loads
+
+
+def test_the_download_help_names_the_downloadable_sources_of_the_registry(monkeypatch):
+    """--download's help is read from the registry: a downloadable source registered there shows up."""
+    from expandctl.commands import options
+    from expandctl.data import registry
+
+    group = typer.main.get_command(app)
+    download = next(p for p in group.commands["train"].params if p.name == "download")
+    assert f"Fetch a missing {options._downloadable()} into the cache" in download.help
+    assert options._downloadable() == "fashion-mnist, mnist, cifar10 or cifar100"
+    fake = registry.DataSource("svhn", "svhn[:DIR]", "street numbers (a test)", lambda *a: None, downloadable=True)
+    monkeypatch.setitem(registry.SOURCES, "svhn", fake)
+    assert options._downloadable() == "fashion-mnist, mnist, cifar10, cifar100 or svhn"

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..data.registry import spec_help
+from ..data.registry import sources, spec_help
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (also on error), nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or notes.")]
@@ -69,12 +69,19 @@ TrainSubsetOpt = Annotated[
     int | None,
     typer.Option("--train-subset", metavar="N", help="Use N training images: stratified by class, fixed seed."),
 ]
+
+
+def _downloadable() -> str:
+    """The sources ``--download`` can fetch, from the registry: ``a, b or c``."""
+    names = [s.name for s in sources() if s.downloadable]
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
 DownloadOpt = Annotated[
     bool,
     typer.Option(
         "--download",
-        help="Fetch a missing mnist, fashion-mnist, cifar10 or cifar100 into the cache "
-        "($EXPANDCTL_DATA, default ~/.cache/expandctl/data).",
+        help=f"Fetch a missing {_downloadable()} into the cache ($EXPANDCTL_DATA, default ~/.cache/expandctl/data).",
     ),
 ]
 ValFractionOpt = Annotated[
